@@ -1,0 +1,27 @@
+"""Packaging: the CLI starts, and the kernels folder cannot shadow the PyPI `kernels` package."""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def test_cli_version(cli):
+    out = cli("version").stdout
+    assert out.startswith("ddk-offline ")
+    assert "torch " in out
+
+
+def test_cli_help_lists_commands(cli):
+    out = cli("--help").stdout
+    assert "version" in out
+
+
+def test_kernels_folder_does_not_register_as_hub_kernels_package():
+    # `kernels/` has no __init__.py: even with the repo root on sys.path it is at most a PEP 420
+    # namespace portion, which transformers' probe rejects, and which any real `kernels` install outranks.
+    from transformers.utils import import_utils
+
+    spec = importlib.util.find_spec("kernels")
+    if spec is not None and spec.origin is None:  # only our namespace portion is visible
+        assert import_utils.is_kernels_available() is False
+    assert importlib.util.find_spec("ddk_kernels") is not None
