@@ -1,0 +1,215 @@
+"""The dump manifest: what phase two needs to know about a dump, validated on every load.
+
+The manifest is JSON, written atomically (temp file, fsync, rename). It carries a checksum of its own
+canonical content, so a hand edit is detected instead of silently changing what a student trains on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import posixpath
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddk_offline.format.schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, SUPPORTED_VERSIONS
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be trusted; the message names the file, the field and the fix."""
+
+
+@dataclass
+class ShardInfo:
+    """One complete Parquet shard of a (domain, split) stream.
+
+    Attributes:
+        file: POSIX path relative to the dump directory.
+        first_seq: ``seq_index`` of the shard's first row; rows are consecutive.
+        rows: sequences in the shard.
+        tokens: ``rows * seq_len``.
+        labelled: positions with a teacher loss (all but the last of each row).
+        teacher_nll_sum: sum of the teacher's NLL over the labelled positions.
+        bytes: file size.
+        sha256: hex digest of the file's bytes.
+    """
+
+    file: str
+    first_seq: int
+    rows: int
+    tokens: int
+    labelled: int
+    teacher_nll_sum: float
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    """The shards of one (domain, split) stream, in order."""
+
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    @property
+    def sequences(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def teacher_loss(self) -> float:
+        """Mean teacher NLL per labelled position (NaN when the split is empty)."""
+        n = sum(s.labelled for s in self.shards)
+        return sum(s.teacher_nll_sum for s in self.shards) / n if n else math.nan
+
+
+@dataclass
+class DomainInfo:
+    """A domain: its folder inside the dump and its splits."""
+
+    name: str
+    dir: str
+    splits: dict[str, SplitInfo] = field(default_factory=lambda: {s: SplitInfo() for s in SPLITS})
+
+
+@dataclass
+class Manifest:
+    """Everything phase two reads from a dump (see docs/FORMAT.md for each field)."""
+
+    teacher: dict[str, Any]
+    tokenizer: dict[str, Any]
+    seq_len: int
+    k: int
+    codec: dict[str, Any]
+    corpus: dict[str, Any]
+    settings: dict[str, Any]
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    domains: dict[str, DomainInfo] = field(default_factory=dict)
+    complete: bool = False
+    created_by: str = ""
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer["vocab_size"])
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["domains"] = {name: asdict(info) for name, info in sorted(self.domains.items())}
+        d["checksum"] = _content_checksum(d)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = MANIFEST_NAME) -> Manifest:
+        """Validate and build; every problem raises :class:`ManifestError` naming ``source`` and the field."""
+        _check(isinstance(d, dict), source, "<root>", "must be a JSON object")
+        if d.get("format") != FORMAT_NAME:
+            raise ManifestError(f"{source}: field 'format' is {d.get('format')!r}, not {FORMAT_NAME!r}; "
+                                "this is not a ddk-offline teacher dump")
+        version = d.get("format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise ManifestError(f"{source}: format_version {version!r} is not supported by this ddk-offline "
+                                f"(supports {list(SUPPORTED_VERSIONS)}); upgrade ddk-offline or re-dump")
+        expected = _content_checksum(d)
+        if d.get("checksum") != expected:
+            raise ManifestError(f"{source}: checksum mismatch (field 'checksum'): the manifest was edited or "
+                                "corrupted after it was written. Restore it from a backup, or re-run "
+                                "`ddk-offline dump-teacher` with the same arguments to rebuild it")
+        for key, typ in (("seq_len", int), ("k", int)):
+            _check(isinstance(d.get(key), typ) and d[key] > 0, source, key, "must be a positive integer")
+        for key in ("teacher", "tokenizer", "codec", "corpus", "settings"):
+            _check(isinstance(d.get(key), dict), source, key, "must be an object")
+        _check(isinstance(d["tokenizer"].get("vocab_size"), int), source, "tokenizer.vocab_size", "must be an integer")
+        domains: dict[str, DomainInfo] = {}
+        for name, info in d.get("domains", {}).items():
+            _check(isinstance(info, dict), source, f"domains.{name}", "must be an object")
+            ddir = _safe_relpath(info.get("dir"), source, f"domains.{name}.dir")
+            splits = {}
+            for split, sinfo in info.get("splits", {}).items():
+                _check(split in SPLITS, source, f"domains.{name}.splits.{split}", f"split must be one of {SPLITS}")
+                shards = []
+                for i, sh in enumerate(sinfo.get("shards", [])):
+                    where = f"domains.{name}.splits.{split}.shards[{i}]"
+                    try:
+                        shard = ShardInfo(**sh)
+                    except TypeError as e:
+                        raise ManifestError(f"{source}: field {where} is malformed ({e})") from None
+                    _safe_relpath(shard.file, source, f"{where}.file")
+                    shards.append(shard)
+                splits[split] = SplitInfo(shards)
+            domains[name] = DomainInfo(name=name, dir=ddir, splits=splits)
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "domains"}
+        return cls(**fields, domains=domains)
+
+    def write_atomic(self, directory: str | os.PathLike) -> None:
+        """Write ``directory/manifest.json`` so that a crash leaves either the old or the new file."""
+        write_json_atomic(Path(directory) / MANIFEST_NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Manifest:
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{path}: no manifest here; is {directory} a dump written by `ddk-offline dump-teacher`?")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{path}: not valid JSON ({e}); restore it or re-run dump-teacher to rebuild it") from None
+        return cls.from_dict(d, source=str(path))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temp file in the same directory, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = json.dumps(obj, indent=2, sort_keys=False, allow_nan=True).encode("utf-8") + b"\n"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _content_checksum(d: dict[str, Any]) -> str:
+    body = {k: v for k, v in d.items() if k != "checksum"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode("utf-8")
+    return "sha256:" + hashlib.sha256(canon).hexdigest()
+
+
+def _check(ok: bool, source: str, fieldname: str, what: str) -> None:
+    if not ok:
+        raise ManifestError(f"{source}: field '{fieldname}' {what}; restore the manifest or re-run dump-teacher")
+
+
+def _safe_relpath(p: Any, source: str, fieldname: str) -> str:
+    """Paths in a manifest are relative POSIX paths that stay inside the dump directory."""
+    _check(isinstance(p, str) and p != "", source, fieldname, "must be a non-empty relative path")
+    norm = posixpath.normpath(p)
+    if p.startswith(("/", "\\")) or ":" in p or "\\" in p or norm == ".." or norm.startswith("../"):
+        raise ManifestError(f"{source}: field '{fieldname}' = {p!r} points outside the dump directory; "
+                            "refusing to read it (a manifest may only name files inside its dump)")
+    return norm

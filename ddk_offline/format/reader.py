@@ -1,0 +1,166 @@
+"""Reading a teacher dump: :func:`open_dump` and :class:`DumpReader`.
+
+Sequential iteration (``sequences``) and random access by (domain, split, shard, row) for the trainer.
+Decoding returns numpy arrays; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ddk_offline.format.codec import TopKCodec
+from ddk_offline.format.manifest import Manifest, ManifestError, ShardInfo
+from ddk_offline.format.schema import FORMAT_NAME, SPLITS, TOKENIZER_DIR, lse_column
+
+
+class ShardError(ValueError):
+    """A shard that does not match its manifest entry or cannot be decoded."""
+
+
+def open_dump(path: str | os.PathLike, *, allow_incomplete: bool = False) -> DumpReader:
+    """Open a dump written by ``ddk-offline dump-teacher``.
+
+    Args:
+        path: the dump directory (the one holding ``manifest.json``).
+        allow_incomplete: read a dump whose writer has not finished (default: refuse).
+
+    Returns:
+        A :class:`DumpReader`.
+    """
+    manifest = Manifest.load(path)
+    if not manifest.complete and not allow_incomplete:
+        raise ManifestError(f"{Path(path) / 'manifest.json'}: the dump is incomplete (field 'complete' is false); "
+                            "re-run `ddk-offline dump-teacher` with the same arguments to finish it")
+    return DumpReader(Path(path), manifest)
+
+
+class DumpReader:
+    """Read access to one dump. Cheap to create; shard files are opened lazily and cached."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.codec = TopKCodec.from_description(manifest.codec, vocab_size=manifest.vocab_size, k=manifest.k)
+        self._open = lru_cache(maxsize=64)(self._open_uncached)
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain names, sorted."""
+        return sorted(self.manifest.domains)
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest.seq_len
+
+    @property
+    def k(self) -> int:
+        return self.manifest.k
+
+    def tokenizer(self):
+        """The dump's copy of the teacher tokenizer (``transformers.AutoTokenizer``)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR)
+
+    def shards(self, domain: str, split: str = "train") -> list[ShardInfo]:
+        """The shards of a (domain, split) stream, in order."""
+        return self._split(domain, split).shards
+
+    def num_sequences(self, domain: str, split: str = "train") -> int:
+        return self._split(domain, split).sequences
+
+    def teacher_loss(self, domain: str, split: str = "train") -> float:
+        """Mean teacher NLL per labelled position, from the manifest."""
+        return self._split(domain, split).teacher_loss
+
+    def sequences(self, domain: str, split: str = "train") -> Iterator[dict[str, np.ndarray]]:
+        """Yield the stream's sequences in order, each a dict of numpy arrays (see docs/FORMAT.md)."""
+        for s in range(len(self.shards(domain, split))):
+            pf = self._open(domain, split, s)
+            for rg in range(pf.num_row_groups):
+                batch = self._decode(pf.read_row_group(rg), domain, split, s)
+                for i in range(len(batch["input_ids"])):
+                    yield {key: value[i] for key, value in batch.items()}
+
+    def read_rows(self, domain: str, split: str, shard: int, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """Random access: rows of one shard, stacked ([B, L], [B, L, k]) in the order given."""
+        pf = self._open(domain, split, shard)
+        info = self.shards(domain, split)[shard]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= info.rows):
+            raise IndexError(f"{info.file}: rows must be in [0, {info.rows}), got {rows.tolist()}")
+        rg_rows = pf.metadata.row_group(0).num_rows if pf.num_row_groups else 1
+        groups = sorted({int(r) // rg_rows for r in rows})
+        table = pf.read_row_groups(groups)
+        local = {g: i * rg_rows for i, g in enumerate(groups)}
+        take = [local[int(r) // rg_rows] + int(r) % rg_rows for r in rows]
+        return self._decode(table.take(pa.array(take, pa.int64())), domain, split, shard)
+
+    # --- internals -----------------------------------------------------------------------------
+    def _split(self, domain: str, split: str):
+        if domain not in self.manifest.domains:
+            raise KeyError(f"{self.path}: no domain {domain!r}; the dump has {self.domains}")
+        if split not in SPLITS:
+            raise KeyError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.manifest.domains[domain].splits.get(split) or _EMPTY
+
+    def _open_uncached(self, domain: str, split: str, shard: int) -> pq.ParquetFile:
+        info = self.shards(domain, split)[shard]
+        path = self.path / info.file
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise ShardError(f"{path}: cannot open shard ({e}); run `ddk-offline dumps verify {self.path}`") from None
+        meta = pf.schema_arrow.metadata or {}
+        if meta.get(b"ddk_format") != FORMAT_NAME.encode() or pf.metadata.num_rows != info.rows:
+            raise ShardError(f"{path}: shard does not match the manifest (format or row count); "
+                             f"run `ddk-offline dumps verify {self.path}`")
+        return pf
+
+    def _decode(self, table: pa.Table, domain: str, split: str, shard: int) -> dict[str, np.ndarray]:
+        L, k = self.manifest.seq_len, self.manifest.k
+        n = table.num_rows
+        out = {
+            "input_ids": _flat(table, "input_ids", n, L).astype(np.int64),
+            "teacher_lse": _flat(table, "teacher_lse", n, L).astype(np.float32),
+            "teacher_nll": _flat(table, "teacher_nll", n, L).astype(np.float32),
+        }
+        for t in self.manifest.temperatures:
+            if t != 1.0:
+                out[lse_column(t)] = _flat(table, lse_column(t), n, L).astype(np.float32)
+        ids = np.empty((n, L, k), np.int64)
+        logits = np.empty((n, L, k), np.float32)
+        for i, blob in enumerate(table.column("topk").to_pylist()):
+            try:
+                ids[i], logits[i] = self.codec.decode(blob, out["teacher_lse"][i])
+            except ValueError as e:
+                f = self.shards(domain, split)[shard].file
+                raise ShardError(f"{self.path / f}: row {i}: top-k blob cannot be decoded ({e}); "
+                                 f"run `ddk-offline dumps verify {self.path}`") from None
+        out["topk_ids"], out["topk_logits"] = ids, logits
+        out["seq_index"] = table.column("seq_index").to_numpy()
+        return out
+
+
+def _flat(table: pa.Table, name: str, n: int, L: int) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    if values.size != n * L:
+        raise ShardError(f"column {name!r} holds {values.size} values, expected {n} rows x {L}")
+    return values.reshape(n, L)
+
+
+class _EmptySplit:
+    shards: list[ShardInfo] = []
+    sequences = 0
+    teacher_loss = float("nan")
+
+
+_EMPTY = _EmptySplit()

@@ -1,0 +1,53 @@
+"""Format version and the Parquet schema of a shard row (one packed sequence). See docs/FORMAT.md."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+#: Bump on any change to the row layout, the manifest's meaning or the codec's byte layout, and record
+#: the bump in CHANGELOG.md: dumps outlive the code that wrote them.
+FORMAT_VERSION = 1
+FORMAT_NAME = "ddk-offline-teacher-dump"
+SUPPORTED_VERSIONS = (1,)
+
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+LOCK_NAME = ".lock"
+TMP_DIR = ".tmp"
+
+SPLITS = ("train", "val")
+
+#: Rows per Parquet row group: small enough for cheap random access by the trainer.
+ROW_GROUP_ROWS = 32
+
+
+def lse_column(temperature: float) -> str:
+    """Column holding the teacher's full-row logsumexp of logits / T for an extra temperature T != 1."""
+    return f"teacher_lse_t{temperature:g}".replace(".", "p")
+
+
+def shard_schema(extra_temperatures: tuple[float, ...] = ()) -> pa.Schema:
+    """The Arrow schema of one shard. One row = one packed sequence of L tokens.
+
+    Columns:
+        seq_index: int64, the sequence's index within its (domain, split) stream.
+        input_ids: list<int32> [L], token ids.
+        topk: binary, the codec blob for the sequence's top-k ids and logits [L, k].
+        teacher_lse: list<float32> [L], logsumexp of the teacher's full logit row (T = 1).
+        teacher_nll: list<float32> [L], teacher loss on input_ids[n + 1]; NaN at n = L - 1.
+        teacher_lse_t<T>: list<float32> [L], one per extra temperature (logsumexp of logits / T).
+    """
+    fields = [
+        pa.field("seq_index", pa.int64(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk", pa.binary(), nullable=False),
+        pa.field("teacher_lse", pa.list_(pa.float32()), nullable=False),
+        pa.field("teacher_nll", pa.list_(pa.float32()), nullable=False),
+    ]
+    fields += [pa.field(lse_column(t), pa.list_(pa.float32()), nullable=False) for t in extra_temperatures]
+    return pa.schema(fields, metadata={b"ddk_format": FORMAT_NAME.encode(), b"ddk_version": str(FORMAT_VERSION).encode()})
+
+
+def float_columns(extra_temperatures: tuple[float, ...] = ()) -> list[str]:
+    """Columns written with BYTE_STREAM_SPLIT: fp32 byte planes compress far better under zstd."""
+    return ["teacher_lse", "teacher_nll"] + [lse_column(t) for t in extra_temperatures]

@@ -1,0 +1,198 @@
+"""The shard writer: a context manager with a bounded queue and one writer thread.
+
+The dump's main thread only runs the teacher; encoding (the top-k codec), Parquet/zstd compression,
+hashing and the manifest update happen on the writer thread, so they overlap the next teacher forward.
+Every shard is written under a temporary name, fsynced and renamed: a crash never leaves a half shard
+under a final name. A (domain, split) stream's shard ``j`` always holds sequences
+``[j * rows_per_shard, (j + 1) * rows_per_shard)``, so a resumed dump rewrites exactly the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ddk_offline.format.codec import TopKCodec
+from ddk_offline.format.manifest import ShardInfo, fsync_dir
+from ddk_offline.format.schema import ROW_GROUP_ROWS, TMP_DIR, float_columns, lse_column, shard_schema
+
+
+@dataclass
+class SequenceRecord:
+    """The teacher's outputs for one packed sequence of L tokens.
+
+    Attributes:
+        domain, split: the stream the sequence belongs to.
+        seq_index: index of the sequence within its stream (consecutive from 0).
+        input_ids: [L] token ids.
+        topk_ids: [L, k] teacher top-k ids.
+        topk_logits: [L, k] float32 raw teacher logits at those ids.
+        teacher_lse: [L] float32 logsumexp of the full logit row.
+        teacher_nll: [L] float32 loss on the next token, NaN at the last position.
+        extra_lse: {T: [L] float32 logsumexp(logits / T)} for extra temperatures.
+    """
+
+    domain: str
+    split: str
+    seq_index: int
+    input_ids: np.ndarray
+    topk_ids: np.ndarray
+    topk_logits: np.ndarray
+    teacher_lse: np.ndarray
+    teacher_nll: np.ndarray
+    extra_lse: dict[float, np.ndarray] = field(default_factory=dict)
+
+
+def shard_relpath(domain_dir: str, split: str, index: int) -> str:
+    return f"{domain_dir}/{split}/shard-{index:05d}.parquet"
+
+
+OnShard = Callable[[str, str, int, ShardInfo], None]
+
+
+class ShardWriter:
+    """Writes shards in the background. Use as a context manager; ``put`` records in stream order.
+
+    Args:
+        root: the dump directory.
+        codec: encodes each sequence's top-k.
+        rows_per_shard: sequences per shard (the last shard of a stream may hold fewer).
+        domain_dirs: domain name -> folder name inside the dump.
+        on_shard: called on the writer thread after a shard is durable, with
+            ``(domain, split, shard_index, info)``; the dump updates its manifest there.
+        extra_temperatures: temperatures with an extra lse column.
+        queue_size: records in flight; bounds memory and back-pressures the teacher.
+    """
+
+    def __init__(self, root: Path, *, codec: TopKCodec, rows_per_shard: int, domain_dirs: dict[str, str],
+                 on_shard: OnShard, extra_temperatures: tuple[float, ...] = (), queue_size: int = 64,
+                 compression_level: int = 9):
+        self.root = Path(root)
+        self.codec = codec
+        self.rows_per_shard = rows_per_shard
+        self.domain_dirs = domain_dirs
+        self.on_shard = on_shard
+        self.extra_temperatures = tuple(extra_temperatures)
+        self.compression_level = compression_level
+        self._schema = shard_schema(self.extra_temperatures)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._buffers: dict[tuple[str, str], list[tuple[SequenceRecord, bytes]]] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ddk-shard-writer", daemon=True)
+
+    # --- main-thread API -----------------------------------------------------------------------
+    def __enter__(self) -> ShardWriter:
+        (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def put(self, record: SequenceRecord) -> None:
+        """Queue one sequence (blocks when the queue is full); re-raises a writer-thread failure."""
+        self._raise_if_failed()
+        while True:
+            try:
+                self._queue.put(record, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # On success flush the partial last shards; on failure drop them (they are redone on resume).
+        self._queue.put(("flush" if exc_type is None else "drop"))
+        self._thread.join()
+        if exc_type is None:
+            self._raise_if_failed()
+
+    # --- writer thread -------------------------------------------------------------------------
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if isinstance(item, str):
+                    if item == "flush" and self._error is None:
+                        for (domain, split), rows in list(self._buffers.items()):
+                            if rows:
+                                self._write(domain, split, rows)
+                    return
+                if self._error is not None:
+                    continue  # drain so the producer never blocks forever
+                self._add(item)
+        except BaseException as e:  # noqa: BLE001 - surfaced to the main thread
+            self._error = e
+
+    def _add(self, rec: SequenceRecord) -> None:
+        blob = self.codec.encode(rec.topk_ids, rec.topk_logits, rec.teacher_lse)
+        rows = self._buffers.setdefault((rec.domain, rec.split), [])
+        expected = rows[-1][0].seq_index + 1 if rows else rec.seq_index - rec.seq_index % self.rows_per_shard
+        if rec.seq_index != expected:
+            raise RuntimeError(f"internal: {rec.domain}/{rec.split} got sequence {rec.seq_index}, expected {expected}")
+        rows.append((rec, blob))
+        if (rec.seq_index + 1) % self.rows_per_shard == 0:
+            self._write(rec.domain, rec.split, rows)
+            self._buffers[(rec.domain, rec.split)] = []
+
+    def _write(self, domain: str, split: str, rows: list[tuple[SequenceRecord, bytes]]) -> None:
+        first = rows[0][0].seq_index
+        index = first // self.rows_per_shard
+        rel = shard_relpath(self.domain_dirs[domain], split, index)
+        final = self.root / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / TMP_DIR / (rel.replace("/", "__") + f".{os.getpid()}.tmp")
+        table = self._table(rows)
+        pq.write_table(
+            table, tmp, compression="zstd", compression_level=self.compression_level,
+            row_group_size=ROW_GROUP_ROWS, use_dictionary=False,
+            use_byte_stream_split=float_columns(self.extra_temperatures), write_statistics=False,
+        )
+        digest, size = _sha256_fsync(tmp)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        nll = np.concatenate([r.teacher_nll for r, _ in rows])
+        finite = np.isfinite(nll)
+        L = rows[0][0].input_ids.shape[0]
+        info = ShardInfo(file=rel, first_seq=first, rows=len(rows), tokens=len(rows) * L, labelled=int(finite.sum()),
+                         teacher_nll_sum=float(nll[finite].astype(np.float64).sum()), bytes=size, sha256=digest)
+        self.on_shard(domain, split, index, info)
+
+    def _table(self, rows: list[tuple[SequenceRecord, bytes]]) -> pa.Table:
+        recs = [r for r, _ in rows]
+        cols = {
+            "seq_index": pa.array([r.seq_index for r in recs], pa.int64()),
+            "input_ids": _list_column([r.input_ids.astype(np.int32) for r in recs], pa.int32()),
+            "topk": pa.array([b for _, b in rows], pa.binary()),
+            "teacher_lse": _list_column([r.teacher_lse.astype(np.float32) for r in recs], pa.float32()),
+            "teacher_nll": _list_column([r.teacher_nll.astype(np.float32) for r in recs], pa.float32()),
+        }
+        for t in self.extra_temperatures:
+            cols[lse_column(t)] = _list_column([r.extra_lse[t].astype(np.float32) for r in recs], pa.float32())
+        return pa.table(cols, schema=self._schema)
+
+
+def _list_column(arrays: list[np.ndarray], typ: pa.DataType) -> pa.Array:
+    lengths = np.array([len(a) for a in arrays], np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays), typ))
+
+
+def _sha256_fsync(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb+") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+        os.fsync(f.fileno())
+    return h.hexdigest(), size
