@@ -53,7 +53,9 @@ def corpus_folders(tmp_path, corpus_rows) -> Path:
     return tiny.write_domain_folders(corpus_rows, tmp_path / "corpus")
 
 
-def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, check: bool = True, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run `python -m ddk_offline ARGS` in a subprocess against this checkout's sources."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), full_env.get("PYTHONPATH", "")])

@@ -22,17 +22,26 @@ def _record(domain: str, split: str, i: int, k: int, rng: np.random.Generator, t
     nll = rng.random(L).astype(np.float32) * 5
     nll[-1] = np.nan
     extra = {t: (np.log(np.exp(logits_full.astype(np.float64) / t).sum(1))).astype(np.float32) for t in temps}
-    return SequenceRecord(domain, split, i, rng.integers(0, V, L), ids, np.take_along_axis(logits_full, ids, 1),
-                          lse, nll, extra)
+    return SequenceRecord(
+        domain, split, i, rng.integers(0, V, L), ids, np.take_along_axis(logits_full, ids, 1), lse, nll, extra
+    )
 
 
 def _write_dump(root, k=8, rows_per_shard=3, counts=None, temps=()):
     counts = counts or {("a", "train"): 7, ("a", "val"): 2, ("b", "train"): 3}
     rng = np.random.default_rng(0)
     codec = TopKCodec(vocab_size=V, k=k)
-    manifest = Manifest(teacher={"name": "t"}, tokenizer={"vocab_size": V}, seq_len=L, k=k, codec=codec.describe(),
-                        corpus={}, settings={}, temperatures=[1.0, *temps],
-                        domains={d: DomainInfo(d, f"dir_{d}") for d in {d for d, _ in counts}})
+    manifest = Manifest(
+        teacher={"name": "t"},
+        tokenizer={"vocab_size": V},
+        seq_len=L,
+        k=k,
+        codec=codec.describe(),
+        corpus={},
+        settings={},
+        temperatures=[1.0, *temps],
+        domains={d: DomainInfo(d, f"dir_{d}") for d in {d for d, _ in counts}},
+    )
     records = {key: [_record(*key, i, k, rng, temps) for i in range(n)] for key, n in counts.items()}
 
     def on_shard(domain, split, index, info):
@@ -40,10 +49,16 @@ def _write_dump(root, k=8, rows_per_shard=3, counts=None, temps=()):
         assert len(shards) == index
         shards.append(info)
 
-    with ShardWriter(root, codec=codec, rows_per_shard=rows_per_shard, on_shard=on_shard,
-                     domain_dirs={d: f"dir_{d}" for d in manifest.domains}, extra_temperatures=temps) as w:
+    with ShardWriter(
+        root,
+        codec=codec,
+        rows_per_shard=rows_per_shard,
+        on_shard=on_shard,
+        domain_dirs={d: f"dir_{d}" for d in manifest.domains},
+        extra_temperatures=temps,
+    ) as w:
         for i in range(max(counts.values())):
-            for key, recs in records.items():
+            for _key, recs in records.items():
                 if i < len(recs):
                     w.put(recs[i])
     manifest.complete = True
@@ -61,7 +76,7 @@ def test_round_trip_sequences(tmp_path, k, temps):
     for (domain, split), recs in records.items():
         got = list(reader.sequences(domain, split))
         assert len(got) == len(recs)
-        for g, r in zip(got, recs):
+        for g, r in zip(got, recs, strict=False):
             np.testing.assert_array_equal(g["input_ids"], r.input_ids)
             np.testing.assert_array_equal(g["teacher_lse"], r.teacher_lse)
             np.testing.assert_array_equal(g["teacher_nll"], r.teacher_nll)
@@ -89,7 +104,10 @@ def test_no_temp_files_left(tmp_path):
     _write_dump(tmp_path)
     assert not list((tmp_path / ".tmp").iterdir())
     assert sorted(p.name for p in (tmp_path / "dir_a" / "train").iterdir()) == [
-        "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+        "shard-00000.parquet",
+        "shard-00001.parquet",
+        "shard-00002.parquet",
+    ]
 
 
 def test_hand_edited_manifest_is_refused(tmp_path):

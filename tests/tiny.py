@@ -17,8 +17,16 @@ _WORDS = (
     "young story road house friend voice light shadow music stone forest walked said looked found"
 ).split()
 _CODE_LINES = [
-    "def {f}(x, y):", "    return x + {n}", "    if x > {n}:", "        y = {f}(y, x)", "for i in range({n}):",
-    "    total += i * {n}", "import {f}", "class {F}:", "    def __init__(self):", "        self.{f} = {n}",
+    "def {f}(x, y):",
+    "    return x + {n}",
+    "    if x > {n}:",
+    "        y = {f}(y, x)",
+    "for i in range({n}):",
+    "    total += i * {n}",
+    "import {f}",
+    "class {F}:",
+    "    def __init__(self):",
+    "        self.{f} = {n}",
 ]
 _IDENTS = ["alpha", "beta", "gamma", "delta", "parse", "load", "value", "index", "buffer", "node"]
 
@@ -95,7 +103,9 @@ def train_tokenizer(vocab_size: int = 384, seed: int = 0):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def make_model(vocab_size: int, *, hidden: int = 48, layers: int = 2, heads: int = 4, max_pos: int = 512, seed: int = 0):
+def make_model(
+    vocab_size: int, *, hidden: int = 48, layers: int = 2, heads: int = 4, max_pos: int = 512, seed: int = 0
+):
     """A random-init Llama-architecture causal LM (float32, eval mode)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

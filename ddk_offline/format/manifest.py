@@ -115,17 +115,23 @@ class Manifest:
         """Validate and build; every problem raises :class:`ManifestError` naming ``source`` and the field."""
         _check(isinstance(d, dict), source, "<root>", "must be a JSON object")
         if d.get("format") != FORMAT_NAME:
-            raise ManifestError(f"{source}: field 'format' is {d.get('format')!r}, not {FORMAT_NAME!r}; "
-                                "this is not a ddk-offline teacher dump")
+            raise ManifestError(
+                f"{source}: field 'format' is {d.get('format')!r}, not {FORMAT_NAME!r}; "
+                "this is not a ddk-offline teacher dump"
+            )
         version = d.get("format_version")
         if version not in SUPPORTED_VERSIONS:
-            raise ManifestError(f"{source}: format_version {version!r} is not supported by this ddk-offline "
-                                f"(supports {list(SUPPORTED_VERSIONS)}); upgrade ddk-offline or re-dump")
+            raise ManifestError(
+                f"{source}: format_version {version!r} is not supported by this ddk-offline "
+                f"(supports {list(SUPPORTED_VERSIONS)}); upgrade ddk-offline or re-dump"
+            )
         expected = _content_checksum(d)
         if d.get("checksum") != expected:
-            raise ManifestError(f"{source}: checksum mismatch (field 'checksum'): the manifest was edited or "
-                                "corrupted after it was written. Restore it from a backup, or re-run "
-                                "`ddk-offline dump-teacher` with the same arguments to rebuild it")
+            raise ManifestError(
+                f"{source}: checksum mismatch (field 'checksum'): the manifest was edited or "
+                "corrupted after it was written. Restore it from a backup, or re-run "
+                "`ddk-offline dump-teacher` with the same arguments to rebuild it"
+            )
         for key, typ in (("seq_len", int), ("k", int)):
             _check(isinstance(d.get(key), typ) and d[key] > 0, source, key, "must be a positive integer")
         for key in ("teacher", "tokenizer", "codec", "corpus", "settings"):
@@ -160,11 +166,15 @@ class Manifest:
     def load(cls, directory: str | os.PathLike) -> Manifest:
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
-            raise ManifestError(f"{path}: no manifest here; is {directory} a dump written by `ddk-offline dump-teacher`?")
+            raise ManifestError(
+                f"{path}: no manifest here; is {directory} a dump written by `ddk-offline dump-teacher`?"
+            )
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{path}: not valid JSON ({e}); restore it or re-run dump-teacher to rebuild it") from None
+            raise ManifestError(
+                f"{path}: not valid JSON ({e}); restore it or re-run dump-teacher to rebuild it"
+            ) from None
         return cls.from_dict(d, source=str(path))
 
 
@@ -210,6 +220,8 @@ def _safe_relpath(p: Any, source: str, fieldname: str) -> str:
     _check(isinstance(p, str) and p != "", source, fieldname, "must be a non-empty relative path")
     norm = posixpath.normpath(p)
     if p.startswith(("/", "\\")) or ":" in p or "\\" in p or norm == ".." or norm.startswith("../"):
-        raise ManifestError(f"{source}: field '{fieldname}' = {p!r} points outside the dump directory; "
-                            "refusing to read it (a manifest may only name files inside its dump)")
+        raise ManifestError(
+            f"{source}: field '{fieldname}' = {p!r} points outside the dump directory; "
+            "refusing to read it (a manifest may only name files inside its dump)"
+        )
     return norm

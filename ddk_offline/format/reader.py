@@ -36,8 +36,10 @@ def open_dump(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Dum
     """
     manifest = Manifest.load(path)
     if not manifest.complete and not allow_incomplete:
-        raise ManifestError(f"{Path(path) / 'manifest.json'}: the dump is incomplete (field 'complete' is false); "
-                            "re-run `ddk-offline dump-teacher` with the same arguments to finish it")
+        raise ManifestError(
+            f"{Path(path) / 'manifest.json'}: the dump is incomplete (field 'complete' is false); "
+            "re-run `ddk-offline dump-teacher` with the same arguments to finish it"
+        )
     return DumpReader(Path(path), manifest)
 
 
@@ -120,8 +122,10 @@ class DumpReader:
             raise ShardError(f"{path}: cannot open shard ({e}); run `ddk-offline dumps verify {self.path}`") from None
         meta = pf.schema_arrow.metadata or {}
         if meta.get(b"ddk_format") != FORMAT_NAME.encode() or pf.metadata.num_rows != info.rows:
-            raise ShardError(f"{path}: shard does not match the manifest (format or row count); "
-                             f"run `ddk-offline dumps verify {self.path}`")
+            raise ShardError(
+                f"{path}: shard does not match the manifest (format or row count); "
+                f"run `ddk-offline dumps verify {self.path}`"
+            )
         return pf
 
     def _decode(self, table: pa.Table, domain: str, split: str, shard: int) -> dict[str, np.ndarray]:
@@ -142,8 +146,10 @@ class DumpReader:
                 ids[i], logits[i] = self.codec.decode(blob, out["teacher_lse"][i])
             except ValueError as e:
                 f = self.shards(domain, split)[shard].file
-                raise ShardError(f"{self.path / f}: row {i}: top-k blob cannot be decoded ({e}); "
-                                 f"run `ddk-offline dumps verify {self.path}`") from None
+                raise ShardError(
+                    f"{self.path / f}: row {i}: top-k blob cannot be decoded ({e}); "
+                    f"run `ddk-offline dumps verify {self.path}`"
+                ) from None
         out["topk_ids"], out["topk_logits"] = ids, logits
         out["seq_index"] = table.column("seq_index").to_numpy()
         return out

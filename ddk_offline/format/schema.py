@@ -45,7 +45,9 @@ def shard_schema(extra_temperatures: tuple[float, ...] = ()) -> pa.Schema:
         pa.field("teacher_nll", pa.list_(pa.float32()), nullable=False),
     ]
     fields += [pa.field(lse_column(t), pa.list_(pa.float32()), nullable=False) for t in extra_temperatures]
-    return pa.schema(fields, metadata={b"ddk_format": FORMAT_NAME.encode(), b"ddk_version": str(FORMAT_VERSION).encode()})
+    return pa.schema(
+        fields, metadata={b"ddk_format": FORMAT_NAME.encode(), b"ddk_version": str(FORMAT_VERSION).encode()}
+    )
 
 
 def float_columns(extra_temperatures: tuple[float, ...] = ()) -> list[str]:

@@ -73,9 +73,18 @@ class ShardWriter:
         queue_size: records in flight; bounds memory and back-pressures the teacher.
     """
 
-    def __init__(self, root: Path, *, codec: TopKCodec, rows_per_shard: int, domain_dirs: dict[str, str],
-                 on_shard: OnShard, extra_temperatures: tuple[float, ...] = (), queue_size: int = 64,
-                 compression_level: int = 9):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        codec: TopKCodec,
+        rows_per_shard: int,
+        domain_dirs: dict[str, str],
+        on_shard: OnShard,
+        extra_temperatures: tuple[float, ...] = (),
+        queue_size: int = 64,
+        compression_level: int = 9,
+    ):
         self.root = Path(root)
         self.codec = codec
         self.rows_per_shard = rows_per_shard
@@ -107,7 +116,7 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # On success flush the partial last shards; on failure drop them (they are redone on resume).
-        self._queue.put(("flush" if exc_type is None else "drop"))
+        self._queue.put("flush" if exc_type is None else "drop")
         self._thread.join()
         if exc_type is None:
             self._raise_if_failed()
@@ -153,9 +162,14 @@ class ShardWriter:
         tmp = self.root / TMP_DIR / (rel.replace("/", "__") + f".{os.getpid()}.tmp")
         table = self._table(rows)
         pq.write_table(
-            table, tmp, compression="zstd", compression_level=self.compression_level,
-            row_group_size=ROW_GROUP_ROWS, use_dictionary=False,
-            use_byte_stream_split=float_columns(self.extra_temperatures), write_statistics=False,
+            table,
+            tmp,
+            compression="zstd",
+            compression_level=self.compression_level,
+            row_group_size=ROW_GROUP_ROWS,
+            use_dictionary=False,
+            use_byte_stream_split=float_columns(self.extra_temperatures),
+            write_statistics=False,
         )
         digest, size = _sha256_fsync(tmp)
         os.replace(tmp, final)
@@ -163,8 +177,16 @@ class ShardWriter:
         nll = np.concatenate([r.teacher_nll for r, _ in rows])
         finite = np.isfinite(nll)
         L = rows[0][0].input_ids.shape[0]
-        info = ShardInfo(file=rel, first_seq=first, rows=len(rows), tokens=len(rows) * L, labelled=int(finite.sum()),
-                         teacher_nll_sum=float(nll[finite].astype(np.float64).sum()), bytes=size, sha256=digest)
+        info = ShardInfo(
+            file=rel,
+            first_seq=first,
+            rows=len(rows),
+            tokens=len(rows) * L,
+            labelled=int(finite.sum()),
+            teacher_nll_sum=float(nll[finite].astype(np.float64).sum()),
+            bytes=size,
+            sha256=digest,
+        )
         self.on_shard(domain, split, index, info)
 
     def _table(self, rows: list[tuple[SequenceRecord, bytes]]) -> pa.Table:
