@@ -269,6 +269,7 @@ class DomainSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore weights, gaps, quota carry-over and history; K comes from the checkpoint (a resume continues it)."""
         for key, mine in (("name", self.name), ("domains", self.domains), ("signal", self.signal)):
             if state[key] != mine:
                 raise ValueError(f"{self.name} sampler: checkpoint has {key}={state[key]!r}, this run {mine!r}")
