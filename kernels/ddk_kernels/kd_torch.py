@@ -20,12 +20,12 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_rows: int | None) -> int:
 
 
 def _lse_state(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, V] fp32 (may hold -inf) -> (m [R], l [R]) with logsumexp = m + l, l = log1p(Σ_{all but one max} e^{x-m})."""
+    """x [R, V] fp32 (may hold -inf) -> (m, l) [R]: logsumexp = m + l, l = log1p(Σ_{all but one max} e^{x-m})."""
     m = x.amax(dim=1)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     is_max = x == m[:, None]
     e = torch.exp(x - m_safe[:, None]).masked_fill_(is_max, 0.0)
-    rest = e.sum(dim=1) + is_max.sum(dim=1).to(torch.float32) - 1.0
+    rest = e.sum(dim=1) + (is_max.sum(dim=1).to(torch.float32) - 1.0)  # not (sum + count) - 1: that rounds to ulp(1)
     return m, torch.log1p(rest)
 
 

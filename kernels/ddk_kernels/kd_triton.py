@@ -44,9 +44,12 @@ def _merge_block(m, r, x):
     # Fold block x [BLOCK] (masked lanes -inf) into the running state (m, r): Σexp = exp(m)·(1 + r).
     mb = tl.max(x, 0)
     is_max = x == mb
-    rb = tl.sum(tl.where(is_max, 0.0, tl.exp(x - mb)), 0) + tl.sum(is_max.to(tl.float32), 0) - 1.0
+    mb_safe = tl.where(mb == float("-inf"), 0.0, mb)  # an all -inf block: no inf - inf anywhere
+    # (count - 1) first: adding 1 to the small sum and then subtracting it would round r to ulp(1)
+    rb = tl.sum(tl.where(is_max, 0.0, tl.exp(x - mb_safe)), 0) + (tl.sum(is_max.to(tl.float32), 0) - 1.0)
     m_new = tl.maximum(m, mb)
-    d = tl.where(m_new == float("-inf"), float("-inf"), tl.minimum(m, mb) - m_new)
+    m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = tl.where(m_new == float("-inf"), float("-inf"), tl.minimum(m, mb) - m_new_safe)
     keep_old = m >= mb
     r_big = tl.where(keep_old, r, rb)
     r_small = tl.where(keep_old, rb, r)
@@ -132,6 +135,10 @@ def _kd_fwd_kernel(
                 j += 1
                 sid = tl.load(sorted_row + j, mask=j < K, other=2147483647)
             mC, rC = _merge_block(mC, rC, zt)
+    # Ignored rows skipped the pass: give them finite dummy states (their outputs are zeroed below).
+    m1 = tl.where(valid, m1, 0.0)
+    mT = tl.where(valid, mT, 0.0)
+    mC = tl.where(valid, mC, 0.0)
     l1 = _log1p(r1)
     lT = _log1p(rT)
     zy = tl.load(row_ptr + y, mask=valid, other=0.0).to(tl.float32)

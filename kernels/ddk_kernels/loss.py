@@ -40,7 +40,12 @@ def _check(logits, labels, topk_ids, topk_logits, teacher_lse, temperature, mode
             _fail("teacher_lse", "is None in mode='tail'", "pass the teacher's logsumexp(logits / T) per row")
         if teacher_lse.shape != (N,) or not teacher_lse.is_floating_point():
             _fail("teacher_lse", f"has shape {tuple(teacher_lse.shape)}", f"pass float [{N}]")
-    for name, t in (("labels", labels), ("topk_ids", topk_ids), ("topk_logits", topk_logits), ("teacher_lse", teacher_lse)):
+    for name, t in (
+        ("labels", labels),
+        ("topk_ids", topk_ids),
+        ("topk_logits", topk_logits),
+        ("teacher_lse", teacher_lse),
+    ):
         if t is not None and t.device != logits.device:
             _fail(name, f"is on {t.device} but logits on {logits.device}", "move all inputs to one device")
 
