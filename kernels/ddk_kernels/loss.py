@@ -129,7 +129,7 @@ def fused_kd_loss(
         inplace_grad: the backward writes the gradient over the ``logits`` buffer (no [N, V] allocation).
             Only when nothing else reads ``logits`` after the forward (e.g. the output of ``lm_head``).
         return_per_row: also return per-row (ce [N], kl [N]) fp32 from the same pass (not differentiable).
-        chunk_rows: rows per chunk for the torch backend (default: ~4M elements per chunk).
+        chunk_rows: rows per chunk for the torch backend (default: ~1M elements per chunk).
 
     Returns:
         The scalar fp32 loss (0 with zero gradient when every row is ignored), or ``(loss, ce, kl)``
