@@ -163,7 +163,9 @@ def _mode_call(mode: str, fn, x, args):
     return lambda: fn(x, *args).backward()
 
 
-def _measure_shape(provider: str, N: int, V: int, k: int, cfg: BenchConfig, device: str, dtype: str) -> list[dict]:
+def _measure_shape(
+    provider: str, N: int, V: int, k: int, cfg: BenchConfig, device: str, dtype: str, what: str = "both"
+) -> list[dict]:
     """All modes of one (provider, shape), in this process. Returns one row dict per mode."""
     fn = _loss_fn(provider, cfg.loss_mode)
     logits, labels, ids, tlog, tlse = make_inputs(N, V, k, dtype, device)
@@ -174,19 +176,19 @@ def _measure_shape(provider: str, N: int, V: int, k: int, cfg: BenchConfig, devi
     rows = []
     for mode in cfg.modes:
         try:
-            rows.append({**_measure_mode(mode, fn, x, args, device, cfg), "status": "ok"})
+            rows.append({**_measure_mode(mode, fn, x, args, device, cfg, what), "status": "ok"})
         except Exception as exc:  # e.g. a compiler refusing one mode: report it, keep the other modes
             rows.append(dict(mode=mode, status=f"error: {type(exc).__name__}: {str(exc)[:200]}"))
         x.grad = None
         floor = N * V * x.element_size() * (1 if mode == "forward" else 2)
         rows[-1].update(provider=provider, N=N, V=V, k=k)
-        if rows[-1]["status"] == "ok":
+        if rows[-1]["status"] == "ok" and rows[-1].get("ms") is not None:
             rows[-1]["gbps"] = floor / rows[-1]["ms"] / 1e6
     return rows
 
 
-def _measure_mode(mode: str, fn, x, args, device: str, cfg: BenchConfig) -> dict:
-    """Peak extra memory (MiB) of one call, then the median time (ms) of repeated calls."""
+def _measure_mode(mode: str, fn, x, args, device: str, cfg: BenchConfig, what: str) -> dict:
+    """Peak extra memory (MiB) of one call and/or (``what``: memory, time, both) the median time (ms)."""
     import torch
 
     call = _mode_call(mode, fn, x, args)
@@ -203,29 +205,50 @@ def _measure_mode(mode: str, fn, x, args, device: str, cfg: BenchConfig) -> dict
 
         ms = triton.testing.do_bench(call, grad_to_none=[x], return_mode="median")
     else:
-        with _CpuPeak() as meter:
-            call()
-        peak = meter.peak_mib
-        x.grad = None
-        times = []
-        for _ in range(cfg.cpu_reps):
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
+        peak = ms = None
+        if what in ("memory", "both"):
+            with _CpuPeak() as meter:
+                call()
+            peak = meter.peak_mib
             x.grad = None
-        ms = statistics.median(times)
+        if what in ("time", "both"):
+            call()  # warm the allocator's caches for this mode
+            x.grad = None
+            times = []
+            for _ in range(cfg.cpu_reps):
+                t0 = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - t0) * 1e3)
+                x.grad = None
+            ms = statistics.median(times)
     return dict(mode=mode, ms=ms, peak_mib=peak)
 
 
 def _cpu_subprocess(provider: str, shape: tuple[int, int, int], cfg: BenchConfig, dtype: str) -> list[dict]:
-    spec = dict(provider=provider, shape=shape, cfg={**asdict(cfg), "out_dir": str(cfg.out_dir)}, dtype=dtype)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    # Memory in one process (mmap threshold pinned, see the module docstring), time in another with the
+    # default allocator: pinned mmaps make every temporary page-fault afresh, which would distort timings.
+    mem = _cpu_child_run(provider, shape, cfg, dtype, "memory", {"MALLOC_MMAP_THRESHOLD_": "65536"})
+    tim = _cpu_child_run(provider, shape, cfg, dtype, "time", {})
+    merged = []
+    for m_row, t_row in zip(mem, tim, strict=True):
+        row = {**m_row, "ms": t_row.get("ms"), "gbps": t_row.get("gbps")}
+        if m_row.get("status") == "ok" and t_row.get("status") != "ok":
+            row["status"] = t_row.get("status")
+        merged.append(row)
+    return merged
+
+
+def _cpu_child_run(provider, shape, cfg: BenchConfig, dtype: str, what: str, extra_env: dict) -> list[dict]:
+    spec = dict(
+        provider=provider, shape=shape, cfg={**asdict(cfg), "out_dir": str(cfg.out_dir)}, dtype=dtype, what=what
+    )
+    env = {**os.environ, **extra_env}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "kernels"), env.get("PYTHONPATH", "")])
     code = "import sys, json; from ddk_offline.bench_kernels import _child; _child(json.loads(sys.argv[1]))"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    if proc.returncode != 0 or len(lines) != len(cfg.modes):
         why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         return [dict(provider=provider, mode=m, N=shape[0], V=shape[1], k=shape[2], status=f"error: {why}")
                 for m in cfg.modes]  # fmt: skip
@@ -236,8 +259,7 @@ def _child(spec: dict) -> None:
     cfg = BenchConfig(**{**spec["cfg"], "out_dir": Path(spec["cfg"]["out_dir"])})
     N, V, k = spec["shape"]
     try:
-        rows = _measure_shape(spec["provider"], N, V, k, cfg, "cpu", spec["dtype"])
-        rows = [{**r, "status": "ok"} for r in rows]
+        rows = _measure_shape(spec["provider"], N, V, k, cfg, "cpu", spec["dtype"], spec["what"])
     except Exception as exc:  # report why (e.g. torch.compile without a working C++ toolchain) and go on
         rows = [dict(provider=spec["provider"], mode=m, N=N, V=V, k=k, status=f"skipped: {type(exc).__name__}: "
                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") for m in cfg.modes]  # fmt: skip
@@ -283,7 +305,7 @@ def run_benchmarks(cfg: BenchConfig, log=print) -> Path:
                 ]
             elif device == "cuda":
                 try:
-                    got = [{**r, "status": "ok"} for r in _measure_shape(provider, *shape, cfg, device, dtype)]
+                    got = _measure_shape(provider, *shape, cfg, device, dtype)
                 except Exception as exc:  # one failing provider must not lose the others' numbers
                     got = [dict(provider=provider, mode=m, N=shape[0], V=shape[1], k=shape[2],
                                 status=f"error: {type(exc).__name__}: {exc}"[:300]) for m in cfg.modes]  # fmt: skip
