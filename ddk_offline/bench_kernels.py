@@ -175,6 +175,10 @@ def _measure_shape(
     x.grad = None
     rows = []
     for mode in cfg.modes:
+        if mode == "backward" and provider.endswith("inplace"):
+            rows.append(dict(mode=mode, provider=provider, N=N, V=V, k=k, status="n/a: an in-place backward cannot be "
+                             "repeated on one graph (it overwrote the logits); see full"))  # fmt: skip
+            continue
         try:
             rows.append({**_measure_mode(mode, fn, x, args, device, cfg, what), "status": "ok"})
         except Exception as exc:  # e.g. a compiler refusing one mode: report it, keep the other modes

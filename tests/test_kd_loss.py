@@ -169,6 +169,10 @@ def test_per_row_api_and_inplace_grad(backend, mode):
     (out * 2.5).backward()
     assert torch.equal(leaf.grad, grad)
     assert torch.equal(buf.detach(), grad)  # the logits buffer now holds the gradient
+    again = fused_kd_loss(leaf * 1.0, labels, ids, tlog, tlse, backend=backend, inplace_grad=True, **kw)
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace_grad"):
+        again.backward()  # the saved logits are gone: refuse instead of returning garbage
 
 
 def test_torch_backend_chunking_is_invisible():

@@ -137,12 +137,16 @@ class TorchKDLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        if getattr(ctx, "grad_written_in_place", False):
+            raise RuntimeError("ddk_kernels.fused_kd_loss(inplace_grad=True): the first backward overwrote the logits "
+                               "with their gradient, so backward cannot run again; use inplace_grad=False")  # fmt: skip
         logits, labels, topk_ids, topk_logits, tlse, stats, n_valid = ctx.saved_tensors
         temperature, alpha, gamma, tail, ii, inplace, step = ctx.cfg
         g = grad_loss.to(torch.float32) / n_valid
         c_ce, c_kl = g * alpha, g * (gamma * temperature)
         N = logits.shape[0]
         grad = logits if inplace else torch.empty_like(logits)
+        ctx.grad_written_in_place = inplace
         for s in range(0, N, step):
             e = min(N, s + step)
             tl_ = tlse[s:e] if tail else None

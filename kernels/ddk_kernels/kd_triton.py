@@ -303,10 +303,14 @@ class TritonKDLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        if getattr(ctx, "grad_written_in_place", False):
+            raise RuntimeError("ddk_kernels.fused_kd_loss(inplace_grad=True): the first backward overwrote the logits "
+                               "with their gradient, so backward cannot run again; use inplace_grad=False")  # fmt: skip
         logits, labels, topk_ids, topk_logits, tlse, stats, n_valid = ctx.saved_tensors
         temperature, alpha, gamma, tail, ii, inplace = ctx.cfg
         g = grad_loss.to(torch.float32) / n_valid
         scale = torch.stack([g * alpha, g * (gamma * temperature)]).contiguous()
         grad = logits if inplace else torch.empty_like(logits)
+        ctx.grad_written_in_place = inplace
         kd_backward(logits, grad, labels, topk_ids, topk_logits, tlse, stats, scale, 1.0 / temperature, tail, ii)
         return grad, None, None, None, None, None, None, None, None, None, None
