@@ -53,7 +53,7 @@ class BenchConfig:
     modes: list[str] = field(default_factory=lambda: list(MODES))
     loss_mode: str = "renorm"
     out_dir: Path = Path("benchmarks/results")
-    cpu_reps: int = 3
+    cpu_reps: int = 5
     custom_shapes: list[tuple[int, int, int]] | None = None  # (N, V, k) list replacing the shape set (tests)
 
 
@@ -147,7 +147,12 @@ class _CpuPeak:
 
 
 def _mode_call(mode: str, fn, x, args):
-    """The timed callable of one mode; ``backward`` runs a forward first (not timed) and reuses its graph."""
+    """The timed callable of one mode; ``backward`` runs a forward first (not timed) and reuses its graph.
+
+    Gradients are taken with ``torch.autograd.grad``, not ``.backward()``: accumulating into the leaf's
+    ``.grad`` would copy a gradient that aliases the logits (inplace_grad), which no trainer does (there
+    the logits are lm_head's output and their gradient flows on into the matmul backward).
+    """
     import torch
 
     if mode == "forward":
@@ -159,19 +164,24 @@ def _mode_call(mode: str, fn, x, args):
         return forward
     if mode == "backward":
         loss = fn(x, *args)
-        return lambda: loss.backward(retain_graph=True)
-    return lambda: fn(x, *args).backward()
+        return lambda: torch.autograd.grad(loss, x, retain_graph=True)
+    return lambda: torch.autograd.grad(fn(x, *args), x)
 
 
 def _measure_shape(
     provider: str, N: int, V: int, k: int, cfg: BenchConfig, device: str, dtype: str, what: str = "both"
 ) -> list[dict]:
     """All modes of one (provider, shape), in this process. Returns one row dict per mode."""
+    import torch
+
+    # The in-place provider leaves gradients (tiny, some subnormal) in its input; subnormal arithmetic is
+    # ~100x slower on x86 and would distort its later timings, so flush them for every provider alike.
+    torch.set_flush_denormal(True)
     fn = _loss_fn(provider, cfg.loss_mode)
     logits, labels, ids, tlog, tlse = make_inputs(N, V, k, dtype, device)
     x = logits.requires_grad_(True)
     args = (labels, ids, tlog, tlse)
-    fn(x, *args).backward()  # warm-up: compiles (torch.compile / Triton) before anything is measured
+    torch.autograd.grad(fn(x, *args), x)  # warm-up: compiles (torch.compile / Triton) before anything is measured
     x.grad = None
     rows = []
     for mode in cfg.modes:

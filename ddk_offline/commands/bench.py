@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         modes: str = typer.Option("forward,backward,full", help="Comma list of forward, backward, full."),
         loss_mode: str = typer.Option("renorm", help="KD target mode: renorm or tail."),
         out_dir: str = typer.Option("benchmarks/results", help="Where the CSV (appended), JSON and PNG go."),
-        cpu_reps: int = typer.Option(3, min=1, help="Timed repetitions per measurement on CPU (median reported)."),
+        cpu_reps: int = typer.Option(5, min=1, help="Timed repetitions per measurement on CPU (median reported)."),
     ) -> None:
         """Benchmark fused_kd_loss: median ms, peak memory, GB/s against the 2·N·V·bytes floor."""
         from ddk_offline.bench_kernels import MODES, PROVIDERS, BenchConfig, run_benchmarks
