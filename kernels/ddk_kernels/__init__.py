@@ -1,1 +1,9 @@
-"""placeholder until the kernels land"""
+"""ddk_kernels: the fused CE + top-k KL distillation loss (Triton kernel, chunked-torch twin, references).
+
+Never imports ``ddk_offline``. The Triton module is imported lazily, on the first ``backend="triton"``
+call, so that TRITON_INTERPRET (CPU testing) is read when it matters and CPU users never import triton.
+"""
+
+from ddk_kernels.loss import fused_kd_loss, fused_kd_loss_per_row
+
+__all__ = ["fused_kd_loss", "fused_kd_loss_per_row"]
