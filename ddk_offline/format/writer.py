@@ -105,7 +105,11 @@ class ShardWriter:
         return self
 
     def put(self, record: SequenceRecord) -> None:
-        """Queue one sequence (blocks when the queue is full); re-raises a writer-thread failure."""
+        """Queue one sequence (blocks when the queue is full); re-raises a writer-thread failure.
+
+        A stream's shard is written when its last row arrives (``seq_index + 1`` a multiple of ``rows_per_shard``),
+        at :meth:`end_stream`, or, for rows still buffered, when the context exits without error.
+        """
         self._raise_if_failed()
         while True:
             try:
@@ -113,6 +117,10 @@ class ShardWriter:
                 return
             except queue.Full:
                 self._raise_if_failed()
+
+    def end_stream(self, domain: str, split: str) -> None:
+        """Write the (domain, split) stream's buffered rows now as its last, possibly short, shard."""
+        self.put(("end", domain, split))  # type: ignore[arg-type]
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # On success flush the partial last shards; on failure drop them (they are redone on resume).
@@ -138,6 +146,11 @@ class ShardWriter:
                     return
                 if self._error is not None:
                     continue  # drain so the producer never blocks forever
+                if isinstance(item, tuple):
+                    rows = self._buffers.pop(item[1:], [])
+                    if rows:
+                        self._write(item[1], item[2], rows)
+                    continue
                 self._add(item)
         except BaseException as e:  # noqa: BLE001 - surfaced to the main thread
             self._error = e
