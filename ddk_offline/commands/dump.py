@@ -109,7 +109,7 @@ class _RichProgress:
 def _print_stats(stats, seq_len: int) -> None:
     from rich.console import Console
 
-    console = Console()
+    console = Console(soft_wrap=True)
     tokens = sum(stats.tokens.values())
     if not tokens:
         console.print(f"nothing to compute: all {stats.shards_kept} shards were already complete")

@@ -60,7 +60,7 @@ def print_info(manifest, path: str | Path) -> None:
 
     s = summarise(manifest, path)
     t, tok = s["teacher"], s["tokenizer"]
-    console = Console()
+    console = Console(soft_wrap=True)
     state = "complete" if s["complete"] else "[yellow]incomplete (rerun dump-teacher to finish)[/yellow]"
     console.print(f"[bold]{s['path']}[/bold]: format v{s['format_version']}, {state}")
     teacher = t.get("name", "?") + (f" ({t['gguf_file']})" if t.get("gguf_file") else "")
