@@ -22,6 +22,7 @@ import csv
 import glob
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ STRUCTURED = {
     ".tsv": "tsv",
 }
 TEXT_SUFFIXES = {".txt", ".md"}
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 
 
 class CorpusError(UserError):
@@ -208,7 +210,7 @@ def open_corpus(data: str, *, text_column: str = "text", domain_column: str = "d
                 corpus.files += [(sub.name, _checked(p)) for p in found]
         if not corpus.files:
             raise CorpusError(f"--data {data}: the folder holds no data files; it is empty")
-    elif path.exists() or os.sep in str(data) or str(data).startswith("."):
+    elif path.exists() or not _HUB_NAME.match(str(data)) or path.suffix.lower() in STRUCTURED:
         raise CorpusError(f"--data {data}: not a file, folder or glob that exists; check the path")
     else:
         corpus.layout = "hub"

@@ -210,7 +210,7 @@ def run_dump(
             existing = dumpdir.existing_manifest(out)  # re-read under the lock: another run may have written
             if existing is not None:
                 dumpdir.compare(existing, wanted, out)
-                existing.corpus, existing.settings = wanted.corpus, wanted.settings
+                existing.teacher, existing.corpus = wanted.teacher, wanted.corpus  # same hashes; paths may move
                 manifest = existing
                 dumpdir.keep_valid_shards(manifest, out)
             else:

@@ -174,7 +174,7 @@ def teacher_identity(source: TeacherSource, config) -> dict[str, Any]:
     return {
         "name": source.name,
         "gguf_file": source.gguf_file,
-        "architecture": (getattr(config, "architectures", None) or [type(config).__name__])[0],
+        "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
         "config_sha256": _sha256_json(cfg),
         "weights_sha256": h.hexdigest(),
         "weight_files": [p.name for p in files],

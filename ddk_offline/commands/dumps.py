@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -115,8 +115,8 @@ def register(app: typer.Typer) -> None:
     @dumps.command("info")
     @exit_on_user_error
     def info(
-        path: Path = typer.Argument(..., help="The dump directory (holding manifest.json)."),
-        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+        path: Annotated[Path, typer.Argument(help="The dump directory (holding manifest.json).")],
+        as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")] = False,
     ) -> None:
         """Domains x splits (sequences, tokens, teacher loss, bytes/token) plus k, seq_len, teacher, tokenizer."""
         from ddk_offline.format.manifest import Manifest
@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
 
     @dumps.command("verify")
     @exit_on_user_error
-    def verify_cmd(path: Path = typer.Argument(..., help="The dump directory (holding manifest.json).")) -> None:
+    def verify_cmd(path: Annotated[Path, typer.Argument(help="The dump directory (holding manifest.json).")]) -> None:
         """Re-hash every shard and compare with the manifest (exit status 1 on any difference)."""
         problems = verify(path)
         for p in problems:

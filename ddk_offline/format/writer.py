@@ -9,6 +9,7 @@ under a final name. A (domain, split) stream's shard ``j`` always holds sequence
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import queue
@@ -50,6 +51,9 @@ class SequenceRecord:
     teacher_lse: np.ndarray
     teacher_nll: np.ndarray
     extra_lse: dict[float, np.ndarray] = field(default_factory=dict)
+
+
+_NONE = np.empty((0, 0), np.int64)
 
 
 def shard_relpath(domain_dir: str, split: str, index: int) -> str:
@@ -157,6 +161,9 @@ class ShardWriter:
 
     def _add(self, rec: SequenceRecord) -> None:
         blob = self.codec.encode(rec.topk_ids, rec.topk_logits, rec.teacher_lse)
+        # Keep only what the table needs: the [L, k] arrays are in the blob now. Without this a shard buffers
+        # rows_per_shard * L * k * 12 bytes per open stream (hundreds of MB at k = 64, L = 512).
+        rec = dataclasses.replace(rec, topk_ids=_NONE, topk_logits=_NONE)
         rows = self._buffers.setdefault((rec.domain, rec.split), [])
         expected = rows[-1][0].seq_index + 1 if rows else rec.seq_index - rec.seq_index % self.rows_per_shard
         if rec.seq_index != expected:
