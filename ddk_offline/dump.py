@@ -14,6 +14,7 @@ shard's batches, and therefore its bytes, do not depend on what else was compute
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import time
@@ -203,38 +204,37 @@ def run_dump(
     existing = dumpdir.existing_manifest(out)
     if existing is not None:
         dumpdir.compare(existing, wanted, out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with dumpdir.DumpLock(out):
-            existing = dumpdir.existing_manifest(out)  # re-read under the lock: another run may have written
-            if existing is not None:
-                dumpdir.compare(existing, wanted, out)
-                existing.teacher, existing.corpus = wanted.teacher, wanted.corpus  # same hashes; paths may move
-                manifest = existing
-                dumpdir.keep_valid_shards(manifest, out)
-            else:
-                manifest = wanted
+        out.mkdir()
+        created = True  # by this run: removed again if the run fails before its first shard
+    except FileExistsError:
+        created = False
+    with dumpdir.DumpLock(out):  # a refused second writer never touches the folder
+        try:
+            manifest = dumpdir.open_manifest(out, wanted)
             dumpdir.clean_tmp(out)
             dumpdir.save_tokenizer(tokenizer, out)
             manifest.complete = False
             manifest.write_atomic(out)
-            todo = _todo(manifest, config.rows_per_shard)
+            todo = dumpdir.missing_shards(manifest, config.rows_per_shard)
             stats.shards_kept = sum(len(s.shards) for d in manifest.domains.values() for s in d.splits.values())
             if any(todo.values()):
                 t1 = time.perf_counter()
                 model = load_model(source, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code)
                 stats.load_s = time.perf_counter() - t1
                 _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progress, after_shard)
-            _check_finished(manifest, out)
+            dumpdir.check_finished(manifest, out)
             manifest.complete = True
             manifest.write_atomic(out)
             stats.total_s = time.perf_counter() - t0
             _log_run(out, config, stats)
-    except BaseException:
-        if created and stats.shards_written == 0:
-            shutil.rmtree(out, ignore_errors=True)  # this run made the folder and left nothing worth keeping
-        raise
+        except BaseException:
+            if created and stats.shards_written == 0:
+                shutil.rmtree(
+                    out, ignore_errors=True
+                )  # we made it, we hold the lock, and nothing in it is worth keeping
+            raise
     return DumpResult(manifest, stats)
 
 
@@ -282,8 +282,6 @@ def _prepass(config: DumpConfig, corpus, tokenizer) -> dict[str, DomainStats]:
 
 
 def _new_manifest(config, corpus_info, domain_stats, source, model_config, tokenizer, vocab, dtype, device) -> Manifest:
-    import hashlib
-
     corpus_hash = hashlib.sha256()
     for name, s in sorted(domain_stats.items()):
         corpus_hash.update(f"{name}\0{s.sha256}\0".encode())
@@ -307,35 +305,9 @@ def _new_manifest(config, corpus_info, domain_stats, source, model_config, token
             "split_rule": "val when round((i+1)*f) > round(i*f), round half up",
         },
         temperatures=[1.0, *config.temperatures],
-        domains={n: DomainInfo(n, d) for n, d in _domain_dirs(sorted(domain_stats)).items()},
+        domains={n: DomainInfo(n, d) for n, d in dumpdir.domain_dirs(sorted(domain_stats)).items()},
         created_by=f"ddk-offline {ddk_offline.__version__}",
     )
-
-
-def _domain_dirs(names: list[str]) -> dict[str, str]:
-    """Folder name per domain: the name with unsafe characters replaced; a hash suffix only on collisions."""
-    import hashlib
-    import re
-
-    dirs: dict[str, str] = {}
-    for name in names:
-        slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "domain"
-        if slug != name or slug.lower() in {d.lower() for d in dirs.values()} or slug in {"tokenizer"}:
-            slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-        dirs[name] = slug
-    return dirs
-
-
-def _todo(manifest: Manifest, rows_per_shard: int) -> dict[tuple[str, str], set[int]]:
-    """Shard indices still missing per (domain, split)."""
-    todo = {}
-    for name, info in manifest.domains.items():
-        planned = manifest.corpus["domains"][name]["sequences"]
-        for split in SPLITS:
-            n_shards = math.ceil(planned[split] / rows_per_shard)
-            have = {s.first_seq // rows_per_shard for s in info.splits[split].shards}
-            todo[(name, split)] = set(range(n_shards)) - have
-    return todo
 
 
 def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progress, after_shard) -> None:
@@ -423,15 +395,6 @@ def _run_batch(model, batch: list[PackedSequence], manifest: Manifest, writer, s
     stats.tokens[batch[0].domain] += n
     if progress is not None:
         progress.advance(batch[0].domain, n)
-
-
-def _check_finished(manifest: Manifest, out: Path) -> None:
-    for name, info in manifest.domains.items():
-        for split in SPLITS:
-            want = manifest.corpus["domains"][name]["sequences"][split]
-            have = info.splits[split].sequences
-            if have != want:
-                raise RuntimeError(f"internal: {out}: {name}/{split} holds {have} sequences, planned {want}")
 
 
 def _log_run(out: Path, config: DumpConfig, stats: DumpStats) -> None:

@@ -11,14 +11,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ddk_offline.errors import UserError
 from ddk_offline.format.manifest import Manifest, fsync_dir
-from ddk_offline.format.schema import LOCK_NAME, MANIFEST_NAME, TMP_DIR, TOKENIZER_DIR
+from ddk_offline.format.schema import LOCK_NAME, MANIFEST_NAME, SPLITS, TMP_DIR, TOKENIZER_DIR
 
 try:
     import fcntl
@@ -156,3 +160,51 @@ def save_tokenizer(tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, final)
     fsync_dir(out)
+
+
+def open_manifest(out: Path, wanted: Manifest) -> Manifest:
+    """The manifest to continue (re-read under the lock: another run may have written since the first check)."""
+    existing = existing_manifest(out)
+    if existing is None:
+        return wanted
+    compare(existing, wanted, out)
+    existing.teacher, existing.corpus = wanted.teacher, wanted.corpus  # same hashes; paths may have moved
+    dropped = keep_valid_shards(existing, out)
+    if dropped:
+        warnings.warn(
+            f"{out}: {len(dropped)} shard(s) listed but missing or truncated, recomputing: {dropped[:3]}", stacklevel=2
+        )
+    return existing
+
+
+def domain_dirs(names: list[str]) -> dict[str, str]:
+    """Folder name per domain: the name with unsafe characters replaced; a hash suffix only on collisions."""
+    dirs: dict[str, str] = {}
+    for name in names:
+        slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "domain"
+        if slug != name or slug.lower() in {d.lower() for d in dirs.values()} or slug in {"tokenizer"}:
+            slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        dirs[name] = slug
+    return dirs
+
+
+def missing_shards(manifest: Manifest, rows_per_shard: int) -> dict[tuple[str, str], set[int]]:
+    """Shard indices still missing per (domain, split): the work items of this run."""
+    todo = {}
+    for name, info in manifest.domains.items():
+        planned = manifest.corpus["domains"][name]["sequences"]
+        for split in SPLITS:
+            n_shards = math.ceil(planned[split] / rows_per_shard)
+            have = {s.first_seq // rows_per_shard for s in info.splits[split].shards}
+            todo[(name, split)] = set(range(n_shards)) - have
+    return todo
+
+
+def check_finished(manifest: Manifest, out: Path) -> None:
+    """Every planned sequence is in a listed shard (guards the loop's bookkeeping before ``complete = true``)."""
+    for name, info in manifest.domains.items():
+        for split in SPLITS:
+            want = manifest.corpus["domains"][name]["sequences"][split]
+            have = info.splits[split].sequences
+            if have != want:
+                raise RuntimeError(f"internal: {out}: {name}/{split} holds {have} sequences, planned {want}")

@@ -70,7 +70,9 @@ def test_cli_defaults_match_dump_config():
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(teacher_dir, corpus_jsonl, tmp_path):
     out, ref = tmp_path / "killed", tmp_path / "ref"
+    # 20 sequences per domain, one per forward, 3 per shard: 24 shards, killed after the third.
     common = ["--teacher", str(teacher_dir), "--data", str(corpus_jsonl), *ARGS, "--batch-size", "1", "-q"]
+    common += ["--max-tokens-per-domain", "640"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]))
     proc = subprocess.Popen([sys.executable, "-m", "ddk_offline", "dump-teacher", *common, "--out", str(out)], env=env)
     try:
@@ -90,7 +92,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(teacher_dir, corpus_js
     assert not Manifest.load(out).complete
     config = DumpConfig(
         teacher=str(teacher_dir), data=str(corpus_jsonl), out=str(out), seq_len=32, top_k=8, batch_size=1,
-        val_fraction=0.2, shard_tokens=96,
+        val_fraction=0.2, shard_tokens=96, max_tokens_per_domain=640,
     )  # fmt: skip
     resumed = run_dump(config)
     assert resumed.stats.shards_kept >= 3
