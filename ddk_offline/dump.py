@@ -231,9 +231,8 @@ def run_dump(
             _log_run(out, config, stats)
         except BaseException:
             if created and stats.shards_written == 0:
-                shutil.rmtree(
-                    out, ignore_errors=True
-                )  # we made it, we hold the lock, and nothing in it is worth keeping
+                # This run made the folder, holds its lock, and nothing in it is worth keeping.
+                shutil.rmtree(out, ignore_errors=True)
             raise
     return DumpResult(manifest, stats)
 
@@ -366,9 +365,8 @@ def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progr
         if progress is not None:
             progress.stop()
     stats.loop_s = time.perf_counter() - start
-    if {n: s.sha256 for n, s in packer.stats.items()} != {
-        n: d["sha256"] for n, d in manifest.corpus["domains"].items()
-    }:
+    planned_hashes = {n: d["sha256"] for n, d in manifest.corpus["domains"].items()}
+    if {n: s.sha256 for n, s in packer.stats.items()} != planned_hashes:
         raise UserError(f"--data {config.data}: the corpus changed while the dump was running; rerun the dump")
 
 

@@ -90,6 +90,10 @@ class _RichProgress:
         self._tasks: dict[str, int] = {}
 
     def start(self, todo_tokens: dict[str, int], done_tokens: dict[str, int]) -> None:
+        if sum(done_tokens.values()):
+            self._progress.console.print(
+                f"resuming: {sum(done_tokens.values()):,} tokens are in shards kept from earlier runs"
+            )
         self._progress.start()
         for name in sorted(todo_tokens):
             self._tasks[name] = self._progress.add_task(name, total=max(todo_tokens[name], 1), rate="")
