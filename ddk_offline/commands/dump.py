@@ -57,7 +57,11 @@ def register(app: typer.Typer) -> None:
         )  # fmt: skip
         _quiet_libraries()
         progress = None if quiet else _RichProgress()
-        result = run_dump(config, progress=progress)
+        try:
+            result = run_dump(config, progress=progress)
+        except KeyboardInterrupt:
+            typer.secho("interrupted: complete shards are kept; rerun the same command to resume", fg="red", err=True)
+            raise typer.Exit(130) from None
         if not quiet:
             from ddk_offline.commands.dumps import print_info
 
