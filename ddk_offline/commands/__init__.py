@@ -8,6 +8,8 @@ from types import ModuleType
 # One line per command module; keep the order of the README's CLI reference.
 _NAMES: list[str] = [
     "ddk_offline.commands.version",
+    "ddk_offline.commands.dump",
+    "ddk_offline.commands.dumps",
     "ddk_offline.commands.bench",
 ]
 

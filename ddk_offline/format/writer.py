@@ -9,6 +9,7 @@ under a final name. A (domain, split) stream's shard ``j`` always holds sequence
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import queue
@@ -50,6 +51,9 @@ class SequenceRecord:
     teacher_lse: np.ndarray
     teacher_nll: np.ndarray
     extra_lse: dict[float, np.ndarray] = field(default_factory=dict)
+
+
+_NONE = np.empty((0, 0), np.int64)
 
 
 def shard_relpath(domain_dir: str, split: str, index: int) -> str:
@@ -105,7 +109,11 @@ class ShardWriter:
         return self
 
     def put(self, record: SequenceRecord) -> None:
-        """Queue one sequence (blocks when the queue is full); re-raises a writer-thread failure."""
+        """Queue one sequence (blocks when the queue is full); re-raises a writer-thread failure.
+
+        A stream's shard is written when its last row arrives (``seq_index + 1`` a multiple of ``rows_per_shard``),
+        at :meth:`end_stream`, or, for rows still buffered, when the context exits without error.
+        """
         self._raise_if_failed()
         while True:
             try:
@@ -113,6 +121,10 @@ class ShardWriter:
                 return
             except queue.Full:
                 self._raise_if_failed()
+
+    def end_stream(self, domain: str, split: str) -> None:
+        """Write the (domain, split) stream's buffered rows now as its last, possibly short, shard."""
+        self.put(("end", domain, split))  # type: ignore[arg-type]
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # On success flush the partial last shards; on failure drop them (they are redone on resume).
@@ -138,12 +150,20 @@ class ShardWriter:
                     return
                 if self._error is not None:
                     continue  # drain so the producer never blocks forever
+                if isinstance(item, tuple):
+                    rows = self._buffers.pop(item[1:], [])
+                    if rows:
+                        self._write(item[1], item[2], rows)
+                    continue
                 self._add(item)
         except BaseException as e:  # noqa: BLE001 - surfaced to the main thread
             self._error = e
 
     def _add(self, rec: SequenceRecord) -> None:
         blob = self.codec.encode(rec.topk_ids, rec.topk_logits, rec.teacher_lse)
+        # Keep only what the table needs: the [L, k] arrays are in the blob now. Without this a shard buffers
+        # rows_per_shard * L * k * 12 bytes per open stream (hundreds of MB at k = 64, L = 512).
+        rec = dataclasses.replace(rec, topk_ids=_NONE, topk_logits=_NONE)
         rows = self._buffers.setdefault((rec.domain, rec.split), [])
         expected = rows[-1][0].seq_index + 1 if rows else rec.seq_index - rec.seq_index % self.rows_per_shard
         if rec.seq_index != expected:

@@ -1,0 +1,210 @@
+"""The dump directory's safety rules: one writer (a lock), no mixing of dumps, resume bookkeeping.
+
+- Lock: ``.lock`` is held with ``fcntl.flock`` for the whole run. The kernel releases it when the process dies
+  (even by SIGKILL), so a crashed dump never leaves a stale lock; a second live writer is refused.
+- Mixing: a directory that already holds a dump is reused only when everything that determines the stored bytes
+  matches (teacher and tokenizer hashes, seq_len, k, codec, corpus content hash, settings); otherwise the run is
+  refused with the list of differences.
+- Resume: a shard listed in the manifest is kept when its file exists with the recorded size; anything else is
+  recomputed. Stale temporary files of dead writers in ``.tmp/`` are removed (only while holding the lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ddk_offline.errors import UserError
+from ddk_offline.format.manifest import Manifest, fsync_dir
+from ddk_offline.format.schema import LOCK_NAME, MANIFEST_NAME, SPLITS, TMP_DIR, TOKENIZER_DIR
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a second writer is not detected there.
+    fcntl = None  # type: ignore[assignment]
+
+# Files a run may leave before its first manifest write; a directory holding only these counts as empty.
+_OWN_LEFTOVERS = {LOCK_NAME, TMP_DIR, TOKENIZER_DIR}
+
+
+class DumpDirError(UserError):
+    """The output directory cannot be used for this dump; the message says why and what to do."""
+
+
+class DumpLock:
+    """An exclusive, non-blocking ``flock`` on ``<dir>/.lock``; a context manager."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> DumpLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise DumpDirError(
+                    f"{self.path}: another dump-teacher (pid {holder}) is writing to {self.path.parent}; "
+                    "wait for it to finish, or use another --out"
+                ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def existing_manifest(out: Path) -> Manifest | None:
+    """The manifest of a dump already in ``out``, None when ``out`` is absent or holds only our leftovers.
+
+    Raises:
+        DumpDirError: ``out`` is a file, or a non-empty folder that is not a dump.
+        ManifestError: ``out/manifest.json`` exists but cannot be trusted.
+    """
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise DumpDirError(f"--out {out}: exists and is not a folder; choose another --out")
+    if (out / MANIFEST_NAME).exists():
+        return Manifest.load(out)
+    others = sorted(p.name for p in out.iterdir() if p.name not in _OWN_LEFTOVERS)
+    if others:
+        raise DumpDirError(
+            f"--out {out}: the folder is not empty and holds no dump (found {others[:5]}); "
+            "choose another --out or an empty folder"
+        )
+    return None
+
+
+def compare(existing: Manifest, wanted: Manifest, out: Path) -> None:
+    """Refuse to continue a dump made with anything that changes the stored bytes.
+
+    Raises:
+        DumpDirError: listing every difference, the file, and the fix.
+    """
+    have, want = _identity(existing), _identity(wanted)
+    diffs = [
+        f"{key}: {have.get(key)!r} in the dump vs {want.get(key)!r} now" for key in want if have.get(key) != want[key]
+    ]
+    if diffs:
+        raise DumpDirError(
+            f"{out / MANIFEST_NAME}: this folder holds a different dump ("
+            + "; ".join(diffs)
+            + f"). Use another --out, or delete {out} to start over"
+        )
+
+
+def _identity(m: Manifest) -> dict[str, Any]:
+    flat: dict[str, Any] = {
+        "format_version": m.format_version,
+        "teacher.config_sha256": m.teacher.get("config_sha256"),
+        "teacher.weights_sha256": m.teacher.get("weights_sha256"),
+        "seq_len": m.seq_len,
+        "k": m.k,
+        "codec": m.codec,
+        "temperatures": list(m.temperatures),
+        "corpus.sha256": m.corpus.get("sha256"),
+    }
+    flat |= {f"tokenizer.{k}": v for k, v in m.tokenizer.items() if k != "class"}
+    flat |= {f"settings.{k}": v for k, v in m.settings.items()}
+    return flat
+
+
+def keep_valid_shards(manifest: Manifest, out: Path) -> list[str]:
+    """Drop manifest shards whose file is missing or has the wrong size; returns the dropped files."""
+    dropped = []
+    for info in manifest.domains.values():
+        for split in info.splits.values():
+            kept = []
+            for shard in split.shards:
+                path = out / shard.file
+                if path.is_file() and path.stat().st_size == shard.bytes:
+                    kept.append(shard)
+                else:
+                    dropped.append(shard.file)
+            split.shards = kept
+    return dropped
+
+
+def clean_tmp(out: Path) -> None:
+    """Remove temporary files of earlier (dead) writers; call only while holding the lock."""
+    tmp = out / TMP_DIR
+    if tmp.is_dir():
+        for p in tmp.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """Save the teacher tokenizer to ``out/tokenizer`` once (temp folder + rename, so it is never half written)."""
+    final = out / TOKENIZER_DIR
+    if final.is_dir():
+        return
+    tmp = out / TMP_DIR / f"tokenizer.{os.getpid()}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, final)
+    fsync_dir(out)
+
+
+def open_manifest(out: Path, wanted: Manifest) -> Manifest:
+    """The manifest to continue (re-read under the lock: another run may have written since the first check)."""
+    existing = existing_manifest(out)
+    if existing is None:
+        return wanted
+    compare(existing, wanted, out)
+    existing.teacher, existing.corpus = wanted.teacher, wanted.corpus  # same hashes; paths may have moved
+    dropped = keep_valid_shards(existing, out)
+    if dropped:
+        warnings.warn(
+            f"{out}: {len(dropped)} shard(s) listed but missing or truncated, recomputing: {dropped[:3]}", stacklevel=2
+        )
+    return existing
+
+
+def domain_dirs(names: list[str]) -> dict[str, str]:
+    """Folder name per domain: the name with unsafe characters replaced; a hash suffix only on collisions."""
+    dirs: dict[str, str] = {}
+    for name in names:
+        slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "domain"
+        if slug != name or slug.lower() in {d.lower() for d in dirs.values()} or slug in {"tokenizer"}:
+            slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        dirs[name] = slug
+    return dirs
+
+
+def missing_shards(manifest: Manifest, rows_per_shard: int) -> dict[tuple[str, str], set[int]]:
+    """Shard indices still missing per (domain, split): the work items of this run."""
+    todo = {}
+    for name, info in manifest.domains.items():
+        planned = manifest.corpus["domains"][name]["sequences"]
+        for split in SPLITS:
+            n_shards = math.ceil(planned[split] / rows_per_shard)
+            have = {s.first_seq // rows_per_shard for s in info.splits[split].shards}
+            todo[(name, split)] = set(range(n_shards)) - have
+    return todo
+
+
+def check_finished(manifest: Manifest, out: Path) -> None:
+    """Every planned sequence is in a listed shard (guards the loop's bookkeeping before ``complete = true``)."""
+    for name, info in manifest.domains.items():
+        for split in SPLITS:
+            want = manifest.corpus["domains"][name]["sequences"][split]
+            have = info.splits[split].sequences
+            if have != want:
+                raise RuntimeError(f"internal: {out}: {name}/{split} holds {have} sequences, planned {want}")
