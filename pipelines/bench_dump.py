@@ -1,0 +1,360 @@
+"""Benchmark the teacher-dump encodings on real text with the real teacher.
+
+Sections (expected on a 2-core CPU with the default 16k tokens: ~2 min capture on first run, cached after;
+~1 min for the compression table; ~20 MB of /tmp):
+  1. capture  run the teacher over real text shipped with Python and its packages; cache top-k/lse/nll
+  2. compress raw fp32+int64, Parquet-zstd fp16+int32, and the ddk-topk codec (plus a small config sweep):
+              bytes/entry, bytes/token of the whole row, KL errors, encode/decode throughput
+  3. speed    teacher-forward-only tokens/s vs full `ddk_offline.dump.dump_teacher` tokens/s (skipped,
+              with the reason, when that function is not importable or its call fails)
+Results: benchmarks/results/dump_compression.{md,json}.
+
+    python pipelines/bench_dump.py                      # defaults: SmolLM2-135M GGUF, k=64, 16384 tokens
+    python pipelines/bench_dump.py --top-k 128 --tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _capture import DEFAULT_GGUF, capture  # noqa: E402
+
+from ddk_offline.format.codec import CodecConfig, TopKCodec  # noqa: E402
+
+SWEEP = {  # alternatives measured next to the default codec config
+    "finer values": CodecConfig(step_top=0.03, step_max=0.5),
+    "coarser tail": CodecConfig(step_top=0.035, step_max=0.8),
+    "zstd level 19": CodecConfig(zstd_level=19),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Error metrics. All compare the exact top-k (from the teacher, fp32) with the decoded one, aligned by id.
+def _log_softmax(x: np.ndarray, t: float) -> np.ndarray:
+    x = x.astype(np.float64) / t
+    return x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
+
+
+def kl_metrics(exact: np.ndarray, decoded: np.ndarray, lse: np.ndarray) -> dict[str, float]:
+    """Mean and p99 over positions of three KLs (nats), exact || decoded.
+
+    renorm_T1 / renorm_T2: KL(softmax(l / T) || softmax(l' / T)) over the k ids; tail_T1: KL over the k ids plus
+    the tail outcome, p_i = exp(l_i - lse), p_tail = 1 - sum p (decoded tail floored at 1e-30).
+    """
+    out = {}
+    for t in (1.0, 2.0):
+        lp, lq = _log_softmax(exact, t), _log_softmax(decoded, t)
+        kl = (np.exp(lp) * (lp - lq)).sum(-1)
+        out[f"kl_renorm_T{t:g}"], out[f"kl_renorm_T{t:g}_p99"] = float(kl.mean()), float(np.quantile(kl, 0.99))
+    lp = exact.astype(np.float64) - lse[..., None]
+    lq = decoded.astype(np.float64) - lse[..., None]
+    pt = np.maximum(1 - np.exp(lp).sum(-1), 0)
+    qt = np.maximum(1 - np.exp(lq).sum(-1), 1e-30)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1) + np.where(pt > 0, pt * (np.log(np.maximum(pt, 1e-300)) - np.log(qt)), 0)
+    out["kl_tail_T1"], out["kl_tail_T1_p99"] = float(kl.mean()), float(np.quantile(kl, 0.99))
+    return out
+
+
+def align_to(ids: np.ndarray, logits: np.ndarray, ref_ids: np.ndarray) -> np.ndarray:
+    """Logits [S, L, k] reordered so column j belongs to ref_ids[..., j] (same id sets per row)."""
+    k = ids.shape[-1]
+    flat_ids, flat_lg, ref = ids.reshape(-1, k), logits.reshape(-1, k), ref_ids.reshape(-1, k)
+    order = np.argsort(flat_ids, axis=1)
+    sorted_ids = np.take_along_axis(flat_ids, order, 1)
+    # Row-wise searchsorted in one call: shift row n by n * 2^32 (ids < 2^32), then undo the row offset.
+    row = np.arange(flat_ids.shape[0], dtype=np.int64)[:, None]
+    pos = np.searchsorted((sorted_ids + (row << 32)).ravel(), (ref + (row << 32)).ravel()).reshape(ref.shape) - row * k
+    if not (np.take_along_axis(sorted_ids, pos, 1) == ref).all():
+        raise AssertionError("decoded id sets differ from the exact ones")
+    return np.take_along_axis(np.take_along_axis(flat_lg, order, 1), pos, 1).reshape(logits.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole-row size: a Parquet file with one row per sequence, as a dump shard would hold it.
+def _row_columns(cap: dict) -> dict[str, pa.Array]:
+    S, L = cap["input_ids"].shape
+    return {
+        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(cap["input_ids"].astype(np.int32).ravel()), L),
+        "teacher_lse": pa.FixedSizeListArray.from_arrays(pa.array(cap["lse"].astype(np.float32).ravel()), L),
+        "teacher_nll": pa.FixedSizeListArray.from_arrays(pa.array(cap["nll"].astype(np.float32).ravel()), L),
+    }
+
+
+def parquet_sizes(columns: dict[str, pa.Array], byte_stream_split: list[str], compression: dict[str, str]) -> dict:
+    """Compressed bytes per column of a one-row-group Parquet file, and the file size.
+
+    Per-column options take leaf paths ("x.list.element" for list columns), so they are mapped here.
+    """
+    table = pa.table(columns)
+    leaf = {
+        name: (f"{name}.list.element" if pa.types.is_fixed_size_list(table[name].type) else name) for name in columns
+    }
+    buf = io.BytesIO()
+    pq.write_table(
+        table,
+        buf,
+        compression={leaf[c]: v for c, v in compression.items()},
+        compression_level={leaf[c]: 3 for c, v in compression.items() if v == "zstd"},
+        use_byte_stream_split=[leaf[c] for c in byte_stream_split],
+        use_dictionary=False,
+    )
+    meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+    sizes: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        for i in range(meta.num_columns):
+            col = meta.row_group(g).column(i)
+            sizes[col.path_in_schema] = sizes.get(col.path_in_schema, 0) + col.total_compressed_size
+    return {"columns": sizes, "file": len(buf.getvalue())}
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def bench_raw(cap: dict, k: int) -> dict:
+    ids, lg = cap["topk_ids"][..., :k], cap["topk_logits"][..., :k]
+    blobs, enc_s = _timed(
+        lambda: [(i.astype(np.int64).tobytes(), g.astype(np.float32).tobytes()) for i, g in zip(ids, lg, strict=True)]
+    )
+    _, dec_s = _timed(lambda: [(np.frombuffer(a, np.int64), np.frombuffer(b, np.float32)) for a, b in blobs])
+    cols = _row_columns(cap)
+    cols["topk"] = pa.array([a + b for a, b in blobs], pa.binary())
+    sizes = parquet_sizes(
+        cols,
+        ["teacher_lse", "teacher_nll"],
+        {"input_ids": "zstd", "teacher_lse": "zstd", "teacher_nll": "zstd", "topk": "none"},
+    )
+    return {
+        "topk_bytes": sum(len(a) + len(b) for a, b in blobs),
+        "sizes": sizes,
+        "enc_s": enc_s,
+        "dec_s": dec_s,
+        "decoded": lg,
+    }
+
+
+def bench_fp16(cap: dict, k: int) -> dict:
+    ids, lg = cap["topk_ids"][..., :k], cap["topk_logits"][..., :k]
+    S, L = ids.shape[:2]
+    cols = _row_columns(cap)
+
+    def enc():
+        cols["topk_ids"] = pa.FixedSizeListArray.from_arrays(pa.array(ids.astype(np.int32).ravel()), L * k)
+        cols["topk_logits"] = pa.FixedSizeListArray.from_arrays(pa.array(lg.astype(np.float16).ravel()), L * k)
+        return parquet_sizes(cols, ["teacher_lse", "teacher_nll"], {c: "zstd" for c in cols})
+
+    sizes, enc_s = _timed(enc)
+    decoded = lg.astype(np.float16).astype(np.float32)
+    topk = sizes["columns"]["topk_ids.list.element"] + sizes["columns"]["topk_logits.list.element"]
+    return {"topk_bytes": topk, "sizes": sizes, "enc_s": enc_s, "dec_s": float("nan"), "decoded": decoded}
+
+
+def bench_codec(cap: dict, k: int, cfg: CodecConfig, vocab: int) -> dict:
+    ids, lg, lse = cap["topk_ids"][..., :k], cap["topk_logits"][..., :k], cap["lse"]
+    codec = TopKCodec(cfg, vocab_size=vocab, k=k)
+    blobs, enc_s = _timed(lambda: [codec.encode(ids[s], lg[s], lse[s]) for s in range(len(ids))])
+    dec, dec_s = _timed(lambda: [codec.decode(b, lse[s]) for s, b in enumerate(blobs)])
+    dec_ids = np.stack([d[0] for d in dec])
+    decoded = align_to(dec_ids, np.stack([d[1] for d in dec]), ids)
+    cols = _row_columns(cap)
+    cols["topk"] = pa.array(blobs, pa.binary())
+    sizes = parquet_sizes(
+        cols,
+        ["teacher_lse", "teacher_nll"],
+        {"input_ids": "zstd", "teacher_lse": "zstd", "teacher_nll": "zstd", "topk": "none"},
+    )
+    streams: dict[str, int] = {}
+    for s in range(len(ids)):
+        for name, n in codec.stream_sizes(ids[s], lg[s], lse[s]).items():
+            streams[name] = streams.get(name, 0) + n
+    return {
+        "topk_bytes": sum(map(len, blobs)),
+        "sizes": sizes,
+        "enc_s": enc_s,
+        "dec_s": dec_s,
+        "decoded": decoded,
+        "streams_bits_per_entry": {n: 8 * b / ids.size for n, b in streams.items()},
+        "config": cfg.to_dict(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Speed: teacher forward alone vs the whole dump (needs ddk_offline.dump.dump_teacher, written elsewhere).
+def speed_section(cap: dict, args: argparse.Namespace) -> dict:
+    tokens = int(cap["input_ids"].size)
+    out = {"teacher_forward_tokens_per_s": tokens / float(cap["forward_s"]), "full_dump_tokens_per_s": None}
+    try:
+        from ddk_offline.dump import dump_teacher
+    except ImportError as e:
+        out["skipped"] = f"ddk_offline.dump.dump_teacher is not importable ({e})"
+        print(f"speed section skipped: {out['skipped']}")
+        return out
+    import inspect
+    import tempfile
+
+    from _capture import real_text_sources
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        with corpus.open("w") as f:
+            for domain, text in real_text_sources().items():
+                f.write(json.dumps({"text": text, "domain": domain}) + "\n")
+        want = {
+            "corpus": corpus,
+            "source": corpus,
+            "teacher": args.teacher,
+            "output": Path(tmp) / "dump",
+            "out_dir": Path(tmp) / "dump",
+            "seq_len": args.seq_len,
+            "k": args.top_k,
+            "top_k": args.top_k,
+            "max_tokens": tokens,
+        }
+        params = inspect.signature(dump_teacher).parameters
+        try:
+            _, secs = _timed(lambda: dump_teacher(**{n: v for n, v in want.items() if n in params}))
+            out["full_dump_tokens_per_s"] = tokens / secs
+        except Exception as e:  # the dump API is another engineer's; report, never fail the compression table
+            out["skipped"] = f"dump_teacher call failed: {type(e).__name__}: {e}"
+            print(f"speed section skipped: {out['skipped']}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default=DEFAULT_GGUF, help="teacher: a .gguf file or a Hugging Face model directory")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens to capture (rounded down to whole sequences)")
+    ap.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence (one codec blob each)")
+    ap.add_argument("--top-k", type=int, default=64, help="k: teacher logits kept per position")
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp"), help="where captured teacher outputs are cached")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="output folder")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the alternative codec configs")
+    ap.add_argument("--no-speed", action="store_true", help="skip the teacher-forward vs full-dump speed section")
+    args = ap.parse_args()
+
+    cap = capture(args.teacher, args.tokens, args.seq_len, args.top_k, args.cache_dir)
+    k, tokens = args.top_k, int(cap["input_ids"].size)
+    vocab = int(cap["vocab_size"])
+    entries = tokens * k
+    runs = {
+        "raw fp32 + int64": bench_raw(cap, k),
+        "Parquet-zstd fp16 + int32": bench_fp16(cap, k),
+        "ddk-topk (default)": bench_codec(cap, k, CodecConfig(), vocab),
+    }
+    if not args.no_sweep:
+        runs.update({f"ddk-topk ({n})": bench_codec(cap, k, c, vocab) for n, c in SWEEP.items()})
+
+    rows = {}
+    for name, r in runs.items():
+        cols = r["sizes"]["columns"]
+        side = sum(v for c, v in cols.items() if c.split(".")[0] in ("input_ids", "teacher_lse", "teacher_nll"))
+        rows[name] = {
+            "bytes_per_entry": r["topk_bytes"] / entries,
+            "bytes_per_token_row": r["sizes"]["file"] / tokens,
+            "side_bytes_per_token": {
+                c.split(".")[0]: v / tokens
+                for c, v in cols.items()
+                if c.split(".")[0] in ("input_ids", "teacher_lse", "teacher_nll")
+            },
+            "side_total_bytes_per_token": side / tokens,
+            "encode_tokens_per_s": tokens / r["enc_s"],
+            "decode_tokens_per_s": tokens / r["dec_s"] if r["dec_s"] == r["dec_s"] else None,
+            **kl_metrics(cap["topk_logits"][..., :k], r["decoded"], cap["lse"]),
+            **{x: r[x] for x in ("streams_bits_per_entry", "config") if x in r},
+        }
+    speed = None if args.no_speed else speed_section(cap, args)
+    write_results(args, rows, speed, tokens, vocab)
+
+
+def write_results(args, rows: dict, speed: dict | None, tokens: int, vocab: int) -> None:
+    import numpy
+    import pyarrow
+    import torch
+    import transformers
+    import zstandard
+
+    info = {
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "pyarrow": pyarrow.__version__,
+        "zstandard": zstandard.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "teacher": args.teacher,
+        "vocab_size": vocab,
+        "k": args.top_k,
+        "seq_len": args.seq_len,
+        "tokens": tokens,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dump_compression.json").write_text(
+        json.dumps({"info": info, "results": rows, "speed": speed}, indent=2)
+    )
+    lines = [
+        f"# Teacher-dump compression (k = {args.top_k}, {tokens} tokens of real text, L = {args.seq_len})",
+        "",
+        "Command: `python pipelines/bench_dump.py " + " ".join(sys.argv[1:]) + "`",
+        "",
+        "Machine: "
+        + info["machine"]
+        + "; "
+        + ", ".join(f"{k} {info[k]}" for k in ("python", "numpy", "pyarrow", "zstandard", "torch", "transformers")),
+        "",
+        "| encoding | top-k B/entry | row B/token | KL renorm T=1 (mean / p99) | KL tail T=1 | KL renorm T=2 "
+        "| enc tok/s | dec tok/s |",
+        "|---|---:|---:|---|---|---|---:|---:|",
+    ]
+    for name, r in rows.items():
+        dec = f"{r['decode_tokens_per_s']:,.0f}" if r["decode_tokens_per_s"] else "n/a"
+        lines.append(
+            f"| {name} | {r['bytes_per_entry']:.3f} | {r['bytes_per_token_row']:.1f} | "
+            f"{r['kl_renorm_T1']:.2e} / {r['kl_renorm_T1_p99']:.1e} | "
+            f"{r['kl_tail_T1']:.2e} | {r['kl_renorm_T2']:.2e} | {r['encode_tokens_per_s']:,.0f} | {dec} |"
+        )
+    default = rows["ddk-topk (default)"]
+    lines += [
+        "",
+        "Row B/token is the size of a Parquet file holding whole rows (input ids int32 zstd; teacher_lse and",
+        "teacher_nll fp32 BYTE_STREAM_SPLIT + zstd; top-k as listed) divided by tokens. Side columns of the codec row:",
+        ", ".join(f"{c} {v:.2f} B/token" for c, v in default["side_bytes_per_token"].items()) + ".",
+        "",
+        "Codec streams (bits per entry, default config): "
+        + ", ".join(f"{n} {b:.3f}" for n, b in default["streams_bits_per_entry"].items()),
+        "",
+    ]
+    if speed:
+        lines += [
+            "## Teacher forward vs full dump",
+            "",
+            f"teacher forward only: {speed['teacher_forward_tokens_per_s']:,.0f} tokens/s (during capture)",
+        ]
+        lines += [
+            f"full dump: {speed['full_dump_tokens_per_s']:,.0f} tokens/s"
+            if speed["full_dump_tokens_per_s"]
+            else f"full dump: skipped ({speed.get('skipped')})"
+        ]
+    (args.out / "dump_compression.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
