@@ -38,7 +38,8 @@ from ddk_offline.format.codec import CodecConfig, TopKCodec  # noqa: E402
 SWEEP = {  # alternatives measured next to the default codec config
     "finer values": CodecConfig(step_top=0.03, step_max=0.5),
     "coarser tail": CodecConfig(step_top=0.035, step_max=0.8),
-    "zstd level 19": CodecConfig(zstd_level=19),
+    "zstd level 3 everywhere": CodecConfig(zstd_level_small=3),
+    "zstd level 19 everywhere": CodecConfig(zstd_level=19),
 }
 
 

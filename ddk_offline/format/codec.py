@@ -43,7 +43,8 @@ class CodecConfig:
         step_max: largest step (nats), reached at d = 2 ln(step_max / step_top) below the top entry.
         mass_step: step (nats) of the per-row logit of the top-k probability mass (tail mode accuracy).
         eg_precision: Exp-Golomb mantissa bits folded into the entropy-coded symbol (0-3).
-        zstd_level: zstd level of every stream (entropy coding dominates; higher levels gain little).
+        zstd_level: zstd level of the large id-index streams (pure entropy coding: higher levels gain nothing).
+        zstd_level_small: zstd level of the other, small streams (table, counts, value codes), where matches pay.
     """
 
     step_top: float = 0.045
@@ -51,6 +52,7 @@ class CodecConfig:
     mass_step: float = 1.0 / 32
     eg_precision: int = 2
     zstd_level: int = 3
+    zstd_level_small: int = 19
 
     def __post_init__(self) -> None:
         if not (0 < self.step_top <= self.step_max):
@@ -59,8 +61,9 @@ class CodecConfig:
             raise ValueError(f"CodecConfig: mass_step must be in (0, 1], got {self.mass_step}")
         if self.eg_precision not in (0, 1, 2, 3):
             raise ValueError(f"CodecConfig: eg_precision must be 0..3, got {self.eg_precision}")
-        if not 1 <= self.zstd_level <= 22:
-            raise ValueError(f"CodecConfig: zstd_level must be 1..22, got {self.zstd_level}")
+        for name in ("zstd_level", "zstd_level_small"):
+            if not 1 <= getattr(self, name) <= 22:
+                raise ValueError(f"CodecConfig: {name} must be 1..22, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +166,7 @@ class TopKCodec:
         self.config = config or CodecConfig()
         self.vocab_size, self.k = int(vocab_size), int(k)
         self._cctx = zstandard.ZstdCompressor(level=self.config.zstd_level)
+        self._cctx_small = zstandard.ZstdCompressor(level=self.config.zstd_level_small)
         self._dctx = zstandard.ZstdDecompressor()
 
     # -------------------------------------------------------------------------------------------- manifest
@@ -207,11 +211,12 @@ class TopKCodec:
     def _streams(self, ints: dict[str, np.ndarray]) -> dict[str, tuple[bytes, bytes]]:
         out = {}
         for name, arr in ints.items():
+            cctx = self._cctx if name.startswith(("first", "gap")) else self._cctx_small
             if arr.dtype == bool:  # a bitmap: packed bytes, zstd's Huffman stage models 8 decisions per symbol
-                out[name] = (self._cctx.compress(np.packbits(arr.ravel()).tobytes()), b"")
+                out[name] = (cctx.compress(np.packbits(arr.ravel()).tobytes()), b"")
                 continue
             sym, width, raw = _eg_split(arr.ravel(), self.config.eg_precision)
-            out[name] = (self._cctx.compress(sym.tobytes()), _pack_bits(raw, width))
+            out[name] = (cctx.compress(sym.tobytes()), _pack_bits(raw, width))
         return out
 
     def _integers(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray) -> dict:
