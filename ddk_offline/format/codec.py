@@ -31,7 +31,7 @@ _MAGIC = b"DKTK"
 _HEADER = struct.Struct("<4sBBIHI")  # magic, layout version, n_streams, L, k, table size
 _D_CAP = 80.0  # nats below the top entry; beyond, an entry's probability is < e^-80 and only its rank matters
 _LAMBDA_CAP = 40.0  # |logit of top-k mass| clamp (fp32 rows can report mass 1 exactly)
-_RANK_CLASSES = (1, 4, 16)  # context split of the id streams by rank position in the row
+_RANK_CLASSES = (1, 4, 16, 32)  # context split of the id streams by rank position in the row
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,9 @@ class TopKCodec:
             "mass": np.where(lam_code < 0, -2 * lam_code - 1, 2 * lam_code),  # zig-zag
         }
         # Value codes: which entries open a new code (bitmap, rank-major) and by how much the code rises there.
-        ints["starts"] = np.ascontiguousarray(starts[:, 1:].T)
+        everywhere = np.ones((L, K), bool)
+        for name, arr in self._by_rank(starts, everywhere, start=1).items():
+            ints[f"starts{name}"] = arr
         rise = np.zeros((L, K), np.int64)
         rise[:, 1:] = codes[:, 1:] - codes[:, :-1] - 1
         for name, arr in self._by_rank(rise, starts, start=1).items():
@@ -303,13 +305,14 @@ class TopKCodec:
         count_class = ints(n_table)
         zz = ints(L)
         lam = np.where(zz % 2 == 1, -(zz + 1) // 2, zz // 2) * cfg.mass_step
+        def bits(n: int) -> np.ndarray:
+            packed = np.frombuffer(self._dctx.decompress(next(it), max_output_size=(n + 7) // 8), np.uint8)
+            if packed.size != (n + 7) // 8 or len(next(it)):
+                raise ValueError("top-k blob: a tie bitmap has the wrong size (corrupt)")
+            return np.unpackbits(packed)[:n].astype(bool)
+
         starts = np.ones((L, K), bool)
-        nbits = L * (K - 1)
-        packed = np.frombuffer(self._dctx.decompress(next(it), max_output_size=(nbits + 7) // 8), np.uint8)
-        next(it)  # a bitmap has no raw-bits part
-        if packed.size != (nbits + 7) // 8:
-            raise ValueError("top-k blob: the tie bitmap has the wrong size (corrupt)")
-        starts[:, 1:] = np.unpackbits(packed)[:nbits].reshape(K - 1, L).T.astype(bool)
+        self._fill_by_rank(starts, starts.copy(), bits, start=1)
         rise = np.zeros((L, K), np.int64)
         self._fill_by_rank(rise, starts, ints, start=1)
         codes = np.cumsum(np.where(starts, rise + 1, 0), axis=1) - 1
