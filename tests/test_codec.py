@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -148,6 +150,13 @@ def test_corrupt_or_truncated_blob_raises():
     for bad in (blob[:-1], blob[:10], b"", blob[:40] + bytes([blob[40] ^ 1]) + blob[41:], blob + b"\0"):
         with pytest.raises(ValueError, match="blob"):
             codec.decode(bad, lse)
+    # Structurally wrong but with a valid checksum (a writer bug, not bit rot): still a clear ValueError.
+    for offset, value in ((6, 1), (12, 10**6), (5, 3)):  # L, table size, stream count
+        body = bytearray(blob[:-4])
+        fmt = {6: "<I", 12: "<I", 5: "<B"}[offset]
+        struct.pack_into(fmt, body, offset, value)
+        with pytest.raises(ValueError):
+            codec.decode(bytes(body) + struct.pack("<I", zlib.crc32(body)), lse)
     with pytest.raises(ValueError, match="k=16"):
         TopKCodec(vocab_size=3000, k=8).decode(blob, lse)
     with pytest.raises(ValueError, match="lse"):

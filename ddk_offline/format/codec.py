@@ -8,10 +8,10 @@ The byte layout is specified in docs/CODEC.md (codec "ddk-topk", layout version 
   whatever its probability: uniform steps in sqrt(p)) and is capped at ``step_max`` (so low-probability
   logits stay usable at T = 2). Rows store the code increments; a per-row code for the logit of the
   top-k mass restores the absolute level against the full-row logsumexp (tail mode stays exact to ~1/32).
-- ids: a per-sequence table (distinct ids, sorted, gap-coded, plus occurrence counts) maps ids to local
-  indices ordered by frequency. Entries with equal value codes form a tie group whose order is free, so the
-  group is stored sorted by index and coded as a first index plus gaps (this is where the ordering
-  information, log2(k!) bits per row, is saved).
+- ids: a per-sequence table (distinct ids, sorted, gap-coded, plus the bit length of each id's occurrence
+  count) maps ids to local indices ordered by frequency class. Entries with equal value codes form a tie
+  group whose order is free, so the group is stored sorted by index and coded as a first index plus gaps
+  (this is where part of the ordering information, log2(k!) bits per row, is saved).
 - integers are Exp-Golomb split into an entropy-coded symbol byte (zstd, Huffman) and raw low bits.
 """
 
@@ -275,7 +275,7 @@ class TopKCodec:
             ids [L, K] int64 and logits [L, K] float32 (raw logit scale, logits = lse + log p), each row in
             descending-logit order (ties: by the codec's local index).
         """
-        cfg, view = self.config, memoryview(blob)
+        view = memoryview(blob)
         if len(view) < _HEADER.size + 4 or zlib.crc32(view[:-4]) != struct.unpack("<I", view[-4:])[0]:
             raise ValueError(f"top-k blob of {len(view)} bytes fails its CRC32 check (corrupt or truncated)")
         magic, version, n_streams, L, K, n_table = _HEADER.unpack_from(view)
@@ -286,6 +286,13 @@ class TopKCodec:
         lse = np.asarray(lse, np.float64).reshape(-1)
         if lse.shape != (L,):
             raise ValueError(f"decode: lse has {lse.size} values, the blob holds L={L} positions")
+        try:
+            return self._decode_streams(view, n_streams, L, K, n_table, lse)
+        except (zstandard.ZstdError, StopIteration, struct.error, IndexError) as e:
+            raise ValueError(f"top-k blob: malformed streams ({type(e).__name__}: {e})") from e
+
+    def _decode_streams(self, view: memoryview, n_streams: int, L: int, K: int, n_table: int, lse: np.ndarray):
+        cfg = self.config
         lens = struct.unpack_from(f"<{n_streams}I", view, _HEADER.size)
         pos, chunks = _HEADER.size + 4 * n_streams, []
         for n in lens:
@@ -305,6 +312,7 @@ class TopKCodec:
         count_class = ints(n_table)
         zz = ints(L)
         lam = np.where(zz % 2 == 1, -(zz + 1) // 2, zz // 2) * cfg.mass_step
+
         def bits(n: int) -> np.ndarray:
             packed = np.frombuffer(self._dctx.decompress(next(it), max_output_size=(n + 7) // 8), np.uint8)
             if packed.size != (n + 7) // 8 or len(next(it)):
