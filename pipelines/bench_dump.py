@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _capture import DEFAULT_GGUF, capture  # noqa: E402
+from _bench_common import DEFAULT_GGUF, align_to, capture, kl_metrics, order0_floor  # noqa: E402
 
 from ddk_offline.format.codec import CodecConfig, TopKCodec  # noqa: E402
 
@@ -41,47 +41,6 @@ SWEEP = {  # alternatives measured next to the default codec config
     "zstd level 3 everywhere": CodecConfig(zstd_level_small=3),
     "zstd level 19 everywhere": CodecConfig(zstd_level=19),
 }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Error metrics. All compare the exact top-k (from the teacher, fp32) with the decoded one, aligned by id.
-def _log_softmax(x: np.ndarray, t: float) -> np.ndarray:
-    x = x.astype(np.float64) / t
-    return x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
-
-
-def kl_metrics(exact: np.ndarray, decoded: np.ndarray, lse: np.ndarray) -> dict[str, float]:
-    """Mean and p99 over positions of three KLs (nats), exact || decoded.
-
-    renorm_T1 / renorm_T2: KL(softmax(l / T) || softmax(l' / T)) over the k ids; tail_T1: KL over the k ids plus
-    the tail outcome, p_i = exp(l_i - lse), p_tail = 1 - sum p (decoded tail floored at 1e-30).
-    """
-    out = {}
-    for t in (1.0, 2.0):
-        lp, lq = _log_softmax(exact, t), _log_softmax(decoded, t)
-        kl = (np.exp(lp) * (lp - lq)).sum(-1)
-        out[f"kl_renorm_T{t:g}"], out[f"kl_renorm_T{t:g}_p99"] = float(kl.mean()), float(np.quantile(kl, 0.99))
-    lp = exact.astype(np.float64) - lse[..., None]
-    lq = decoded.astype(np.float64) - lse[..., None]
-    pt = np.maximum(1 - np.exp(lp).sum(-1), 0)
-    qt = np.maximum(1 - np.exp(lq).sum(-1), 1e-30)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1) + np.where(pt > 0, pt * (np.log(np.maximum(pt, 1e-300)) - np.log(qt)), 0)
-    out["kl_tail_T1"], out["kl_tail_T1_p99"] = float(kl.mean()), float(np.quantile(kl, 0.99))
-    return out
-
-
-def align_to(ids: np.ndarray, logits: np.ndarray, ref_ids: np.ndarray) -> np.ndarray:
-    """Logits [S, L, k] reordered so column j belongs to ref_ids[..., j] (same id sets per row)."""
-    k = ids.shape[-1]
-    flat_ids, flat_lg, ref = ids.reshape(-1, k), logits.reshape(-1, k), ref_ids.reshape(-1, k)
-    order = np.argsort(flat_ids, axis=1)
-    sorted_ids = np.take_along_axis(flat_ids, order, 1)
-    # Row-wise searchsorted in one call: shift row n by n * 2^32 (ids < 2^32), then undo the row offset.
-    row = np.arange(flat_ids.shape[0], dtype=np.int64)[:, None]
-    pos = np.searchsorted((sorted_ids + (row << 32)).ravel(), (ref + (row << 32)).ravel()).reshape(ref.shape) - row * k
-    if not (np.take_along_axis(sorted_ids, pos, 1) == ref).all():
-        raise AssertionError("decoded id sets differ from the exact ones")
-    return np.take_along_axis(np.take_along_axis(flat_lg, order, 1), pos, 1).reshape(logits.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,40 +205,6 @@ def bench_sorted_delta(cap: dict, k: int) -> dict:
     return {"topk_bytes": topk, "sizes": sizes, "enc_s": enc_s, "dec_s": float("nan"), "decoded": decoded}
 
 
-def order0_floor(cap: dict, k: int, cfg: CodecConfig, value_bits: float) -> dict:
-    """Bits per entry that any coder with per-sequence, order-0 id statistics needs, measured on this capture.
-
-    set: each row's id set under a per-sequence Bernoulli model with the occurrence counts given for free;
-    ordering: log2(k!) minus what value ties leave free (log2 g! per tie group of g entries at this config);
-    table: the sequence's distinct ids as a uniform subset of the vocabulary; values: as the codec codes them.
-    """
-    from math import lgamma, log
-
-    from ddk_offline.format.codec import _to_code
-
-    ids, lg = cap["topk_ids"][..., :k], cap["topk_logits"][..., :k].astype(np.float64)
-    S, L = ids.shape[:2]
-    vocab = int(cap["vocab_size"])
-    set_b = order_b = table_b = 0.0
-    lg_fact = np.vectorize(lgamma)
-    for s in range(S):
-        srt = -np.sort(-lg[s], axis=1)
-        codes = _to_code(srt[:, :1] - srt, cfg)
-        _, inv, cnt = np.unique(ids[s], return_inverse=True, return_counts=True)
-        p = np.minimum(cnt / L, 1 - 1e-12)
-        set_b += -L * np.log2(1 - p).sum() - (np.log2(p[inv]) - np.log2(1 - p[inv])).sum()
-        starts = np.ones(codes.shape, bool)
-        starts[:, 1:] = np.diff(codes, axis=1) > 0
-        sizes = np.bincount(np.cumsum(starts.ravel()) - 1)
-        order_b += (L * lgamma(k + 1) - lg_fact(sizes + 1).sum()) / log(2)
-        table_b += (lgamma(vocab + 1) - lgamma(cnt.size + 1) - lgamma(vocab - cnt.size + 1)) / log(2)
-    n = ids.size
-    out = {"set": set_b / n, "ordering": order_b / n, "table": table_b / n, "values": value_bits}
-    out["total_bits"] = sum(out.values())
-    out["bytes_per_entry"] = out["total_bits"] / 8
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Speed: teacher forward alone vs the whole dump (needs ddk_offline.dump.dump_teacher, written elsewhere).
 def speed_section(cap: dict, args: argparse.Namespace) -> dict:
@@ -294,7 +219,7 @@ def speed_section(cap: dict, args: argparse.Namespace) -> dict:
     import inspect
     import tempfile
 
-    from _capture import real_text_sources
+    from _bench_common import real_text_sources
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
