@@ -7,7 +7,7 @@ Sections (expected on a 2-core CPU with the default 16k tokens: ~2 min capture o
               bytes/entry, bytes/token of the whole row, KL errors, encode/decode throughput
   3. speed    teacher-forward-only tokens/s vs full `ddk_offline.dump.dump_teacher` tokens/s (skipped,
               with the reason, when that function is not importable or its call fails)
-Results: benchmarks/results/dump_compression.{md,json}.
+Results: benchmarks/results/dump_compression.{md,json} (dump_compression_k<k>.* for k != 64).
 
     python pipelines/bench_dump.py                      # defaults: SmolLM2-135M GGUF, k=64, 16384 tokens
     python pipelines/bench_dump.py --top-k 128 --tokens 8192
@@ -321,7 +321,8 @@ def write_results(args, rows: dict, floor: dict, speed: dict | None, tokens: int
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dump_compression.json").write_text(
+    stem = "dump_compression" if args.top_k == 64 else f"dump_compression_k{args.top_k}"
+    (args.out / f"{stem}.json").write_text(
         json.dumps({"info": info, "results": rows, "order0_floor": floor, "speed": speed}, indent=2)
     )
     lines = [
@@ -372,7 +373,7 @@ def write_results(args, rows: dict, floor: dict, speed: dict | None, tokens: int
             if speed["full_dump_tokens_per_s"]
             else f"full dump: skipped ({speed.get('skipped')})"
         ]
-    (args.out / "dump_compression.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
