@@ -191,6 +191,8 @@ def test_describe_round_trip_and_config_json():
         CodecConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="step_top"):
         CodecConfig(step_top=1.0, step_max=0.5)
+    with pytest.raises(ValueError, match="mass_step"):
+        CodecConfig(mass_step=1e-9)
 
 
 def test_compresses_well_below_fp16_on_realistic_rows():

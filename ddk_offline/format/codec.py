@@ -55,10 +55,13 @@ class CodecConfig:
     zstd_level_small: int = 19
 
     def __post_init__(self) -> None:
-        if not (0 < self.step_top <= self.step_max):
-            raise ValueError(f"CodecConfig: need 0 < step_top <= step_max, got {self.step_top}, {self.step_max}")
-        if not 0 < self.mass_step <= 1:
-            raise ValueError(f"CodecConfig: mass_step must be in (0, 1], got {self.mass_step}")
+        # The lower bounds keep every code below 2^32, which the one-byte Exp-Golomb symbols rely on.
+        if not (1e-4 <= self.step_top <= self.step_max <= 10):
+            raise ValueError(
+                f"CodecConfig: need 1e-4 <= step_top <= step_max <= 10, got {self.step_top}, {self.step_max}"
+            )
+        if not 2**-10 <= self.mass_step <= 1:
+            raise ValueError(f"CodecConfig: mass_step must be in [2^-10, 1], got {self.mass_step}")
         if self.eg_precision not in (0, 1, 2, 3):
             raise ValueError(f"CodecConfig: eg_precision must be 0..3, got {self.eg_precision}")
         for name in ("zstd_level", "zstd_level_small"):
@@ -156,6 +159,8 @@ class TopKCodec:
         config: quantisation and entropy-coding knobs (defaults: ``CodecConfig()``).
         vocab_size: teacher vocabulary size V (ids must satisfy 0 <= id < V; V <= 2^32).
         k: entries per position K.
+
+    An instance reuses its zstd contexts and is not thread-safe: give each writer/reader thread its own.
     """
 
     def __init__(self, config: CodecConfig | None = None, *, vocab_size: int, k: int) -> None:
