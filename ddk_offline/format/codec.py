@@ -32,6 +32,7 @@ _HEADER = struct.Struct("<4sBBIHI")  # magic, layout version, n_streams, L, k, t
 _D_CAP = 80.0  # nats below the top entry; beyond, an entry's probability is < e^-80 and only its rank matters
 _LAMBDA_CAP = 40.0  # |logit of top-k mass| clamp (fp32 rows can report mass 1 exactly)
 _RANK_CLASSES = (1, 4, 16, 32)  # context split of the id streams by rank position in the row
+_GAP_RICE_BITS = 6  # in-group gaps after a member with index >= 2^(6 + s) send their s low bits raw
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,14 @@ def _from_code(c: np.ndarray, cfg: CodecConfig) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Exp-Golomb split: x >= 0 -> (symbol byte, raw low bits). Symbols carry the bit length and the top
 # `h` mantissa bits, so zstd's Huffman stage models the distribution; the rest is near-uniform and stored raw.
+def _floor_log2(v: np.ndarray) -> np.ndarray:
+    """floor(log2(v)) of integers 1 <= v < 2^53 (exact: frexp reads the float exponent)."""
+    return np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1
+
+
 def _eg_split(x: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     v = x.astype(np.uint64) + np.uint64(1)
-    nbits = np.zeros(v.shape, np.int64)
-    if v.size:
-        nbits = np.floor(np.log2(v.astype(np.float64))).astype(np.int64)
-        nbits += (v >> nbits.astype(np.uint64)) >= 2  # float log2 can round up/down near powers of two
-        nbits -= (v >> nbits.astype(np.uint64)) == 0
+    nbits = _floor_log2(v)
     width = np.maximum(nbits - h, 0)
     top = (v >> width.astype(np.uint64)).astype(np.int64)
     sym = np.where(width == 0, top, (1 << (h + 1)) + (width - 1) * (1 << h) + top - (1 << h))
@@ -122,7 +124,7 @@ def _eg_join(sym: np.ndarray, raw_bits: np.ndarray, h: int) -> np.ndarray:
     direct = s < (1 << (h + 1))
     width = np.where(direct, 0, (s - (1 << (h + 1))) // (1 << h) + 1)
     top = np.where(direct, s, (s - (1 << (h + 1))) % (1 << h) + (1 << h))
-    raw = _unpack_bits(raw_bits, width)
+    raw = _read_bits(_bit_windows(raw_bits), width)
     return ((top.astype(np.uint64) << width.astype(np.uint64)) | raw) - np.uint64(1)
 
 
@@ -136,20 +138,25 @@ def _pack_bits(raw: np.ndarray, width: np.ndarray) -> bytes:
     return np.packbits(((raw[owner] >> shift) & np.uint64(1)).astype(np.uint8)).tobytes()
 
 
-def _unpack_bits(buf: np.ndarray, width: np.ndarray) -> np.ndarray:
-    total = int(width.sum())
-    out = np.zeros(width.shape, np.uint64)
-    if total == 0:
-        return out
-    if buf.size * 8 < total:
+def _bit_windows(buf: np.ndarray) -> np.ndarray:
+    """[n_bytes, 8] view: row i holds bytes i..i+7 of buf (zero-padded), for ``_read_bits``."""
+    return np.lib.stride_tricks.sliding_window_view(np.concatenate([buf, np.zeros(8, np.uint8)]), 8)
+
+
+def _read_bits(windows: np.ndarray, width: np.ndarray, start: int = 0) -> np.ndarray:
+    """Unsigned integers from consecutive MSB-first bit fields (widths <= 56) starting at bit ``start``."""
+    width = width.astype(np.int64)
+    if (len(windows) - 1) * 8 < start + int(width.sum()):  # windows has n_bytes + 1 rows
         raise ValueError("top-k blob: raw bit stream is shorter than its symbols say (corrupt or truncated)")
-    bits = np.unpackbits(buf)[:total].astype(np.uint64)
-    owner = np.repeat(np.arange(width.size), width)
-    pos = np.arange(total) - np.repeat(np.cumsum(width) - width, width)
-    vals = bits << (width[owner] - 1 - pos).astype(np.uint64)
-    starts = (np.cumsum(width) - width)[width > 0]
-    out[width > 0] = np.add.reduceat(vals, starts)
-    return out
+    if width.size == 0:
+        return np.zeros(0, np.uint64)
+    if width.max() > 56:
+        raise ValueError("top-k blob: a raw bit field is wider than 56 bits (corrupt)")
+    off = start + np.cumsum(width) - width
+    # A big-endian 8-byte word at each field's first byte, shifted down and masked to the field.
+    word = np.ascontiguousarray(windows[off >> 3]).view(">u8").ravel().astype(np.uint64)
+    shift = (64 - (off & 7) - width).astype(np.uint64)
+    return (word >> shift) & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
 
 
 class TopKCodec:
@@ -217,6 +224,9 @@ class TopKCodec:
         out = {}
         for name, arr in ints.items():
             cctx = self._cctx if name.startswith(("first", "gap")) else self._cctx_small
+            if isinstance(arr, tuple):  # raw bit fields (values, widths): no symbol part
+                out[name] = (b"", _pack_bits(*arr))
+                continue
             if arr.dtype == bool:  # a bitmap: packed bytes, zstd's Huffman stage models 8 decisions per symbol
                 out[name] = (cctx.compress(np.packbits(arr.ravel()).tobytes()), b"")
                 continue
@@ -263,8 +273,15 @@ class TopKCodec:
             ints[f"rise{name}"] = arr
         for name, arr in self._by_rank(local, starts).items():
             ints[f"first{name}"] = arr
-        for name, arr in self._by_rank(gaps, ~starts).items():
+        # In-group gaps scale with the previous member's index (Zipf-like table order): their low
+        # `shift` bits are near-uniform, so they go raw (rank-major) and only the quotient is entropy-coded.
+        shift = np.zeros((L, K), np.int64)
+        shift[:, 1:] = np.maximum(_floor_log2(local[:, :-1] + 1) - _GAP_RICE_BITS, 0)
+        shift[starts] = 0
+        for name, arr in self._by_rank(gaps >> shift, ~starts).items():
             ints[f"gap{name}"] = arr
+        low = (gaps & ((1 << shift) - 1)).T[(~starts).T]
+        ints["gap_low"] = (low.astype(np.uint64), shift.T[(~starts).T])
         ints["shape"] = (L, K, table.size)
         return ints
 
@@ -332,11 +349,22 @@ class TopKCodec:
         first, gap = np.zeros((L, K), np.int64), np.zeros((L, K), np.int64)
         self._fill_by_rank(first, starts, ints)
         self._fill_by_rank(gap, ~starts, ints)
-        # Segmented cumsum: a group starts at its first index, each later member adds gap + 1.
-        inc = np.where(starts, first, gap + 1).ravel()
-        run = np.cumsum(inc)
-        base = np.maximum.accumulate(np.where(starts.ravel(), run - inc, 0))
-        local = (run - base).reshape(L, K)
+        if len(next(it)):
+            raise ValueError("top-k blob: the raw gap stream has a symbol part (corrupt)")
+        low_bits, pos = _bit_windows(np.frombuffer(next(it), np.uint8)), 0
+        # Column by column: a member's raw-bit width depends on the previous member's index.
+        local = np.empty((L, K), np.int64)
+        local[:, 0] = first[:, 0]
+        for j in range(1, K):
+            local[:, j] = first[:, j]
+            cont = np.flatnonzero(~starts[:, j])
+            if cont.size == 0:
+                continue
+            prev = local[cont, j - 1]
+            shift = np.maximum(_floor_log2(prev + 1) - _GAP_RICE_BITS, 0)
+            low = _read_bits(low_bits, shift, pos).astype(np.int64)
+            pos += int(shift.sum())
+            local[cont, j] = prev + ((gap[cont, j] << shift) | low) + 1
         if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
             raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
         ids = table[np.argsort(self._freq_rank(count_class), kind="stable")][local]
