@@ -1,54 +1,420 @@
-"""Interim top-k codec (replaced by the compressed codec): ids int32 + log-probs fp16, zstd."""
+"""Top-k teacher codec: packs one sequence's top-k ids and logits into one compact, checked blob.
+
+The byte layout is specified in docs/CODEC.md (codec "ddk-topk", layout version 1). In short, per sequence
+(L positions, k entries each):
+
+- values: each row is sorted by logit; log-probabilities relative to the row's top entry, d = lp_0 - lp_i >= 0,
+  are quantised on a companded grid whose step grows like exp(d / 2) (each entry then adds about the same KL
+  whatever its probability: uniform steps in sqrt(p)) and is capped at ``step_max`` (so low-probability
+  logits stay usable at T = 2). Rows store the code increments; a per-row code for the logit of the
+  top-k mass restores the absolute level against the full-row logsumexp (tail mode stays exact to ~1/32).
+- ids: a per-sequence table (distinct ids, sorted, gap-coded, plus the bit length of each id's occurrence
+  count) maps ids to local indices ordered by frequency class. Entries with equal value codes form a tie
+  group whose order is free, so the group is stored sorted by index and coded as a first index plus gaps
+  (this is where part of the ordering information, log2(k!) bits per row, is saved).
+- integers are Exp-Golomb split into an entropy-coded symbol byte (zstd, Huffman) and raw low bits.
+"""
 
 from __future__ import annotations
 
+import math
 import struct
+import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import zstandard
 
-_MAGIC = b"TK0\x01"
+CODEC_NAME = "ddk-topk"
+LAYOUT_VERSION = 1
+_MAGIC = b"DKTK"
+_HEADER = struct.Struct("<4sBBIHI")  # magic, layout version, n_streams, L, k, table size
+_D_CAP = 80.0  # nats below the top entry; beyond, an entry's probability is < e^-80 and only its rank matters
+_LAMBDA_CAP = 40.0  # |logit of top-k mass| clamp (fp32 rows can report mass 1 exactly)
+_RANK_CLASSES = (1, 4, 16, 32)  # context split of the id streams by rank position in the row
+_GAP_RICE_BITS = 6  # in-group gaps after a member with index >= 2^(6 + s) send their s low bits raw
 
 
 @dataclass(frozen=True)
 class CodecConfig:
-    name: str = "fp16-zstd"
-    version: int = 1
-    level: int = 3
+    """Knobs of the top-k codec (recorded in the dump manifest via ``TopKCodec.describe``).
+
+    Attributes:
+        step_top: quantisation step (nats) of log-probabilities at the row's top entry (d = 0).
+        step_max: largest step (nats), reached at d = 2 ln(step_max / step_top) below the top entry.
+        mass_step: step (nats) of the per-row logit of the top-k probability mass (tail mode accuracy).
+        eg_precision: Exp-Golomb mantissa bits folded into the entropy-coded symbol (0-3).
+        zstd_level: zstd level of the large id-index streams (pure entropy coding: higher levels gain nothing).
+        zstd_level_small: zstd level of the other, small streams (table, counts, value codes), where matches pay.
+    """
+
+    step_top: float = 0.045
+    step_max: float = 0.5
+    mass_step: float = 1.0 / 32
+    eg_precision: int = 2
+    zstd_level: int = 3
+    zstd_level_small: int = 19
+
+    def __post_init__(self) -> None:
+        # The lower bounds keep every code below 2^32, which the one-byte Exp-Golomb symbols rely on.
+        if not (1e-4 <= self.step_top <= self.step_max <= 10):
+            raise ValueError(
+                f"CodecConfig: need 1e-4 <= step_top <= step_max <= 10, got {self.step_top}, {self.step_max}"
+            )
+        if not 2**-10 <= self.mass_step <= 1:
+            raise ValueError(f"CodecConfig: mass_step must be in [2^-10, 1], got {self.mass_step}")
+        if self.eg_precision not in (0, 1, 2, 3):
+            raise ValueError(f"CodecConfig: eg_precision must be 0..3, got {self.eg_precision}")
+        for name in ("zstd_level", "zstd_level_small"):
+            if not 1 <= getattr(self, name) <= 22:
+                raise ValueError(f"CodecConfig: {name} must be 1..22, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> CodecConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"CodecConfig: unknown fields {sorted(unknown)} (written by a newer codec?)")
         return cls(**d)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Companded value grid: step(d) = min(step_top * exp(d / 2), step_max).
+def _grid_knee(cfg: CodecConfig) -> tuple[float, float]:
+    d_knee = 2.0 * math.log(cfg.step_max / cfg.step_top)
+    return d_knee, (2.0 / cfg.step_top) * (1.0 - math.exp(-d_knee / 2.0))
+
+
+def _to_code(d: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    d_knee, u_knee = _grid_knee(cfg)
+    d = np.minimum(d, _D_CAP)
+    u = (2.0 / cfg.step_top) * (1.0 - np.exp(-np.minimum(d, d_knee) / 2.0)) + np.maximum(d - d_knee, 0) / cfg.step_max
+    return np.rint(u).astype(np.int64)
+
+
+def _from_code(c: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    d_knee, u_knee = _grid_knee(cfg)
+    c = c.astype(np.float64)
+    low = -2.0 * np.log(np.maximum(1.0 - np.minimum(c, u_knee) * cfg.step_top / 2.0, 1e-300))
+    return np.where(c <= u_knee, low, d_knee + (c - u_knee) * cfg.step_max)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exp-Golomb split: x >= 0 -> (symbol byte, raw low bits). Symbols carry the bit length and the top
+# `h` mantissa bits, so zstd's Huffman stage models the distribution; the rest is near-uniform and stored raw.
+def _floor_log2(v: np.ndarray) -> np.ndarray:
+    """floor(log2(v)) of integers 1 <= v < 2^53 (exact: frexp reads the float exponent)."""
+    return np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1
+
+
+def _eg_split(x: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    v = x.astype(np.uint64) + np.uint64(1)
+    nbits = _floor_log2(v)
+    width = np.maximum(nbits - h, 0)
+    top = (v >> width.astype(np.uint64)).astype(np.int64)
+    sym = np.where(width == 0, top, (1 << (h + 1)) + (width - 1) * (1 << h) + top - (1 << h))
+    raw = v & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
+    return sym.astype(np.uint8), width, raw
+
+
+def _eg_join(sym: np.ndarray, raw_bits: np.ndarray, h: int) -> np.ndarray:
+    s = sym.astype(np.int64)
+    direct = s < (1 << (h + 1))
+    width = np.where(direct, 0, (s - (1 << (h + 1))) // (1 << h) + 1)
+    top = np.where(direct, s, (s - (1 << (h + 1))) % (1 << h) + (1 << h))
+    raw = _read_bits(_bit_windows(raw_bits), width)
+    return ((top.astype(np.uint64) << width.astype(np.uint64)) | raw) - np.uint64(1)
+
+
+def _pack_bits(raw: np.ndarray, width: np.ndarray) -> bytes:
+    total = int(width.sum())
+    if total == 0:
+        return b""
+    owner = np.repeat(np.arange(raw.size), width)
+    pos = np.arange(total) - np.repeat(np.cumsum(width) - width, width)
+    shift = (width[owner] - 1 - pos).astype(np.uint64)
+    return np.packbits(((raw[owner] >> shift) & np.uint64(1)).astype(np.uint8)).tobytes()
+
+
+def _bit_windows(buf: np.ndarray) -> np.ndarray:
+    """[n_bytes, 8] view: row i holds bytes i..i+7 of buf (zero-padded), for ``_read_bits``."""
+    return np.lib.stride_tricks.sliding_window_view(np.concatenate([buf, np.zeros(8, np.uint8)]), 8)
+
+
+def _read_bits(windows: np.ndarray, width: np.ndarray, start: int = 0) -> np.ndarray:
+    """Unsigned integers from consecutive MSB-first bit fields (widths <= 56) starting at bit ``start``."""
+    width = width.astype(np.int64)
+    if (len(windows) - 1) * 8 < start + int(width.sum()):  # windows has n_bytes + 1 rows
+        raise ValueError("top-k blob: raw bit stream is shorter than its symbols say (corrupt or truncated)")
+    if width.size == 0:
+        return np.zeros(0, np.uint64)
+    if width.max() > 56:
+        raise ValueError("top-k blob: a raw bit field is wider than 56 bits (corrupt)")
+    off = start + np.cumsum(width) - width
+    # A big-endian 8-byte word at each field's first byte, shifted down and masked to the field.
+    word = np.ascontiguousarray(windows[off >> 3]).view(">u8").ravel().astype(np.uint64)
+    shift = (64 - (off & 7) - width).astype(np.uint64)
+    return (word >> shift) & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
+
+
 class TopKCodec:
-    def __init__(self, config: CodecConfig | None = None, *, vocab_size: int, k: int):
+    """Encode/decode one sequence's teacher top-k (ids + logits) to one self-delimiting blob.
+
+    Args:
+        config: quantisation and entropy-coding knobs (defaults: ``CodecConfig()``).
+        vocab_size: teacher vocabulary size V (ids must satisfy 0 <= id < V; V <= 2^32).
+        k: entries per position K.
+
+    An instance reuses its zstd contexts and is not thread-safe: give each writer/reader thread its own.
+    """
+
+    def __init__(self, config: CodecConfig | None = None, *, vocab_size: int, k: int) -> None:
+        if not 1 <= vocab_size <= 2**32:
+            raise ValueError(f"TopKCodec: vocab_size must be in [1, 2^32], got {vocab_size}")
+        if not 1 <= k <= min(vocab_size, 65535):
+            raise ValueError(f"TopKCodec: k must be in [1, min(vocab_size, 65535)], got {k}")
         self.config = config or CodecConfig()
-        self.vocab_size, self.k = vocab_size, k
+        self.vocab_size, self.k = int(vocab_size), int(k)
+        self._cctx = zstandard.ZstdCompressor(level=self.config.zstd_level)
+        self._cctx_small = zstandard.ZstdCompressor(level=self.config.zstd_level_small)
+        self._dctx = zstandard.ZstdDecompressor()
 
-    def encode(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray) -> bytes:
-        order = np.argsort(-logits, axis=1, kind="stable")
-        ids = np.take_along_axis(ids, order, 1).astype(np.int32)
-        logp = (np.take_along_axis(logits, order, 1) - lse[:, None]).astype(np.float16)
-        body = zstandard.ZstdCompressor(level=self.config.level).compress(ids.tobytes() + logp.tobytes())
-        return _MAGIC + struct.pack("<II", *ids.shape) + body
-
-    def decode(self, blob: bytes, lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if blob[:4] != _MAGIC:
-            raise ValueError("top-k blob: bad magic (corrupted shard?)")
-        L, k = struct.unpack("<II", blob[4:12])
-        raw = zstandard.ZstdDecompressor().decompress(blob[12:], max_output_size=L * k * 6)
-        ids = np.frombuffer(raw[: L * k * 4], np.int32).reshape(L, k).astype(np.int64)
-        logp = np.frombuffer(raw[L * k * 4 :], np.float16).reshape(L, k).astype(np.float32)
-        return ids, logp + lse[:, None].astype(np.float32)
-
+    # -------------------------------------------------------------------------------------------- manifest
     def describe(self) -> dict:
-        return self.config.to_dict()
+        """What the dump manifest records to rebuild this codec (name, layout version, config)."""
+        return {"name": CODEC_NAME, "version": LAYOUT_VERSION, "config": self.config.to_dict()}
 
     @classmethod
     def from_description(cls, d: dict, *, vocab_size: int, k: int) -> TopKCodec:
-        return cls(CodecConfig.from_dict(d), vocab_size=vocab_size, k=k)
+        if d.get("name") != CODEC_NAME or d.get("version") != LAYOUT_VERSION:
+            raise ValueError(
+                f"manifest codec {d.get('name')!r} v{d.get('version')} is not {CODEC_NAME!r} v{LAYOUT_VERSION}: "
+                "read this dump with the ddk-offline version that wrote it"
+            )
+        return cls(CodecConfig.from_dict(d["config"]), vocab_size=vocab_size, k=k)
+
+    # -------------------------------------------------------------------------------------------- encode
+    def encode(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray) -> bytes:
+        """Pack one sequence.
+
+        Args:
+            ids: [L, K] integer ids, any order, distinct within a row, 0 <= id < vocab_size.
+            logits: [L, K] raw teacher logits (float), aligned with ``ids``.
+            lse: [L] logsumexp of each full logit row (float32).
+
+        Returns:
+            One blob (bytes) that ``decode`` turns back into ids and logits in descending-logit order.
+        """
+        ints = self._integers(*self._check_inputs(ids, logits, lse))
+        L, K, n_table = ints.pop("shape")
+        streams = [s for pair in self._streams(ints).values() for s in pair]
+        head = _HEADER.pack(_MAGIC, LAYOUT_VERSION, len(streams), L, K, n_table)
+        body = head + struct.pack(f"<{len(streams)}I", *map(len, streams)) + b"".join(streams)
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    def stream_sizes(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray) -> dict[str, int]:
+        """Bytes per stream (symbols + raw bits) of ``encode``'s blob, for benchmarks; headers excluded."""
+        ints = self._integers(*self._check_inputs(ids, logits, lse))
+        ints.pop("shape")
+        return {name: len(a) + len(b) for name, (a, b) in self._streams(ints).items()}
+
+    def _streams(self, ints: dict[str, np.ndarray]) -> dict[str, tuple[bytes, bytes]]:
+        out = {}
+        for name, arr in ints.items():
+            cctx = self._cctx if name.startswith(("first", "gap")) else self._cctx_small
+            if isinstance(arr, tuple):  # raw bit fields (values, widths): no symbol part
+                out[name] = (b"", _pack_bits(*arr))
+                continue
+            if arr.dtype == bool:  # a bitmap: packed bytes, zstd's Huffman stage models 8 decisions per symbol
+                out[name] = (cctx.compress(np.packbits(arr.ravel()).tobytes()), b"")
+                continue
+            sym, width, raw = _eg_split(arr.ravel(), self.config.eg_precision)
+            out[name] = (cctx.compress(sym.tobytes()), _pack_bits(raw, width))
+        return out
+
+    def _integers(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray) -> dict:
+        """The integer arrays the blob entropy-codes, in stream order (plus "shape": L, K, table size)."""
+        cfg, (L, K) = self.config, ids.shape
+        lg = logits.astype(np.float64)
+        order = np.argsort(-lg, axis=1, kind="stable")
+        lg, ids = np.take_along_axis(lg, order, 1), np.take_along_axis(ids, order, 1)
+        lp = lg - lse.astype(np.float64)[:, None]
+        codes = _to_code(lp[:, :1] - lp, cfg)
+        # Per-row logit of the top-k mass, so the decoder can put the row back on the absolute scale.
+        mass = np.exp(lp).sum(1)
+        lam = np.log(mass) - np.log(np.maximum(1.0 - mass, 1e-300))
+        lam_code = np.rint(np.clip(lam, -_LAMBDA_CAP, _LAMBDA_CAP) / cfg.mass_step).astype(np.int64)
+
+        table, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
+        # Only the bit length of each count is stored: ordering by it costs < 0.002 B/entry more than exact counts.
+        count_class = np.floor(np.log2(counts)).astype(np.int64)
+        local = self._freq_rank(count_class)[inv.reshape(L, K)]
+        # Inside a tie group (equal value codes) the order is free: sort by local index to save its entropy.
+        tie = np.lexsort((local, codes), axis=1)
+        codes, local = np.take_along_axis(codes, tie, 1), np.take_along_axis(local, tie, 1)
+        starts = np.ones((L, K), bool)
+        starts[:, 1:] = np.diff(codes, axis=1) > 0
+        gaps = np.diff(local, axis=1, prepend=-1) - 1
+
+        ints: dict = {
+            "table": np.diff(table, prepend=-1) - 1,
+            "count_class": count_class,
+            "mass": np.where(lam_code < 0, -2 * lam_code - 1, 2 * lam_code),  # zig-zag
+        }
+        # Value codes: which entries open a new code (bitmap, rank-major) and by how much the code rises there.
+        everywhere = np.ones((L, K), bool)
+        for name, arr in self._by_rank(starts, everywhere, start=1).items():
+            ints[f"starts{name}"] = arr
+        rise = np.zeros((L, K), np.int64)
+        rise[:, 1:] = codes[:, 1:] - codes[:, :-1] - 1
+        for name, arr in self._by_rank(rise, starts, start=1).items():
+            ints[f"rise{name}"] = arr
+        for name, arr in self._by_rank(local, starts).items():
+            ints[f"first{name}"] = arr
+        # In-group gaps scale with the previous member's index (Zipf-like table order): their low
+        # `shift` bits are near-uniform, so they go raw (rank-major) and only the quotient is entropy-coded.
+        shift = np.zeros((L, K), np.int64)
+        shift[:, 1:] = np.maximum(_floor_log2(local[:, :-1] + 1) - _GAP_RICE_BITS, 0)
+        shift[starts] = 0
+        for name, arr in self._by_rank(gaps >> shift, ~starts).items():
+            ints[f"gap{name}"] = arr
+        low = (gaps & ((1 << shift) - 1)).T[(~starts).T]
+        ints["gap_low"] = (low.astype(np.uint64), shift.T[(~starts).T])
+        ints["shape"] = (L, K, table.size)
+        return ints
+
+    # -------------------------------------------------------------------------------------------- decode
+    def decode(self, blob: bytes, lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unpack one sequence.
+
+        Args:
+            blob: bytes from ``encode``.
+            lse: [L] float32 logsumexp of each full logit row (as stored beside the blob).
+
+        Returns:
+            ids [L, K] int64 and logits [L, K] float32 (raw logit scale, logits = lse + log p), each row in
+            descending-logit order (ties: by the codec's local index).
+        """
+        view = memoryview(blob)
+        if len(view) < _HEADER.size + 4 or zlib.crc32(view[:-4]) != struct.unpack("<I", view[-4:])[0]:
+            raise ValueError(f"top-k blob of {len(view)} bytes fails its CRC32 check (corrupt or truncated)")
+        magic, version, n_streams, L, K, n_table = _HEADER.unpack_from(view)
+        if magic != _MAGIC or version != LAYOUT_VERSION:
+            raise ValueError(f"top-k blob: magic {magic!r} v{version}, expected {_MAGIC!r} v{LAYOUT_VERSION}")
+        if K != self.k:
+            raise ValueError(f"top-k blob holds k={K} but the codec was built with k={self.k} (manifest mismatch)")
+        lse = np.asarray(lse, np.float64).reshape(-1)
+        if lse.shape != (L,):
+            raise ValueError(f"decode: lse has {lse.size} values, the blob holds L={L} positions")
+        try:
+            return self._decode_streams(view, n_streams, L, K, n_table, lse)
+        except (zstandard.ZstdError, StopIteration, struct.error, IndexError) as e:
+            raise ValueError(f"top-k blob: malformed streams ({type(e).__name__}: {e})") from e
+
+    def _decode_streams(self, view: memoryview, n_streams: int, L: int, K: int, n_table: int, lse: np.ndarray):
+        cfg = self.config
+        lens = struct.unpack_from(f"<{n_streams}I", view, _HEADER.size)
+        pos, chunks = _HEADER.size + 4 * n_streams, []
+        for n in lens:
+            chunks.append(view[pos : pos + n])
+            pos += n
+        if pos != len(view) - 4:
+            raise ValueError("top-k blob: stream lengths do not add up to the blob size (corrupt)")
+        it = iter(chunks)
+
+        def ints(n: int) -> np.ndarray:
+            sym = np.frombuffer(self._dctx.decompress(next(it), max_output_size=n), np.uint8)
+            if sym.size != n:
+                raise ValueError(f"top-k blob: stream holds {sym.size} symbols, expected {n} (corrupt)")
+            return _eg_join(sym, np.frombuffer(next(it), np.uint8), cfg.eg_precision).astype(np.int64)
+
+        table = np.cumsum(ints(n_table) + 1) - 1
+        count_class = ints(n_table)
+        zz = ints(L)
+        lam = np.where(zz % 2 == 1, -(zz + 1) // 2, zz // 2) * cfg.mass_step
+
+        def bits(n: int) -> np.ndarray:
+            packed = np.frombuffer(self._dctx.decompress(next(it), max_output_size=(n + 7) // 8), np.uint8)
+            if packed.size != (n + 7) // 8 or len(next(it)):
+                raise ValueError("top-k blob: a tie bitmap has the wrong size (corrupt)")
+            return np.unpackbits(packed)[:n].astype(bool)
+
+        starts = np.ones((L, K), bool)
+        self._fill_by_rank(starts, starts.copy(), bits, start=1)
+        rise = np.zeros((L, K), np.int64)
+        self._fill_by_rank(rise, starts, ints, start=1)
+        codes = np.cumsum(np.where(starts, rise + 1, 0), axis=1) - 1
+        first, gap = np.zeros((L, K), np.int64), np.zeros((L, K), np.int64)
+        self._fill_by_rank(first, starts, ints)
+        self._fill_by_rank(gap, ~starts, ints)
+        if len(next(it)):
+            raise ValueError("top-k blob: the raw gap stream has a symbol part (corrupt)")
+        low_bits, pos = _bit_windows(np.frombuffer(next(it), np.uint8)), 0
+        # Column by column: a member's raw-bit width depends on the previous member's index.
+        local = np.empty((L, K), np.int64)
+        local[:, 0] = first[:, 0]
+        for j in range(1, K):
+            local[:, j] = first[:, j]
+            cont = np.flatnonzero(~starts[:, j])
+            if cont.size == 0:
+                continue
+            prev = local[cont, j - 1]
+            shift = np.maximum(_floor_log2(prev + 1) - _GAP_RICE_BITS, 0)
+            low = _read_bits(low_bits, shift, pos).astype(np.int64)
+            pos += int(shift.sum())
+            local[cont, j] = prev + ((gap[cont, j] << shift) | low) + 1
+        if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
+            raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
+        ids = table[np.argsort(self._freq_rank(count_class), kind="stable")][local]
+
+        d = _from_code(codes, cfg)
+        mass = 1.0 / (1.0 + np.exp(-lam))
+        lp0 = np.log(mass) - np.log(np.exp(-d).sum(1))
+        logits = (lse + lp0)[:, None] - d
+        return ids, logits.astype(np.float32)
+
+    # -------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _freq_rank(count_class: np.ndarray) -> np.ndarray:
+        """Table position -> local index, most frequent class first (ties by id), known to both sides."""
+        order = np.argsort(-count_class, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        return rank
+
+    def _rank_slices(self, start: int) -> list[tuple[str, slice]]:
+        edges = [start, *[e for e in _RANK_CLASSES if start < e < self.k], self.k]
+        return [(f"@{a}", slice(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+    def _by_rank(self, arr: np.ndarray, mask: np.ndarray, start: int = 0) -> dict[str, np.ndarray]:
+        """Entries of arr [L, K] where mask, split into rank-position classes, each read rank-major.
+
+        Separate streams per class are a cheap context model: the top entries' statistics differ from the tail's.
+        """
+        return {name: arr[:, sl].T[mask[:, sl].T] for name, sl in self._rank_slices(start)}
+
+    def _fill_by_rank(self, out: np.ndarray, mask: np.ndarray, ints, start: int = 0) -> None:
+        """Inverse of ``_by_rank``: fill out [L, K] where mask from the streams ``ints(n)`` returns in order."""
+        for _, sl in self._rank_slices(start):
+            keep = mask[:, sl].T
+            view = out[:, sl].T
+            view[keep] = ints(int(keep.sum()))
+
+    def _check_inputs(self, ids, logits, lse) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, logits, lse = np.asarray(ids), np.asarray(logits), np.asarray(lse)
+        if ids.ndim != 2 or ids.shape[1] != self.k or logits.shape != ids.shape or lse.shape != ids.shape[:1]:
+            raise ValueError(
+                f"encode: expected ids/logits [L, {self.k}] and lse [L], got {ids.shape}, {logits.shape}, {lse.shape}"
+            )
+        if ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"encode: ids must be a non-empty integer array, got {ids.dtype} {ids.shape}")
+        ids = ids.astype(np.int64)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"encode: ids must lie in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        if (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
+            raise ValueError("encode: a row of topk_ids repeats an id; pass the teacher's distinct top-k ids")
+        if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(lse).all():
+            raise ValueError("encode: logits contain NaN/+inf or lse is not finite; check the teacher's outputs")
+        return ids, logits, lse
