@@ -173,11 +173,13 @@ def collect_legal() -> list[Doc]:
     return docs
 
 
-def read_mo(path: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
+def read_mo(path: Path, *, header_only: bool = False) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """Parse a GNU gettext ``.mo`` catalog.
 
     Args:
         path: the ``.mo`` file.
+        header_only: parse only the header entry (the empty msgid, which sorts first) and return no
+            messages: a cheap look at who wrote the catalog before parsing thousands of strings.
 
     Returns:
         (header fields with lower-case keys, [(msgid, msgstr), ...] in file order, header excluded).
@@ -201,7 +203,7 @@ def read_mo(path: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
             raise ValueError(f"{path}: string {i} runs past the end of the file (truncated catalog)")
         return data[offset : offset + length]
 
-    pairs = [(raw(orig_at, i), raw(trans_at, i)) for i in range(count)]
+    pairs = [(raw(orig_at, i), raw(trans_at, i)) for i in range(min(count, 1) if header_only else count)]
     header: dict[str, str] = {}
     for msgid, msgstr in pairs:
         if msgid == b"":
@@ -231,10 +233,10 @@ def collect_multilingual(locale_dir: Path = LOCALE_DIR) -> list[Doc]:
     docs = []
     for path in paths:
         try:
-            header, messages = read_mo(path)
+            if not _is_postgresql(read_mo(path, header_only=True)[0]):
+                continue
+            _, messages = read_mo(path)
         except (ValueError, OSError):
-            continue
-        if not _is_postgresql(header):
             continue
         lines = []
         for msgid, msgstr in messages:
