@@ -129,36 +129,40 @@ def chunk_doc(doc: Doc, max_chars: int) -> list[Doc]:
     return [Doc(p, doc.domain, f"{doc.source}#{i}") for i, p in enumerate(pieces) if p.strip()]
 
 
+def source_group(doc: Doc) -> str:
+    """The whole file or topic a chunk came from (its source without the ``#<i>`` chunk suffix)."""
+    return doc.source.split("#", 1)[0]
+
+
+def _fill(order: list[Doc], budget: int, count: Callable[[str], int]) -> tuple[list[Doc], int]:
+    """Take documents from ``order`` while they fit in ``budget``; one that overflows is skipped, since a
+    later, shorter one may still fit. Returns (chosen, tokens used)."""
+    chosen, used = [], 0
+    for doc in order:
+        if budget - used < MIN_DOC_TOKENS:
+            break
+        n = count(doc.text)
+        if used + n <= budget:
+            chosen.append(doc)
+            used += n
+    return chosen, used
+
+
 def select_domain(
     docs: list[Doc], tokens: int, val_fraction: float, rng: random.Random, count: Callable[[str], int]
 ) -> DomainSplit:
-    """Shuffle ``docs`` and fill the val budget, then the train budget, without exceeding either.
+    """Shuffle ``docs``, fill the val budget, then the train budget from the rest; neither is exceeded.
 
-    Documents that would overflow the remaining budget are skipped (a later, shorter one may fit), so
-    every split stays within its budget and lands close to it.
+    Train never takes a chunk of a file or topic that val drew from, so held-out documents share no
+    text with training ones (a long license or module would otherwise sit on both sides).
     """
     order = list(docs)
     rng.shuffle(order)
     val_budget = round(tokens * val_fraction)
-    chosen: dict[str, list[Doc]] = {"val": [], "train": []}
-    used = {"val": 0, "train": 0}
-    budgets = {"val": val_budget, "train": tokens - val_budget}
-    position = 0
-    for split in ("val", "train"):
-        rest = []
-        for doc in order[position:]:
-            left = budgets[split] - used[split]
-            if left < MIN_DOC_TOKENS:
-                rest.append(doc)
-                continue
-            n = count(doc.text)
-            if n <= left:
-                chosen[split].append(doc)
-                used[split] += n
-            else:
-                rest.append(doc)
-        order, position = rest, 0
-    return DomainSplit(chosen["train"], chosen["val"], used["train"], used["val"])
+    val, val_tokens = _fill(order, val_budget, count)
+    held_out = {source_group(d) for d in val}
+    train, train_tokens = _fill([d for d in order if source_group(d) not in held_out], tokens - val_budget, count)
+    return DomainSplit(train, val, train_tokens, val_tokens)
 
 
 def _write_jsonl(docs: list[Doc], path: Path) -> str:
