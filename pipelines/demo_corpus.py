@@ -1,7 +1,7 @@
 """Build the demo's multi-domain corpus from real text that installed packages carry (no network).
 
-    python pipelines/demo_corpus.py runs/demo/corpus --size quick      # ~32k teacher tokens, < 5 s
-    python pipelines/demo_corpus.py runs/demo/corpus --size full       # ~400k tokens, for a GPU run
+    python pipelines/demo_corpus.py runs/demo/corpus --size quick      # ~32k teacher tokens, ~2 s
+    python pipelines/demo_corpus.py runs/demo/corpus --size full       # ~390k tokens, for a GPU run
 
 Output (feed ``train/`` to ``ddk-offline dump-teacher --data OUT/train --text-column text --domain-column
 domain``; ``val/`` holds whole documents the dump never sees, for a held-out evaluation):
@@ -37,7 +37,7 @@ DOMAINS = tuple(COLLECTORS)
 # tokens_per_domain counts train + val text tokens (the dump adds one EOS per document on top).
 SIZES = {
     "quick": {"tokens_per_domain": 8_000, "max_doc_chars": 2_000},  # 4 domains: ~32k tokens, CPU demo
-    "full": {"tokens_per_domain": 100_000, "max_doc_chars": 6_000},  # docs/legal hold ~110k/~150k tokens
+    "full": {"tokens_per_domain": 100_000, "max_doc_chars": 6_000},  # docs holds ~114k: its train tops out ~84k
 }
 # ASCII characters per SmolLM2 token, and tokens per UTF-8 byte of non-ASCII text, fitted on 400 chunks
 # per domain (docs/DEMO_DATA.md): domain totals within 2%, single documents within ~10% (median), so a

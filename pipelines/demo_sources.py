@@ -62,7 +62,10 @@ _LICENSED_DISTS = (
     "filelock", "jinja2", "sympy", "networkx", "triton",
 )  # fmt: skip
 _LICENSE_NAME = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE)", re.IGNORECASE)
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# C0/C1 controls except tab and newline.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Unicode line/paragraph separators: str.splitlines() would break a JSONL record at them.
+_LINE_SEPARATORS = re.compile(r"[\u2028\u2029]")
 
 
 class SourceMissing(RuntimeError):
@@ -79,7 +82,7 @@ class Doc:
 
 
 def clean_text(text: str) -> str:
-    """Normalise newlines, drop control characters (form feeds, NULs) and trailing blanks.
+    """Normalise newlines (CR, CRLF, U+2028/9), drop control characters (form feeds, NULs) and trailing blanks.
 
     Args:
         text: decoded text.
@@ -88,7 +91,7 @@ def clean_text(text: str) -> str:
         The cleaned text: only tab and newline remain of the C0 controls, which keeps every JSONL line
         printable and the tokenizer away from bytes that never occur in its training data.
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _LINE_SEPARATORS.sub("\n", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = _CONTROL.sub("", text)
     return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
 

@@ -14,7 +14,7 @@ from pipelines import demo_corpus as dc
 from pipelines import demo_sources as ds
 
 TINY = {"tokens_per_domain": 400, "val_fraction": 0.25, "max_doc_chars": 600}
-_BAD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_BAD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @functools.cache
@@ -38,7 +38,7 @@ def tiny_corpus(tmp_path_factory) -> tuple[Path, dict]:
 def _read(path: Path) -> list[dict]:
     raw = path.read_bytes()
     text = raw.decode("utf-8")  # strict: raises on invalid UTF-8
-    return [json.loads(line) for line in text.splitlines()]
+    return [json.loads(line) for line in text.split("\n") if line]
 
 
 @pytest.mark.parametrize("domain", dc.DOMAINS)
@@ -135,6 +135,10 @@ def test_missing_source_is_skipped_with_reason_or_refused(tmp_path, monkeypatch)
 def test_bad_arguments_are_named(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         dc.build_demo_corpus(tmp_path, verbose=False, **kwargs)
+
+
+def test_clean_text_keeps_only_tab_and_newline():
+    assert ds.clean_text("\r\nA\x0cb \r\nc\x85d\u2028e\tf \x00\n\n") == "Ab\ncd\ne\tf"
 
 
 def test_chunking_keeps_boundaries_and_bounds():
