@@ -107,7 +107,13 @@ def test_same_seed_same_bytes_other_seed_other_docs(tiny_corpus, tmp_path):
 def test_exact_token_counter_and_val_fraction_zero(tmp_path):
     words = lambda text: len(text.split())  # any callable counter is accepted
     manifest = dc.build_demo_corpus(
-        tmp_path, tokens_per_domain=300, val_fraction=0.0, max_doc_chars=500, token_counter=words, verbose=False
+        tmp_path,
+        tokens_per_domain=300,
+        val_fraction=0.0,
+        max_doc_chars=500,
+        domains=["docs", "legal"],  # the cheap sources: the counter path is the same for every domain
+        token_counter=words,
+        verbose=False,
     )
     assert manifest["token_count"] == "tokenizer"
     assert not (tmp_path / "val").exists()
