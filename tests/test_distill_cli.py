@@ -12,7 +12,7 @@ from conftest import run_cli
 from ddk_offline.distill_config import DistillConfig
 
 DOMAINS = ["code", "numbers", "prose"]
-TRAIN = ["--max-steps", "20", "--batch-size", "2", "--log-every", "5", "--device", "cpu", "-q", "--lr", "3e-3"]
+TRAIN = ["--max-steps", "20", "--batch-size", "2", "--log-every", "5", "--device", "cpu", "--lr", "3e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,9 @@ def _metrics(out):
 @pytest.mark.slow
 def test_dump_distill_eval_via_cli(cli, e2e_dump, teacher_dir, tmp_path):
     out = tmp_path / "run"
-    cli("distill", "--dump", str(e2e_dump), "--out", str(out), "--derive-from-teacher", "layers=1", *TRAIN,
-        "--sampler", "ddk", "--ddk-interval", "5", "--ddk-signal", "loss-ratio")  # fmt: skip
+    proc = cli("distill", "--dump", str(e2e_dump), "--out", str(out), "--derive-from-teacher", "layers=1", *TRAIN,
+               "--sampler", "ddk", "--ddk-interval", "5", "--ddk-signal", "loss-ratio")  # fmt: skip
+    assert "ppl ratio" in proc.stdout and "final model" in proc.stdout  # the summary table
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [0, 5, 10, 15, 19]
     assert all(sorted(r["weights"]) == DOMAINS for r in rows)
@@ -95,7 +96,7 @@ def test_dump_distill_eval_in_process(e2e_dump, tmp_path, extra):
 
 
 def test_user_errors_exit_2(cli, e2e_dump, teacher_dir, tmp_path):
-    base = ["distill", "--dump", str(e2e_dump), "--out", str(tmp_path / "o"), *TRAIN]
+    base = ["distill", "--dump", str(e2e_dump), "--out", str(tmp_path / "o"), *TRAIN, "-q"]
     cases = [
         (["--student", str(teacher_dir), "--derive-from-teacher", "layers=1"], "exactly one student source"),
         (["--derive-from-teacher", "layers=1", "--kd-mode", "tail", "--temperature", "3"], "--extra-temperatures 3"),

@@ -46,7 +46,7 @@ def _rows(out):
 
 
 def test_metrics_rows_and_outputs(dump, student_config, tmp_path):
-    summary = distill(_config(dump, student_config, tmp_path, sampler="ddk", ddk_interval=2))
+    summary = distill(_config(dump, student_config, tmp_path, sampler="ddk", ddk_interval=2, eval_every=4))
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [0, 2, 4, 5]  # step 0 first (before any update), every 2, and the last
     for r in rows:
@@ -63,6 +63,8 @@ def test_metrics_rows_and_outputs(dump, student_config, tmp_path):
     assert saved["max_steps"] == 6 and saved["ddk_interval"] == 2 and saved["warmup_steps"] == 0
     assert (tmp_path / "final" / "config.json").is_file() and (tmp_path / "final" / "tokenizer.json").is_file()
     assert set(summary.eval["domains"]) == set(DOMAINS) and summary.eval["worst_ratio"] >= summary.eval["mean_ratio"]
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [4, 6] and evals[-1]["mean_ratio"] == summary.eval["mean_ratio"]
     assert (tmp_path / "domain_weights.png").is_file() and (tmp_path / "loss_ratio.png").is_file()
 
 
