@@ -117,8 +117,11 @@ def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
 
 
 # --- loss step --------------------------------------------------------------------------------------------
-def loss_step(model: torch.nn.Module, batch: Batch, cfg: DistillConfig, scale: float) -> dict[str, Any]:
-    """Forward + backward of one micro-batch; the loss is scaled by ``scale`` (its share of the step's positions).
+def loss_step(model: torch.nn.Module, batch: Batch, cfg: DistillConfig, positions: int, total: int) -> dict[str, Any]:
+    """Forward + backward of one micro-batch holding ``positions`` labelled positions of the step's ``total``.
+
+    The micro-batch loss (a mean over its positions) is scaled by ``positions / total``, so the accumulated gradient
+    is that of the mean over every position of the step, however the positions are split into micro-batches.
 
     Returns:
         Sums over the micro-batch's labelled positions (``loss``, ``ce``, ``kl``) and per-sequence CE / teacher NLL
@@ -131,7 +134,7 @@ def loss_step(model: torch.nn.Module, batch: Batch, cfg: DistillConfig, scale: f
     B, L, V = logits.shape
     flat, labels = logits.reshape(B * L, V), batch.labels.reshape(-1)
     mask = batch.labels != IGNORE_INDEX
-    n = int(mask.sum())
+    n = positions  # counted on the host: no device sync here
     if cfg.kd_weight > 0:
         from ddk_kernels import fused_kd_loss
 
@@ -147,7 +150,7 @@ def loss_step(model: torch.nn.Module, batch: Batch, cfg: DistillConfig, scale: f
         ce = F.cross_entropy(flat.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
         loss = cfg.ce_weight * ce.sum() / max(n, 1)
         kl_sum = 0.0
-    (loss * scale).backward()
+    (loss * (n / max(total, 1))).backward()
     ce = ce.detach().float().reshape(B, L)
     return {
         "loss": float(loss.detach()) * n,
@@ -188,7 +191,9 @@ class _Run:
         write_json_atomic(self.out / "config.json", cfg.to_dict())
 
         self.device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
         self.model = build_student(cfg, self.reader).to(self.device).train()
         tokens = {d: float(self.reader.manifest.domains[d].splits["train"].tokens) for d in self.domains}
         try:
@@ -276,8 +281,9 @@ class _Run:
         lr = self.opt.param_groups[0]["lr"]
         self.opt.zero_grad(set_to_none=True)
         for b in batches:
+            n = b.labelled
             b = b.to(self.device, non_blocking=True)
-            r = loss_step(self.model, b, cfg, b.labelled / max(total, 1))
+            r = loss_step(self.model, b, cfg, n, total)
             args = (b.domain, r["row_ce"], r["row_nll"], r["row_n"])
             if cfg.gap_source == "train":
                 self.gap.add_rows(*args)
@@ -315,6 +321,9 @@ class _Run:
                 self.train_step()
                 if progress is not None:
                     progress(self.step, self.cfg.max_steps)
+        except BaseException:
+            self.log.close()  # rows so far stay on disk; a --resume continues from the last checkpoint
+            raise
         finally:
             self.loader.close()
         seconds = time.perf_counter() - t0

@@ -138,3 +138,13 @@ def test_lr_schedule():
     assert lr_factor(0, 4, 20) == pytest.approx(0.25) and lr_factor(3, 4, 20) == pytest.approx(1.0)
     assert lr_factor(4, 4, 20) == pytest.approx(1.0) and lr_factor(19, 4, 20) == pytest.approx(0.1)
     assert lr_factor(0, 0, 1) == pytest.approx(1.0)
+
+
+def test_grad_accumulation_equals_one_big_batch(dump, student_config, tmp_path):
+    """B = 4 in one micro-batch and B = 2 x 2 micro-batches draw the same sequences and take the same steps."""
+    kw = dict(max_steps=4, log_every=1, sampler="uniform", kd_mode="tail")
+    distill(_config(dump, student_config, tmp_path / "one", batch_size=4, **kw))
+    distill(_config(dump, student_config, tmp_path / "two", batch_size=2, grad_accum=2, **kw))
+    for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["kl"] == pytest.approx(b["kl"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
