@@ -100,6 +100,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dump", help="An existing dump (default: a synthetic one in a temp folder).")
     p.add_argument("--student-config", help="Student config JSON (default: a tiny Llama of the dump's vocab).")
+    p.add_argument("--derive-from-teacher", help="Derive spec instead, e.g. 'layers=4' (teacher from the manifest).")
+    p.add_argument("--teacher", help="Teacher path for --derive-from-teacher (default: the dump's manifest).")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
@@ -122,7 +124,7 @@ def main() -> None:
 
     reader = open_dump(dump)
     student_config = args.student_config
-    if student_config is None:
+    if student_config is None and args.derive_from_teacher is None:
         from transformers import LlamaConfig
 
         cfg = LlamaConfig(vocab_size=reader.manifest.vocab_size, hidden_size=64, intermediate_size=128,
@@ -132,7 +134,8 @@ def main() -> None:
         Path(student_config).write_text(cfg.to_json_string())
 
     def config(name: str) -> DistillConfig:
-        return DistillConfig(dump=dump, out=str(tmp / name), student_config=student_config, max_steps=total_steps,
+        return DistillConfig(dump=dump, out=str(tmp / name), student_config=student_config, teacher=args.teacher,
+                             derive_from_teacher=args.derive_from_teacher, max_steps=total_steps,
                              batch_size=args.batch_size, device="cpu", save_every=0, log_every=10**9,
                              sampler="ddk", ddk_interval=5)  # fmt: skip
 
@@ -166,7 +169,7 @@ def main() -> None:
         "seq_len": reader.seq_len,
         "k": reader.k,
         "batch_size": args.batch_size,
-        "student": "tiny llama (hidden 64, 2 layers)" if args.student_config is None else args.student_config,
+        "student": args.derive_from_teacher or args.student_config or "tiny llama (hidden 64, 2 layers)",
         "steps_timed": len(results["shards"]),
         "step_s_median": med,
         "step_s_mean": {m: statistics.fmean(t) for m, t in results.items()},
