@@ -54,16 +54,17 @@ def write_plots(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         return []
     rows = read_metrics(metrics_path)
     plots = [
-        ("domain_weights.png", _series(rows, lambda r: r.get("weights") or {}), "sampling weight", False),
-        ("loss_ratio.png", _series(rows, _ratios), "student CE / teacher NLL (train, per log window)", True),
+        # Weights are piecewise constant between sampler updates: draw them as steps.
+        ("domain_weights.png", _series(rows, lambda r: r.get("weights") or {}), "sampling weight", False, "steps-post"),
+        ("loss_ratio.png", _series(rows, _ratios), "student CE / teacher NLL (train, per log window)", True, "default"),
     ]
     written = []
-    for name, series, ylabel, log in plots:
+    for name, series, ylabel, log, drawstyle in plots:
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         for domain, (steps, values) in sorted(series.items()):
-            ax.plot(steps, values, label=domain, marker="." if len(steps) < 50 else None)
+            ax.plot(steps, values, label=domain, marker="." if len(steps) < 50 else None, drawstyle=drawstyle)
         if log:
             ax.set_yscale("log")
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
