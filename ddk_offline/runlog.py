@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +125,6 @@ class MetricsWriter:
 
 
 def _summary_writer(path: Path):
-    if os.environ.get("DDK_NO_TENSORBOARD"):
-        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
