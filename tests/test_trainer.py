@@ -148,3 +148,15 @@ def test_grad_accumulation_equals_one_big_batch(dump, student_config, tmp_path):
     for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["kl"] == pytest.approx(b["kl"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_config_resolution_defaults():
+    base = DistillConfig(dump="d", out="o", student="s", batch_size=4, grad_accum=2)
+    r = base.resolve(seq_len=128, temperatures=[1.0])
+    assert (r.max_steps, r.ddk_interval, r.warmup_steps, r.save_every) == (1000, 50, 50, 100)
+    r = replace(base, max_tokens=128 * 8 * 10 + 1).resolve(seq_len=128, temperatures=[1.0])
+    assert (r.max_steps, r.max_tokens, r.ddk_interval, r.warmup_steps) == (11, None, 1, 0)  # tokens round up
+    r = replace(base, kd_mode="tail", temperature=2.0).resolve(seq_len=128, temperatures=[1.0, 2.0])
+    assert r.temperature == 2.0  # tail at a dumped T is fine
+    r = replace(base, kd_mode="tail", temperature=3.0, kd_weight=0.0).resolve(seq_len=128, temperatures=[1.0])
+    assert r.kd_weight == 0.0  # no KL, so no lse needed
