@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import random
 import time
@@ -36,7 +35,6 @@ from ddk_offline.runlog import MetricsWriter, Window
 from ddk_offline.sampler import GapStats, make_sampler
 
 __all__ = ["DistillConfig", "DistillSummary", "distill"]
-logger = logging.getLogger(__name__)
 
 
 @dataclass
