@@ -123,3 +123,36 @@ def test_cli_defaults_match_distill_config():
     for f in dataclasses.fields(DistillConfig):
         if f.default is not dataclasses.MISSING and f.name != "progress":
             assert params[f.name] == f.default, f.name
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(cli, e2e_dump, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    args = ["--dump", str(e2e_dump), "--derive-from-teacher", "layers=1", "--max-steps", "40", "--batch-size", "2",
+            "--log-every", "3", "--save-every", "2", "--ddk-interval", "5", "--device", "cpu", "-q"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ddk_offline", "distill", *args, "--out", str(killed)], env=env)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # land somewhere in the middle of the run (possibly mid-save)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    cli("distill", *args, "--out", str(killed), "--resume")
+    cli("distill", *args, "--out", str(tmp_path / "straight"))
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+
+    assert rows(killed) == rows(tmp_path / "straight")
+    assert [r["step"] for r in rows(killed)] == list(range(0, 40, 3))  # 39 is both a multiple of 3 and the last
