@@ -1,0 +1,114 @@
+"""`ddk-offline distill`: phase two. Parses options into a DistillConfig and calls ddk_offline.trainer.distill."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ddk_offline.commands._errors import exit_on_user_error
+
+# typer needs Optional[...] (not X | None) on Python 3.10.
+# ruff: noqa: UP045
+
+
+def register(app: typer.Typer) -> None:
+    # Defaults are spelled out for --help; tests/test_distill_cli.py checks they equal DistillConfig's.
+    @app.command("distill")
+    @exit_on_user_error
+    def distill(
+        dump: str = typer.Option(..., help="Teacher dump directory (from `ddk-offline dump-teacher`)."),
+        out: str = typer.Option(..., help="Output directory: final/ model, metrics.jsonl, plots, checkpoints/."),
+        student: Optional[str] = typer.Option(None, help="Student checkpoint: a save_pretrained folder or .gguf."),
+        student_config: Optional[str] = typer.Option(None, help="Student config JSON (random init)."),
+        derive_from_teacher: Optional[str] = typer.Option(
+            None, help="Derive the student from the teacher, e.g. 'layers=8,hidden=384' (teacher-initialised)."
+        ),
+        teacher: Optional[str] = typer.Option(None, help="Teacher path for derive (default: the dump's manifest)."),
+        sampler: str = typer.Option("ddk", help="Domain sampler: ddk | uniform | proportional | fixed:a=0.5,b=0.5."),
+        ddk_interval: Optional[int] = typer.Option(
+            None, help="K: steps between sampler updates (default max(1, max_steps // 20))."
+        ),
+        ddk_alpha: float = typer.Option(0.5, help="DDK smoothing: each domain keeps >= (1 - alpha) / N of the data."),
+        ddk_signal: str = typer.Option(
+            "ppl-ratio", help="Gap signal: ppl-ratio (paper; pretrained students) | loss-ratio (fresh students)."
+        ),
+        gap_source: str = typer.Option("train", help="Domain gaps from train batches | val shards every K steps."),
+        draw: str = typer.Option("quota", help="Batch domain mix: quota (exact, carried remainders) | sample."),
+        ce_weight: float = typer.Option(1.0, help="Weight of the cross-entropy term."),
+        kd_weight: float = typer.Option(0.2, help="Weight gamma of the KL term (0: plain CE training, no KL)."),
+        temperature: float = typer.Option(1.0, help="KD temperature T (the KL is scaled by T^2)."),
+        kd_mode: str = typer.Option("renorm", help="Teacher target: renorm (top-k renormalised) | tail (exact)."),
+        max_steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 1000)."),
+        max_tokens: Optional[int] = typer.Option(None, help="Train tokens instead of --max-steps (rounded up)."),
+        batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
+        grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
+        lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW; warm-up then cosine to 10%)."),
+        warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (default 5% of the steps)."),
+        weight_decay: float = typer.Option(0.1, help="AdamW weight decay (not on biases and norms)."),
+        grad_clip: float = typer.Option(1.0, help="Max gradient norm (0: no clipping)."),
+        eval_every: int = typer.Option(0, help="Evaluate on the val shards every N steps (0: only at the end)."),
+        eval_max_sequences: Optional[int] = typer.Option(None, help="Val sequences per domain per evaluation."),
+        save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default 10% of the run)."),
+        seed: int = typer.Option(0, help="Seed for init, shuffling and domain draws."),
+        device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
+        resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
+        log_every: int = typer.Option(10, help="A metrics.jsonl row every N steps (plus the first and last)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
+    ) -> None:
+        """Distil a student from a teacher dump with DDK domain sampling (or a baseline sampler)."""
+        from ddk_offline.distill_config import DistillConfig
+        from ddk_offline.trainer import distill as run
+
+        config = DistillConfig(
+            dump=dump, out=out, student=student, student_config=student_config,
+            derive_from_teacher=derive_from_teacher, teacher=teacher, sampler=sampler, ddk_interval=ddk_interval,
+            ddk_alpha=ddk_alpha, ddk_signal=ddk_signal, gap_source=gap_source, draw=draw, ce_weight=ce_weight,
+            kd_weight=kd_weight, temperature=temperature, kd_mode=kd_mode, max_steps=max_steps,
+            max_tokens=max_tokens, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+            weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
+            eval_max_sequences=eval_max_sequences, save_every=save_every, seed=seed, device=device, resume=resume,
+            log_every=log_every,
+        )  # fmt: skip
+        _quiet_libraries()
+        if quiet:
+            summary = run(config)
+            typer.echo(f"final model: {summary.final_model}")
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+            task = bar.add_task("steps", total=None)
+            summary = run(config, progress=lambda step, total: bar.update(task, completed=step, total=total))
+        print_summary(Console(), summary)
+
+
+def print_summary(console, summary) -> None:
+    """The end-of-run table: per-domain weight and (if evaluated) val loss vs the teacher's."""
+    from rich.table import Table
+
+    table = Table(title=f"distill: {summary.steps} steps, {summary.tokens:,} tokens, {summary.tokens_per_s:,.0f} tok/s")
+    for col in ("domain", "weight", "val loss", "teacher loss", "ppl ratio"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    evals = (summary.eval or {}).get("domains", {})
+    for domain, w in summary.weights.items():
+        e = evals.get(domain)
+        cells = ["", "", ""]
+        if e and e["positions"]:
+            cells = [f"{e['loss']:.4f}", f"{e['teacher_loss']:.4f}", f"{e['ratio']:.3f}"]
+        table.add_row(domain, f"{w:.3f}", *cells)
+    console.print(table)
+    if summary.eval:
+        console.print(
+            f"mean ratio {summary.eval['mean_ratio']:.3f}, worst {summary.eval['worst_ratio']:.3f} "
+            f"({summary.eval['worst_domain']})"
+        )
+    console.print(f"final model: {summary.final_model}")
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()

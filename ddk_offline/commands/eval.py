@@ -1,0 +1,64 @@
+"""`ddk-offline eval`: per-domain val loss of one or more models against the teacher's stored loss."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from ddk_offline.commands._errors import exit_on_user_error
+
+# ruff: noqa: UP045 - typer needs Optional on 3.10
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    @exit_on_user_error
+    def eval_(
+        dump: str = typer.Option(..., help="Teacher dump directory (its val shards and stored teacher loss)."),
+        model: list[str] = typer.Option(  # noqa: B008 - typer declares options in defaults
+            ..., help="Model to evaluate (save_pretrained folder or .gguf); repeatable."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+        batch_size: int = typer.Option(8, help="Sequences per forward."),
+        device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
+        max_sequences: Optional[int] = typer.Option(None, help="Val sequences per domain (default: all)."),
+        split: str = typer.Option("val", help="Dump split to evaluate on: val | train."),
+    ) -> None:
+        """Per-domain loss, perplexity and student/teacher ratio; mean and worst-domain ratio per model."""
+        from ddk_offline.errors import UserError
+        from ddk_offline.evaluate import evaluate
+
+        if split not in ("val", "train"):
+            raise UserError(f"--split {split!r}: choose val or train")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        results = evaluate(dump, model, split=split, batch_size=batch_size, device=device, max_sequences=max_sequences)
+        payload = [r.to_dict() for r in results]
+        if as_json:
+            typer.echo(json.dumps(payload if len(payload) > 1 else payload[0], indent=2, allow_nan=True))
+            return
+        _print_tables(payload)
+
+
+def _print_tables(payload: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for r in payload:
+        table = Table(title=f"{r['model']} ({r['split']})")
+        for col in ("domain", "sequences", "loss", "ppl", "teacher loss", "teacher ppl", "ppl ratio"):
+            table.add_column(col, justify="left" if col == "domain" else "right")
+        for name, d in r["domains"].items():
+            if not d["positions"]:
+                table.add_row(name, "0", *[""] * 5)
+                continue
+            table.add_row(name, str(d["sequences"]), f"{d['loss']:.4f}", f"{d['ppl']:.2f}", f"{d['teacher_loss']:.4f}",
+                          f"{d['teacher_ppl']:.2f}", f"{d['ratio']:.3f}")  # fmt: skip
+        console.print(table)
+        console.print(f"mean ratio {r['mean_ratio']:.3f}, worst {r['worst_ratio']:.3f} ({r['worst_domain']})")

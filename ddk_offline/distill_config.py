@@ -1,0 +1,168 @@
+"""`DistillConfig`: every setting of a phase-two run, with its default, in one place.
+
+The CLI builds one from its options (and spells the same defaults out for ``--help``; a test checks they agree).
+:meth:`DistillConfig.resolve` fills the derived values from the dump (step count, K, warm-up) and validates
+everything that can be checked before a model is loaded; the resolved config is saved as ``OUT/config.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from ddk_offline.errors import UserError
+
+SAMPLERS = "ddk | uniform | proportional | fixed:NAME=W,..."
+#: Fields a resumed run may change; everything else must match the checkpoint or the run would not reproduce.
+RESUMABLE_CHANGES = frozenset({"resume", "log_every", "save_every", "eval_every", "device", "progress"})
+
+
+@dataclass
+class DistillConfig:
+    """A distillation run. Defaults follow DDK (Liu et al. 2024): CE + 0.2 * KL at T = 1, smoothing alpha 0.5.
+
+    Attributes:
+        dump: the teacher dump directory (phase one's output).
+        out: the run's output directory.
+        student / student_config / derive_from_teacher: exactly one student source: a checkpoint (folder or .gguf),
+            a transformers config JSON (random init), or a derive spec such as ``layers=8,hidden=384``.
+        teacher: the teacher for ``derive_from_teacher`` (default: the dump manifest's ``teacher`` entry).
+        sampler: ``ddk``, ``uniform``, ``proportional`` or ``fixed:NAME=W,...``.
+        ddk_interval: K, steps between sampler updates (default ``max(1, max_steps // 20)``: the paper's K = 1000
+            was ~1/20-1/50 of its runs, and its ablation shows both much smaller and much larger K hurt).
+        ddk_alpha: DDK smoothing; every domain keeps at least (1 - alpha) / N of the data.
+        ddk_signal: ``ppl-ratio`` (paper; pretrained or well-derived students) or ``loss-ratio`` (fresh students).
+        gap_source: ``train`` (running per-domain CE vs the teacher's stored NLL on the trained positions) or
+            ``val`` (evaluate each domain's val shards every K steps, and once before training).
+        draw: ``quota`` (exact per-step quotas with carried remainders) or ``sample`` (independent draws).
+        ce_weight, kd_weight: alpha and gamma of ``alpha * CE + gamma * T^2 * KL``; ``kd_weight = 0`` skips the KL
+            (and the top-k reads): plain continued pre-training on the same data path.
+        temperature, kd_mode: KD temperature T and the teacher-target mode (``renorm`` or ``tail``; ``tail`` at
+            T != 1 needs the lse at T in the dump).
+        max_steps / max_tokens: run length (one of them; tokens round up to whole steps). Default 1000 steps.
+        batch_size, grad_accum: sequences per micro-batch and micro-batches per optimiser step.
+        lr, warmup_steps, weight_decay, grad_clip: AdamW with linear warm-up then cosine decay to 10% of ``lr``;
+            warm-up defaults to 5% of the steps; ``grad_clip = 0`` disables clipping.
+        eval_every: val evaluation every N steps (0: only at the end); eval_max_sequences caps sequences per domain.
+        save_every: checkpoint every N steps (default: every 10% of the run; 0: only at the end).
+        seed: seeds init, shuffling and draws. device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        resume: continue from ``OUT``'s latest checkpoint.
+        log_every: a metrics row every N steps (plus step 0 and the last step).
+        progress: show a progress bar.
+    """
+
+    dump: str
+    out: str
+    student: str | None = None
+    student_config: str | None = None
+    derive_from_teacher: str | None = None
+    teacher: str | None = None
+    sampler: str = "ddk"
+    ddk_interval: int | None = None
+    ddk_alpha: float = 0.5
+    ddk_signal: str = "ppl-ratio"
+    gap_source: str = "train"
+    draw: str = "quota"
+    ce_weight: float = 1.0
+    kd_weight: float = 0.2
+    temperature: float = 1.0
+    kd_mode: str = "renorm"
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    eval_max_sequences: int | None = None
+    save_every: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    log_every: int = 10
+    progress: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resolve(self, *, seq_len: int, temperatures: list[float]) -> DistillConfig:
+        """Validate and fill the derived defaults. Raises :class:`UserError` naming the option and the fix."""
+        sources = [f"--{n}" for n, v in (("student", self.student), ("student-config", self.student_config),
+                   ("derive-from-teacher", self.derive_from_teacher)) if v]  # fmt: skip
+        if len(sources) != 1:
+            raise UserError(
+                "pass exactly one student source: --student PATH, --student-config JSON or --derive-from-teacher "
+                f"SPEC (got {', '.join(sources) if sources else 'none'})"
+            )
+        _choice("--ddk-signal", self.ddk_signal, ("ppl-ratio", "loss-ratio"))
+        _choice("--gap-source", self.gap_source, ("train", "val"))
+        _choice("--kd-mode", self.kd_mode, ("renorm", "tail"))
+        _choice("--draw", self.draw, ("quota", "sample"))
+        for name, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                            ("--log-every", self.log_every)):  # fmt: skip
+            if value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        for name, value in (("--ce-weight", self.ce_weight), ("--kd-weight", self.kd_weight),
+                            ("--weight-decay", self.weight_decay), ("--grad-clip", self.grad_clip),
+                            ("--eval-every", self.eval_every)):  # fmt: skip
+            if not value >= 0:
+                raise UserError(f"{name} must be >= 0, got {value}")
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            raise UserError("--ce-weight and --kd-weight are both 0: nothing to train; set at least one > 0")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.ddk_alpha <= 1:
+            raise UserError(f"--ddk-alpha must be in [0, 1], got {self.ddk_alpha}")
+        dumped = [float(t) for t in temperatures]
+        if self.kd_weight > 0 and self.kd_mode == "tail" and float(self.temperature) not in dumped:
+            raise UserError(
+                f"--kd-mode tail at --temperature {self.temperature:g} needs the teacher's logsumexp at that "
+                f"temperature, but the dump {self.dump} stores it only at T = {', '.join(f'{t:g}' for t in dumped)} "
+                f"(manifest field 'temperatures'). Fix: use --kd-mode renorm, a dumped temperature, or re-dump with "
+                f"--extra-temperatures {self.temperature:g}"
+            )
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise UserError("pass --max-steps or --max-tokens, not both")
+        steps = self.max_steps
+        if self.max_tokens is not None:
+            steps = math.ceil(self.max_tokens / (self.batch_size * self.grad_accum * seq_len))
+        steps = 1000 if steps is None else steps
+        if steps < 1:
+            raise UserError(f"the run has {steps} steps; --max-steps / --max-tokens must give at least one step")
+        interval = self.ddk_interval if self.ddk_interval is not None else max(1, steps // 20)
+        if interval < 1:
+            raise UserError(f"--ddk-interval must be >= 1, got {interval}")
+        warmup = self.warmup_steps if self.warmup_steps is not None else steps // 20
+        if not 0 <= warmup <= steps:
+            raise UserError(f"--warmup-steps must be in [0, {steps}] (the run's steps), got {warmup}")
+        save_every = self.save_every if self.save_every is not None else max(1, steps // 10)
+        if save_every < 0:
+            raise UserError(f"--save-every must be >= 0, got {save_every}")
+        return replace(self, max_steps=steps, max_tokens=None, ddk_interval=interval, warmup_steps=warmup,
+                       save_every=save_every)  # fmt: skip
+
+    def check_resume(self, saved: dict[str, Any], source: str) -> None:
+        """Refuse a resume whose settings would change the trajectory of the checkpointed run."""
+        mine = self.to_dict()
+        diff = [k for k, v in saved.items() if k in mine and k not in RESUMABLE_CHANGES and mine[k] != v]
+        if diff:
+            pairs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {mine[k]!r}" for k in diff)
+            raise UserError(
+                f"{source}: --resume with different settings ({pairs}); a resumed run must use the settings it "
+                "started with. Fix: pass the original options, or start a new run with another --out"
+            )
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{name} {value!r}: choose one of {', '.join(allowed)}")

@@ -1,0 +1,236 @@
+"""Per-domain evaluation on a dump's validation shards: each model's loss and perplexity against the teacher's.
+
+For every domain the student's cross-entropy is averaged over the labelled positions of the val sequences, and
+the teacher's stored NLL over exactly the same positions (from the dump, so the teacher never runs again).
+The ratio per domain is the perplexity ratio PPL_S / PPL_T = exp(CE_S - NLL_T), DDK's gap signal; 1.0 means the
+student matches the teacher there. The summary is the mean over domains and the worst (largest) domain ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddk_offline.data import IGNORE_INDEX, collate
+from ddk_offline.format.reader import DumpReader
+
+
+@dataclass
+class DomainEval:
+    """One domain's numbers. Losses are nats per labelled position; ``ratio`` is PPL_S / PPL_T."""
+
+    domain: str
+    sequences: int
+    positions: int
+    loss: float
+    ppl: float
+    teacher_loss: float
+    teacher_ppl: float
+    ratio: float
+    loss_ratio: float
+
+
+@dataclass
+class EvalResult:
+    """A model's evaluation: per-domain rows plus the mean and worst-domain ratio."""
+
+    model: str
+    split: str
+    domains: list[DomainEval] = field(default_factory=list)
+
+    @property
+    def measured(self) -> list[DomainEval]:
+        return [d for d in self.domains if d.positions > 0]
+
+    @property
+    def mean_ratio(self) -> float:
+        r = [d.ratio for d in self.measured]
+        return float(np.mean(r)) if r else math.nan
+
+    @property
+    def worst(self) -> DomainEval | None:
+        return max(self.measured, key=lambda d: d.ratio, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        worst = self.worst
+        return {
+            "model": self.model,
+            "split": self.split,
+            "domains": {d.domain: asdict(d) for d in self.domains},
+            "mean_ratio": self.mean_ratio,
+            "worst_ratio": worst.ratio if worst else math.nan,
+            "worst_domain": worst.domain if worst else None,
+        }
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def domain_sums(
+    model: torch.nn.Module,
+    reader: DumpReader,
+    *,
+    split: str = "val",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    max_sequences: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Student CE and teacher NLL sums per domain over the same positions.
+
+    Returns:
+        ``(sums [3, N] float64 rows ce_sum, nll_sum, positions; sequences [N] int64)``, N = ``reader.domains``.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    sums = np.zeros((3, len(reader.domains)), np.float64)
+    seqs = np.zeros(len(reader.domains), np.int64)
+    try:
+        for d, name in enumerate(reader.domains):
+            rows: list[dict[str, np.ndarray]] = []
+            for i, seq in enumerate(reader.sequences(name, split)):
+                if max_sequences is not None and i >= max_sequences:
+                    break
+                rows.append(seq)
+                if len(rows) == batch_size:
+                    sums[:, d] += _batch_sums(model, rows, device)
+                    seqs[d] += len(rows)
+                    rows = []
+            if rows:
+                sums[:, d] += _batch_sums(model, rows, device)
+                seqs[d] += len(rows)
+    finally:
+        model.train(was_training)
+    return sums, seqs
+
+
+def _batch_sums(model: torch.nn.Module, rows: list[dict[str, np.ndarray]], device: torch.device) -> np.ndarray:
+    stacked = {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "teacher_lse", "teacher_nll")}
+    batch = collate(stacked, np.zeros(len(rows), np.int64), lse_key="teacher_lse", with_topk=False).to(device)
+    with _autocast(device):
+        logits = model(input_ids=batch.input_ids).logits
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    ce = F.cross_entropy(flat, batch.labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    mask = batch.labels != IGNORE_INDEX
+    return np.array([float(ce), float(batch.teacher_nll[mask].double().sum()), float(mask.sum())])
+
+
+def summarise(model_name: str, domains: list[str], sums: np.ndarray, seqs: np.ndarray, split: str) -> EvalResult:
+    """Turn per-domain sums ([3, N]: ce, nll, positions) into an :class:`EvalResult`."""
+    result = EvalResult(model=model_name, split=split)
+    for d, name in enumerate(domains):
+        ce_sum, nll_sum, n = sums[:, d]
+        loss = ce_sum / n if n else math.nan
+        tl = nll_sum / n if n else math.nan
+        result.domains.append(
+            DomainEval(
+                domain=name,
+                sequences=int(seqs[d]),
+                positions=int(n),
+                loss=loss,
+                ppl=_exp(loss),
+                teacher_loss=tl,
+                teacher_ppl=_exp(tl),
+                ratio=_exp(loss - tl),
+                loss_ratio=loss / tl if n and tl > 0 else math.nan,
+            )
+        )
+    return result
+
+
+def _exp(x: float) -> float:
+    if math.isnan(x):
+        return math.nan
+    return math.exp(min(x, 700.0))  # a diverged model reports a huge, finite perplexity
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    reader: DumpReader,
+    *,
+    name: str = "model",
+    split: str = "val",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    max_sequences: int | None = None,
+) -> EvalResult:
+    """Evaluate a loaded model on every domain of ``reader`` (see the module docstring)."""
+    sums, seqs = domain_sums(
+        model, reader, split=split, batch_size=batch_size, device=device, max_sequences=max_sequences
+    )
+    return summarise(name, reader.domains, sums, seqs, split)
+
+
+def evaluate(
+    dump: str | os.PathLike,
+    models: list[str],
+    *,
+    split: str = "val",
+    batch_size: int = 8,
+    device: str = "auto",
+    max_sequences: int | None = None,
+) -> list[EvalResult]:
+    """Load each model (a ``save_pretrained`` folder or a ``.gguf`` file) and evaluate it on the dump.
+
+    Raises:
+        UserError: no sequences in ``split``, or a model whose vocabulary does not fit the dump.
+    """
+    from ddk_offline.errors import UserError
+    from ddk_offline.format.reader import open_dump
+    from ddk_offline.student import VocabMismatchError, check_vocab, load_student
+
+    reader = open_dump(dump)
+    if not any(reader.num_sequences(d, split) for d in reader.domains):
+        raise UserError(f"{dump}: the dump has no {split!r} sequences in any domain; re-dump with a val fraction > 0")
+    dev = resolve_device(device)
+    results = []
+    for path in models:
+        try:
+            model = load_student(pretrained=path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model {path}: cannot load it as a causal LM ({e})") from None
+        try:
+            check_vocab(model, int(reader.manifest.tokenizer.get("tokens", reader.manifest.vocab_size)), dump,
+                        reader.manifest.vocab_size)  # fmt: skip
+        except VocabMismatchError as e:
+            raise UserError(f"--model {path}: {e}") from None
+        model.to(dev)
+        results.append(
+            evaluate_model(
+                model,
+                reader,
+                name=str(path),
+                split=split,
+                batch_size=batch_size,
+                device=dev,
+                max_sequences=max_sequences,
+            )  # fmt: skip
+        )
+        del model
+    return results
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; refuses CUDA on a machine without it."""
+    from ddk_offline.errors import UserError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return dev

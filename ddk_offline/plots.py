@@ -1,0 +1,80 @@
+"""PNG plots of a distillation run from its ``metrics.jsonl``: domain weights and student/teacher loss ratios.
+
+matplotlib is optional (the ``demo`` extra): it is imported lazily with the Agg backend, and when it is missing
+the plots are skipped with a warning instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _series(rows: list[dict], fn) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        for domain, value in fn(row).items():
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            steps, values = out.setdefault(domain, ([], []))
+            steps.append(row["step"])
+            values.append(value)
+    return out
+
+
+def _ratios(row: dict) -> dict[str, float | None]:
+    s, t = row.get("student_loss") or {}, row.get("teacher_loss") or {}
+    return {d: (s[d] / t[d] if s.get(d) is not None and t.get(d) else None) for d in s}
+
+
+def write_plots(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``domain_weights.png`` and ``loss_ratio.png`` into ``out_dir``.
+
+    Returns:
+        The files written (empty when matplotlib is not installed or there is nothing to plot).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; skipping plots (pip install 'ddk-offline[demo]')")
+        return []
+    rows = read_metrics(metrics_path)
+    plots = [
+        # Weights are piecewise constant between sampler updates: draw them as steps.
+        ("domain_weights.png", _series(rows, lambda r: r.get("weights") or {}), "sampling weight", False, "steps-post"),
+        ("loss_ratio.png", _series(rows, _ratios), "student CE / teacher NLL (train, per log window)", True, "default"),
+    ]
+    written = []
+    for name, series, ylabel, log, drawstyle in plots:
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        for domain, (steps, values) in sorted(series.items()):
+            ax.plot(steps, values, label=domain, marker="." if len(steps) < 50 else None, drawstyle=drawstyle)
+        if log:
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="best", fontsize="small")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(out_dir) / name
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,132 @@
+"""The run's logs: ``metrics.jsonl`` (one row per logged step), optional TensorBoard, and a per-window accumulator.
+
+Each training row holds the loss terms averaged over the labelled positions of the steps since the previous row,
+plus per-domain student CE and teacher NLL over the same positions (keyed by domain name; ``null`` for a domain
+without samples in the window), the domain weights in use, the learning rate and the throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddk_offline.sampler import GapStats
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+
+
+class Window:
+    """Sums over the steps since the last logged row (saved in checkpoints so a resumed run logs the same rows)."""
+
+    def __init__(self, domains: list[str]):
+        self.domains = domains
+        self.stats = GapStats(domains)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = self.ce_sum = self.kl_sum = 0.0
+        self.positions = self.tokens = 0
+        self.seconds = 0.0
+        self.stats.reset()
+
+    def add(self, *, loss_sum: float, ce_sum: float, kl_sum: float, positions: int, tokens: int) -> None:
+        self.loss_sum += loss_sum
+        self.ce_sum += ce_sum
+        self.kl_sum += kl_sum
+        self.positions += positions
+        self.tokens += tokens
+
+    def row(self, step: int, *, lr: float, weights: np.ndarray, kd: bool, extra: dict[str, Any]) -> dict[str, Any]:
+        n = max(self.positions, 1)
+        ce, nll, _ = self.stats.means()
+        return {
+            "step": step,
+            "loss": self.loss_sum / n,
+            "ce": self.ce_sum / n,
+            "kl": self.kl_sum / n if kd else None,
+            "lr": lr,
+            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
+            "weights": {d: float(w) for d, w in zip(self.domains, weights, strict=True)},
+            "student_loss": _by_domain(self.domains, ce),
+            "teacher_loss": _by_domain(self.domains, nll),
+            **extra,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sums": [self.loss_sum, self.ce_sum, self.kl_sum, self.positions, self.tokens],
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum, self.ce_sum, self.kl_sum, positions, tokens = state["sums"]
+        self.positions, self.tokens = int(positions), int(tokens)
+        self.stats.load_state_dict(state["stats"])
+
+
+def _by_domain(domains: list[str], values: np.ndarray) -> dict[str, float | None]:
+    return {d: (None if math.isnan(v) else float(v)) for d, v in zip(domains, values, strict=True)}
+
+
+class MetricsWriter:
+    """Appends rows to ``OUT/metrics.jsonl`` (and TensorBoard scalars when tensorboard is installed).
+
+    On resume the rows at or after the resumed step are dropped first: the resumed run writes them again.
+    """
+
+    def __init__(self, out: Path, *, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(out) / METRICS_FILE
+        self.eval_path = Path(out) / EVAL_FILE
+        for path in (self.path, self.eval_path):
+            if resume_step is None:
+                path.unlink(missing_ok=True)
+            elif path.exists():
+                # Eval rows at the resumed step were written just before its checkpoint: keep them.
+                last = resume_step if path == self.eval_path else resume_step - 1
+                keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+                        if line.strip() and json.loads(line)["step"] <= last]  # fmt: skip
+                path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._tb = _summary_writer(Path(out) / "tensorboard") if tensorboard else None
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = row["step"]
+            for key in ("loss", "ce", "kl", "lr", "tokens_per_s", "grad_norm"):
+                if isinstance(row.get(key), (int, float)):
+                    self._tb.add_scalar(f"train/{key}", row[key], step)
+            for group in ("weights", "student_loss", "teacher_loss"):
+                for domain, value in (row.get(group) or {}).items():
+                    if value is not None:
+                        self._tb.add_scalar(f"{group}/{domain}", value, step)
+
+    def write_eval(self, step: int, result: dict[str, Any]) -> None:
+        with open(self.eval_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **result}, allow_nan=True) + "\n")
+        if self._tb is not None:
+            for domain, d in result["domains"].items():
+                if d["positions"]:
+                    self._tb.add_scalar(f"val_ratio/{domain}", d["ratio"], step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _summary_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(path))

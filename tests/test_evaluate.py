@@ -1,0 +1,74 @@
+"""Evaluation numbers against hand-computed values, and plots (including the missing-matplotlib path)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+
+import numpy as np
+import pytest
+import tiny
+import torch
+import torch.nn.functional as F
+from synthdump import write_synth_dump
+
+from ddk_offline.evaluate import evaluate_model, summarise
+from ddk_offline.format.reader import open_dump
+from ddk_offline.plots import write_plots
+
+
+def test_summarise_by_hand():
+    sums = np.array([[20.0, 0.0], [10.0, 0.0], [10.0, 0.0]])  # ce_sum, nll_sum, positions per domain
+    r = summarise("m", ["a", "b"], sums, np.array([2, 0]), "val")
+    a, b = r.domains
+    assert a.loss == 2.0 and a.teacher_loss == 1.0 and a.ratio == pytest.approx(math.e) and a.loss_ratio == 2.0
+    assert a.ppl == pytest.approx(math.exp(2)) and b.positions == 0 and math.isnan(b.loss)
+    d = r.to_dict()
+    assert d["mean_ratio"] == pytest.approx(math.e) and d["worst_domain"] == "a"  # empty domains are left out
+
+
+def test_evaluate_model_matches_a_direct_computation(tmp_path):
+    tok = tiny.train_tokenizer(128)
+    reader = open_dump(write_synth_dump(tmp_path, tok))
+    model = tiny.make_model(len(tok), hidden=16, layers=1, heads=2)
+    result = evaluate_model(model, reader, batch_size=3, max_sequences=3)
+    for d in result.domains:
+        seqs = list(reader.sequences(d.domain, "val"))[:3]
+        ids = torch.tensor(np.stack([s["input_ids"] for s in seqs]))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+        nll = float(np.mean(np.concatenate([s["teacher_nll"][:-1] for s in seqs]).astype(np.float64)))
+        assert d.sequences == 3 and d.positions == 3 * (reader.seq_len - 1)
+        assert d.loss == pytest.approx(ce, rel=1e-5) and d.teacher_loss == pytest.approx(nll, rel=1e-6)
+        assert d.ratio == pytest.approx(math.exp(ce - nll), rel=1e-4)
+
+
+def _metrics(path):
+    rows = [
+        {"step": s, "weights": {"a": w, "b": 1 - w}, "student_loss": {"a": 3.0 - s / 10, "b": None},
+         "teacher_loss": {"a": 2.0, "b": 2.5}}
+        for s, w in ((0, 0.5), (5, 0.6), (10, 0.7))
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_plots_are_written(tmp_path):
+    written = write_plots(_metrics(tmp_path / "metrics.jsonl"), tmp_path)
+    assert sorted(p.name for p in written) == ["domain_weights.png", "loss_ratio.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert write_plots(_metrics(tmp_path / "metrics.jsonl"), tmp_path) == []
+    assert "matplotlib is not installed" in caplog.text
