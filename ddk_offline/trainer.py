@@ -28,7 +28,7 @@ from ddk_offline.checkpoint import latest_checkpoint, load_checkpoint, rng_state
 from ddk_offline.data import IGNORE_INDEX, Batch, BatchLoader
 from ddk_offline.distill_config import DistillConfig
 from ddk_offline.errors import UserError
-from ddk_offline.evaluate import domain_sums, evaluate_model, resolve_device
+from ddk_offline.evaluation import domain_sums, evaluate_model, resolve_device
 from ddk_offline.format.manifest import write_json_atomic
 from ddk_offline.format.reader import DumpReader, open_dump
 from ddk_offline.runlog import MetricsWriter, Window

@@ -74,7 +74,7 @@ def test_dump_distill_eval_via_cli(cli, e2e_dump, teacher_dir, tmp_path):
 )
 def test_dump_distill_eval_in_process(e2e_dump, tmp_path, extra):
     """The other samplers and the CE-only baseline, on the same dump, through the library (no process start-up)."""
-    from ddk_offline.evaluate import evaluate
+    from ddk_offline.evaluation import evaluate
     from ddk_offline.trainer import distill
 
     config = DistillConfig(dump=str(e2e_dump), out=str(tmp_path), derive_from_teacher="layers=1", max_steps=20,

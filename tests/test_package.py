@@ -25,3 +25,15 @@ def test_kernels_folder_does_not_register_as_hub_kernels_package():
     if spec is not None and spec.origin is None:  # only our namespace portion is visible
         assert import_utils.is_kernels_available() is False
     assert importlib.util.find_spec("ddk_kernels") is not None
+
+
+def test_public_api_names_resolve():
+    import ddk_offline
+
+    import ddk_offline.evaluation  # noqa: F401  (a submodule import must not shadow an exported name)
+
+    for name in ddk_offline.__all__[1:]:
+        assert callable(getattr(ddk_offline, name)), name
+    from ddk_kernels import fused_kd_loss
+
+    assert ddk_offline.fused_kd_loss is fused_kd_loss

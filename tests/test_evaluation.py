@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from synthdump import write_synth_dump
 
-from ddk_offline.evaluate import evaluate_model, summarise
+from ddk_offline.evaluation import evaluate_model, summarise
 from ddk_offline.format.reader import open_dump
 from ddk_offline.plots import write_plots
 
