@@ -174,6 +174,7 @@ def run_dump(
     *,
     progress: DumpProgress | None = None,
     after_shard: Callable[[str, str, int, ShardInfo], None] | None = None,
+    redo: frozenset[str] = frozenset(),
 ) -> DumpResult:
     """:func:`dump_teacher` that also returns the run's :class:`DumpStats`.
 
@@ -181,6 +182,7 @@ def run_dump(
         config: the dump's options.
         progress: optional progress sink.
         after_shard: called after each new shard is durable and listed in the manifest (tests inject kills here).
+        redo: listed shard files to delete and recompute (``dumps verify --repair``: the shards that failed).
     """
     t0 = time.perf_counter()
     stats = DumpStats()
@@ -213,6 +215,7 @@ def run_dump(
     with dumpdir.DumpLock(out):  # a refused second writer never touches the folder
         try:
             manifest = dumpdir.open_manifest(out, wanted)
+            dumpdir.forget_shards(manifest, out, set(redo))
             dumpdir.clean_tmp(out)
             dumpdir.save_tokenizer(tokenizer, out)
             manifest.complete = False
@@ -229,10 +232,13 @@ def run_dump(
             manifest.write_atomic(out)
             stats.total_s = time.perf_counter() - t0
             _log_run(out, config, stats)
-        except BaseException:
-            if created and stats.shards_written == 0:
+        except BaseException as e:
+            removed = created and stats.shards_written == 0
+            if removed:
                 # This run made the folder, holds its lock, and nothing in it is worth keeping.
                 shutil.rmtree(out, ignore_errors=True)
+            if (full := dumpdir.disk_full_error(e, out, removed)) is not None:
+                raise full from e
             raise
     return DumpResult(manifest, stats)
 
