@@ -10,6 +10,7 @@ bytes as the original (the dump is deterministic per shard). Finally the dump is
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def repair_dump(
         before.manifest, root, data=data, teacher=teacher, gguf_file=gguf_file, trust_remote_code=trust_remote_code
     )
     try:
-        result = run_dump(config, progress=progress, redo=frozenset(redo))
+        with warnings.catch_warnings():  # "listed but missing or truncated": the report already names them
+            warnings.filterwarnings("ignore", message=".*missing or truncated", category=UserWarning)
+            result = run_dump(config, progress=progress, redo=frozenset(redo))
     except DumpMismatchError as e:
         raise RepairError(
             f"{root / MANIFEST_NAME}: refusing to repair with inputs the dump was not made with ("

@@ -43,7 +43,7 @@ def test_dump_then_info_end_to_end(cli, teacher_dir, corpus_jsonl, tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     proc = cli("dumps", "verify", str(out), check=False)
-    assert proc.returncode == 1 and f"{shard}: size or sha256 differs" in proc.stderr
+    assert proc.returncode == 1 and f"{shard}: sha256 differs from the manifest" in proc.stderr
 
 
 def test_user_errors_are_one_red_line_and_exit_2(cli, teacher_dir, tmp_path):
