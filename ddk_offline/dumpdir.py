@@ -32,6 +32,8 @@ except ImportError:  # Windows: no advisory locks; a second writer is not detect
 
 # Files a run may leave before its first manifest write; a directory holding only these counts as empty.
 _OWN_LEFTOVERS = {LOCK_NAME, TMP_DIR, TOKENIZER_DIR}
+# Temp files of write_json_atomic (".manifest.json.tmp-<pid>") left by a writer killed mid-write.
+_JSON_TMP = re.compile(r"^\.(manifest|dump_config)\.json\.tmp-\d+$")
 
 
 class DumpDirError(UserError):
@@ -93,7 +95,7 @@ def existing_manifest(out: Path) -> Manifest | None:
         raise DumpDirError(f"--out {out}: exists and is not a folder; choose another --out")
     if (out / MANIFEST_NAME).exists():
         return Manifest.load(out)
-    others = sorted(p.name for p in out.iterdir() if p.name not in _OWN_LEFTOVERS)
+    others = sorted(p.name for p in out.iterdir() if p.name not in _OWN_LEFTOVERS and not _JSON_TMP.match(p.name))
     if others:
         raise DumpDirError(
             f"--out {out}: the folder is not empty and holds no dump (found {others[:5]}); "
@@ -197,7 +199,10 @@ def disk_full_error(exc: BaseException, out: Path, removed: bool) -> DiskFullErr
 
 
 def clean_tmp(out: Path) -> None:
-    """Remove temporary files of earlier (dead) writers; call only while holding the lock."""
+    """Remove temporary files of earlier (dead) writers (``.tmp/``, JSON temp files); call only under the lock."""
+    for p in out.iterdir():
+        if _JSON_TMP.match(p.name):
+            p.unlink()
     tmp = out / TMP_DIR
     if tmp.is_dir():
         for p in tmp.iterdir():
