@@ -163,9 +163,13 @@ def _print_report(report) -> None:
         )
     else:
         bad = len(report.broken_shards)
+        fix = (
+            "`ddk-offline dumps verify --repair` recomputes them"
+            if bad
+            else "rerun dump-teacher with the same arguments, or `dumps verify --repair`, to finish it"
+        )
         typer.secho(
-            f"{report.path}: {len(report.problems)} problem(s), {bad} of {report.shards} shards broken; "
-            "`ddk-offline dumps verify --repair` recomputes them",
+            f"{report.path}: {len(report.problems)} problem(s), {bad} of {report.shards} shards broken; {fix}",
             fg=typer.colors.RED,
             err=True,
         )
