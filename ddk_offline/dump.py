@@ -320,12 +320,15 @@ def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progr
     R, B = config.rows_per_shard, config.batch_size
     planned = {(n, s): manifest.corpus["domains"][n]["sequences"][s] for n in manifest.domains for s in SPLITS}
 
+    written: list[tuple[str, str]] = []  # (domain, file) of this run's shards
+
     def on_shard(domain: str, split: str, index: int, info: ShardInfo) -> None:  # runs on the writer thread
         shards = manifest.domains[domain].splits[split].shards
         shards.append(info)
         shards.sort(key=lambda s: s.first_seq)
         manifest.write_atomic(out)
         stats.shards_written += 1
+        written.append((domain, info.file))
         if after_shard is not None:
             after_shard(domain, split, index, info)
 
@@ -357,7 +360,7 @@ def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progr
         ) as writer:
             for seq in packer.pack(corpus.documents()):
                 key = (seq.domain, seq.split)
-                if seq.seq_index // R not in todo[key]:
+                if seq.seq_index // R not in todo.get(key, ()):  # done, or a domain the pre-pass never saw
                     continue
                 batch = pending.setdefault(key, [])
                 batch.append(seq)
@@ -372,8 +375,17 @@ def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progr
             progress.stop()
     stats.loop_s = time.perf_counter() - start
     planned_hashes = {n: d["sha256"] for n, d in manifest.corpus["domains"].items()}
-    if {n: s.sha256 for n, s in packer.stats.items()} != planned_hashes:
-        raise UserError(f"--data {config.data}: the corpus changed while the dump was running; rerun the dump")
+    got = {n: s.sha256 for n, s in packer.stats.items()}
+    changed = sorted(n for n in planned_hashes.keys() | got.keys() if got.get(n) != planned_hashes.get(n))
+    if changed:
+        # This run's shards of those domains may hold the new text: unlist them, so the dump stays the old corpus's.
+        dumpdir.forget_shards(manifest, out, {f for d, f in written if d in changed})
+        manifest.write_atomic(out)
+        raise UserError(
+            f"--data {config.data}: the corpus changed while the dump was running (domains {changed}); this run's "
+            "shards of those domains were discarded. Restore the corpus and rerun to finish the dump, or dump the "
+            "new corpus into another --out"
+        )
 
 
 def _run_batch(model, batch: list[PackedSequence], manifest: Manifest, writer, stats, progress) -> None:

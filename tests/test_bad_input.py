@@ -254,3 +254,29 @@ def test_reader_and_verify_agree_on_a_good_dump(synth):
     rows = [s["input_ids"] for s in reader.sequences("a")]
     assert len(rows) == 6 and all(r.dtype == np.int64 for r in rows)
     assert verify_dump(dump).ok
+
+
+def test_a_corpus_changed_mid_dump_is_detected(small_dump, tmp_path, monkeypatch):
+    import ddk_offline.dump as dump_mod
+
+    config, reference = small_dump
+    data = tmp_path / "corpus.jsonl"
+    shutil.copy(config.data, data)
+    original = data.read_text(encoding="utf-8")
+    real_load = dump_mod.load_model
+
+    def edit_then_load(*args, **kwargs):  # between the pre-pass and the dump loop, someone edits a prose document
+        data.write_text(original.replace("Of his winter", "Of her winter", 1), encoding="utf-8")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(dump_mod, "load_model", edit_then_load)
+    out = tmp_path / "dump"
+    with pytest.raises(UserError, match=r"the corpus changed while the dump was running \(domains \['prose'\]\)"):
+        run_dump(_config(config.teacher, data, out))
+    monkeypatch.undo()
+    m = Manifest.load(out)
+    assert not m.domains["prose"].splits["train"].shards and m.domains["code"].splits["train"].shards
+    assert not verify_dump(out, sample_rows=0).broken_shards
+    data.write_text(original, encoding="utf-8")  # restored: the rerun finishes the dump with the old content
+    shas = lambda m: {(d, s): [x.sha256 for x in i.splits[s].shards] for d, i in m.domains.items() for s in i.splits}
+    assert shas(run_dump(_config(config.teacher, data, out)).manifest) == shas(reference)
