@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddk_offline.errors import UserError
 from ddk_offline.format.manifest import fsync_dir, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoints"
@@ -138,5 +139,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint directory (tensors with ``weights_only=True``)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    tensors = torch.load(path / "tensors.pt", map_location=map_location, weights_only=True)
+    try:
+        tensors = torch.load(path / "tensors.pt", map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError: the file asks to build arbitrary Python objects
+        if type(e).__name__ != "UnpicklingError":
+            raise
+        raise UserError(
+            f"{path / 'tensors.pt'}: holds objects other than tensors and plain data, so it was not written by "
+            "ddk-offline; refusing to unpickle it. Restore the checkpoint, or start the run again without --resume"
+        ) from None
     return Checkpoint(path=path, state=state, tensors=tensors)

@@ -209,7 +209,9 @@ def open_corpus(data: str, *, text_column: str = "text", domain_column: str = "d
                 )
                 corpus.files += [(sub.name, _checked(p)) for p in found]
         if not corpus.files:
-            raise CorpusError(f"--data {data}: the folder holds no data files; it is empty")
+            raise CorpusError(
+                f"--data {data}: the folder holds no data files; point --data at the corpus files or their folder"
+            )
     elif path.exists() or not _HUB_NAME.match(str(data)) or path.suffix.lower() in STRUCTURED:
         raise CorpusError(f"--data {data}: not a file, folder or glob that exists; check the path")
     else:
@@ -238,7 +240,13 @@ def _decode(raw: bytes, where: str) -> str:
 
 
 def _read_utf8(path: Path) -> str:
-    return _decode(path.read_bytes(), str(path))
+    raw = path.read_bytes()
+    if (nul := raw.find(b"\0")) >= 0:
+        # NUL never occurs in text; ASCII-range binary (images, archives' headers) would otherwise pass as UTF-8.
+        raise CorpusError(
+            f"{path}: looks like a binary file (NUL byte at offset {nul}), not text; remove it from the corpus"
+        )
+    return _decode(raw, str(path))
 
 
 def _first_char(path: Path) -> str:

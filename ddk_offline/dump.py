@@ -174,6 +174,7 @@ def run_dump(
     *,
     progress: DumpProgress | None = None,
     after_shard: Callable[[str, str, int, ShardInfo], None] | None = None,
+    redo: frozenset[str] = frozenset(),
 ) -> DumpResult:
     """:func:`dump_teacher` that also returns the run's :class:`DumpStats`.
 
@@ -181,6 +182,7 @@ def run_dump(
         config: the dump's options.
         progress: optional progress sink.
         after_shard: called after each new shard is durable and listed in the manifest (tests inject kills here).
+        redo: listed shard files to delete and recompute (``dumps verify --repair``: the shards that failed).
     """
     t0 = time.perf_counter()
     stats = DumpStats()
@@ -213,6 +215,7 @@ def run_dump(
     with dumpdir.DumpLock(out):  # a refused second writer never touches the folder
         try:
             manifest = dumpdir.open_manifest(out, wanted)
+            dumpdir.forget_shards(manifest, out, set(redo))
             dumpdir.clean_tmp(out)
             dumpdir.save_tokenizer(tokenizer, out)
             manifest.complete = False
@@ -229,10 +232,13 @@ def run_dump(
             manifest.write_atomic(out)
             stats.total_s = time.perf_counter() - t0
             _log_run(out, config, stats)
-        except BaseException:
-            if created and stats.shards_written == 0:
+        except BaseException as e:
+            removed = created and stats.shards_written == 0
+            if removed:
                 # This run made the folder, holds its lock, and nothing in it is worth keeping.
                 shutil.rmtree(out, ignore_errors=True)
+            if (full := dumpdir.disk_full_error(e, out, removed)) is not None:
+                raise full from e
             raise
     return DumpResult(manifest, stats)
 
@@ -314,12 +320,15 @@ def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progr
     R, B = config.rows_per_shard, config.batch_size
     planned = {(n, s): manifest.corpus["domains"][n]["sequences"][s] for n in manifest.domains for s in SPLITS}
 
+    written: list[tuple[str, str]] = []  # (domain, file) of this run's shards
+
     def on_shard(domain: str, split: str, index: int, info: ShardInfo) -> None:  # runs on the writer thread
         shards = manifest.domains[domain].splits[split].shards
         shards.append(info)
         shards.sort(key=lambda s: s.first_seq)
         manifest.write_atomic(out)
         stats.shards_written += 1
+        written.append((domain, info.file))
         if after_shard is not None:
             after_shard(domain, split, index, info)
 
@@ -351,7 +360,7 @@ def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progr
         ) as writer:
             for seq in packer.pack(corpus.documents()):
                 key = (seq.domain, seq.split)
-                if seq.seq_index // R not in todo[key]:
+                if seq.seq_index // R not in todo.get(key, ()):  # done, or a domain the pre-pass never saw
                     continue
                 batch = pending.setdefault(key, [])
                 batch.append(seq)
@@ -366,8 +375,17 @@ def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progr
             progress.stop()
     stats.loop_s = time.perf_counter() - start
     planned_hashes = {n: d["sha256"] for n, d in manifest.corpus["domains"].items()}
-    if {n: s.sha256 for n, s in packer.stats.items()} != planned_hashes:
-        raise UserError(f"--data {config.data}: the corpus changed while the dump was running; rerun the dump")
+    got = {n: s.sha256 for n, s in packer.stats.items()}
+    changed = sorted(n for n in planned_hashes.keys() | got.keys() if got.get(n) != planned_hashes.get(n))
+    if changed:
+        # This run's shards of those domains may hold the new text: unlist them, so the dump stays the old corpus's.
+        dumpdir.forget_shards(manifest, out, {f for d, f in written if d in changed})
+        manifest.write_atomic(out)
+        raise UserError(
+            f"--data {config.data}: the corpus changed while the dump was running (domains {changed}); this run's "
+            "shards of those domains were discarded. Restore the corpus and rerun to finish the dump, or dump the "
+            "new corpus into another --out"
+        )
 
 
 def _run_batch(model, batch: list[PackedSequence], manifest: Manifest, writer, stats, progress) -> None:

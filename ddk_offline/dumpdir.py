@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -31,10 +32,24 @@ except ImportError:  # Windows: no advisory locks; a second writer is not detect
 
 # Files a run may leave before its first manifest write; a directory holding only these counts as empty.
 _OWN_LEFTOVERS = {LOCK_NAME, TMP_DIR, TOKENIZER_DIR}
+# Temp files of write_json_atomic (".manifest.json.tmp-<pid>") left by a writer killed mid-write.
+_JSON_TMP = re.compile(r"^\.(manifest|dump_config)\.json\.tmp-\d+$")
 
 
 class DumpDirError(UserError):
     """The output directory cannot be used for this dump; the message says why and what to do."""
+
+
+class DumpMismatchError(DumpDirError):
+    """The directory holds a dump made with other inputs; ``differences`` lists ``"field: old vs new"`` lines."""
+
+    def __init__(self, message: str, differences: list[str]):
+        super().__init__(message)
+        self.differences = differences
+
+
+class DiskFullError(UserError):
+    """The disk filled up mid-dump; complete shards are kept and a rerun resumes once space is back."""
 
 
 class DumpLock:
@@ -80,7 +95,7 @@ def existing_manifest(out: Path) -> Manifest | None:
         raise DumpDirError(f"--out {out}: exists and is not a folder; choose another --out")
     if (out / MANIFEST_NAME).exists():
         return Manifest.load(out)
-    others = sorted(p.name for p in out.iterdir() if p.name not in _OWN_LEFTOVERS)
+    others = sorted(p.name for p in out.iterdir() if p.name not in _OWN_LEFTOVERS and not _JSON_TMP.match(p.name))
     if others:
         raise DumpDirError(
             f"--out {out}: the folder is not empty and holds no dump (found {others[:5]}); "
@@ -100,10 +115,11 @@ def compare(existing: Manifest, wanted: Manifest, out: Path) -> None:
         f"{key}: {have.get(key)!r} in the dump vs {want.get(key)!r} now" for key in want if have.get(key) != want[key]
     ]
     if diffs:
-        raise DumpDirError(
+        raise DumpMismatchError(
             f"{out / MANIFEST_NAME}: this folder holds a different dump ("
             + "; ".join(diffs)
-            + f"). Use another --out, or delete {out} to start over"
+            + f"). Use another --out, or delete {out} to start over",
+            diffs,
         )
 
 
@@ -139,8 +155,54 @@ def keep_valid_shards(manifest: Manifest, out: Path) -> list[str]:
     return dropped
 
 
+def forget_shards(manifest: Manifest, out: Path, files: set[str]) -> list[str]:
+    """Unlist the shards whose ``file`` is in ``files`` and delete those files, so the run recomputes them.
+
+    ``dumps verify --repair`` passes the shards that failed verification (a flipped bit keeps the size, so
+    :func:`keep_valid_shards` alone would keep them). Call only while holding the lock.
+
+    Returns:
+        The files unlisted.
+    """
+    forgotten = []
+    for info in manifest.domains.values():
+        for split in info.splits.values():
+            for shard in [s for s in split.shards if s.file in files]:
+                split.shards.remove(shard)
+                (out / shard.file).unlink(missing_ok=True)
+                forgotten.append(shard.file)
+    return forgotten
+
+
+def disk_full_error(exc: BaseException, out: Path, removed: bool) -> DiskFullError | None:
+    """A :class:`DiskFullError` for ``exc`` when it is ENOSPC / EDQUOT (else None).
+
+    Args:
+        exc: what the dump raised (on the writer thread or the main thread).
+        out: the dump directory.
+        removed: the run created ``out`` and removed it again (nothing to resume).
+    """
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    if removed:
+        state = f"nothing was kept ({out} was removed again)"
+    else:
+        try:
+            kept = sum(len(s.shards) for d in Manifest.load(out).domains.values() for s in d.splits.values())
+        except Exception:  # noqa: BLE001 - a report of the failure must not fail itself
+            kept = "the complete"
+        state = f"{kept} complete shard(s) are kept in {out} and no partial shard is listed"
+    return DiskFullError(
+        f"--out {out}: the disk is full ({exc.strerror or exc}); {state}. Free space on that disk (or use another "
+        "--out) and rerun the same command: it resumes where it stopped"
+    )
+
+
 def clean_tmp(out: Path) -> None:
-    """Remove temporary files of earlier (dead) writers; call only while holding the lock."""
+    """Remove temporary files of earlier (dead) writers (``.tmp/``, JSON temp files); call only under the lock."""
+    for p in out.iterdir():
+        if _JSON_TMP.match(p.name):
+            p.unlink()
     tmp = out / TMP_DIR
     if tmp.is_dir():
         for p in tmp.iterdir():

@@ -80,13 +80,23 @@ def _local_dir(source: TeacherSource) -> Path:
         ) from None
 
 
+def _load_error(source: TeacherSource, what: str, exc: Exception) -> TeacherError:
+    if "trust_remote_code" in str(exc):
+        # transformers refuses (rightly) to import a model's own Python code; name our flag, not its argument.
+        return TeacherError(
+            f"--teacher {source.name}: the model ships its own Python code (auto_map in its config), which is not "
+            "run by default; read that code, and pass --trust-remote-code only if you trust it"
+        )
+    return TeacherError(f"--teacher {source.name}: {what} ({exc})")
+
+
 def load_config(source: TeacherSource, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(_local_dir(source), **source.kwargs(trust_remote_code))
     except (OSError, ValueError) as e:
-        raise TeacherError(f"--teacher {source.name}: cannot read the model config ({e})") from None
+        raise _load_error(source, "cannot read the model config", e) from None
 
 
 def load_tokenizer(source: TeacherSource, *, trust_remote_code: bool = False):
@@ -95,7 +105,7 @@ def load_tokenizer(source: TeacherSource, *, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(_local_dir(source), **source.kwargs(trust_remote_code))
     except (OSError, ValueError) as e:
-        raise TeacherError(f"--teacher {source.name}: cannot load its tokenizer ({e})") from None
+        raise _load_error(source, "cannot load its tokenizer", e) from None
     if tok.eos_token_id is None:
         raise TeacherError(
             f"--teacher {source.name}: the tokenizer has no EOS token, needed to separate packed documents; "
@@ -113,7 +123,7 @@ def load_model(source: TeacherSource, *, dtype: torch.dtype, device: torch.devic
             _local_dir(source), dtype=dtype, **source.kwargs(trust_remote_code)
         )
     except (OSError, ValueError) as e:
-        raise TeacherError(f"--teacher {source.name}: cannot load it as a causal LM ({e})") from None
+        raise _load_error(source, "cannot load it as a causal LM", e) from None
     return model.to(device).eval()
 
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,4 +367,12 @@ def distill(config: DistillConfig, *, progress=None) -> DistillSummary:
         A :class:`DistillSummary`; ``OUT`` holds ``final/`` (model + tokenizer), ``metrics.jsonl``, ``eval.jsonl``,
         ``summary.json``, ``config.json``, PNG plots and ``checkpoints/``.
     """
-    return _Run(config).run(progress)
+    out = Path(config.out)
+    fresh = not out.exists()
+    try:
+        run = _Run(config)
+    except BaseException:
+        if fresh:  # a refused run (bad student, bad options) leaves no half-made output folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return run.run(progress)

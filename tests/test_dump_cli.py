@@ -37,13 +37,13 @@ def test_dump_then_info_end_to_end(cli, teacher_dir, corpus_jsonl, tmp_path):
     assert info["domains"]["code"]["train"]["sequences"] == 8 and info["domains"]["code"]["val"]["sequences"] == 2
     assert info["total"]["tokens"] == 30 * 32 and info["total"]["bytes_per_token"] > 0
     assert info["domains"]["code"]["train"]["teacher_loss"] == pytest.approx(reader.teacher_loss("code"))
-    assert "all shards match" in cli("dumps", "verify", str(out)).stdout
+    assert "all 12 shards match" in cli("dumps", "verify", str(out)).stdout
     shard = out / reader.shards("prose", "val")[0].file
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     proc = cli("dumps", "verify", str(out), check=False)
-    assert proc.returncode == 1 and f"{shard}: size or sha256 differs" in proc.stderr
+    assert proc.returncode == 1 and f"{shard}: sha256 differs from the manifest" in proc.stderr
 
 
 def test_user_errors_are_one_red_line_and_exit_2(cli, teacher_dir, tmp_path):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
-from ddk_offline.commands._errors import exit_on_user_error
+from ddk_offline.commands._errors import exit_on_user_error, fail
+
+# typer needs Optional[...] (not X | None) on Python 3.10.
+# ruff: noqa: UP045
 
 
 def summarise(manifest, path: str | Path) -> dict[str, Any]:
@@ -86,28 +88,6 @@ def print_info(manifest, path: str | Path) -> None:
     console.print(table)
 
 
-def verify(path: Path) -> list[str]:
-    """Check every shard listed in the manifest against its size and sha256; returns the problems found."""
-    from ddk_offline.format.manifest import Manifest
-
-    manifest = Manifest.load(path)
-    problems = []
-    for name, info in sorted(manifest.domains.items()):
-        for split, sinfo in info.splits.items():
-            for shard in sinfo.shards:
-                file = path / shard.file
-                if not file.is_file():
-                    problems.append(f"{file}: missing ({name}/{split})")
-                    continue
-                h = hashlib.sha256()
-                with open(file, "rb") as f:
-                    for block in iter(lambda f=f: f.read(1 << 22), b""):
-                        h.update(block)
-                if file.stat().st_size != shard.bytes or h.hexdigest() != shard.sha256:
-                    problems.append(f"{file}: size or sha256 differs from the manifest ({name}/{split})")
-    return problems
-
-
 def register(app: typer.Typer) -> None:
     dumps = typer.Typer(help="Inspect teacher dumps written by dump-teacher.", no_args_is_help=True)
     app.add_typer(dumps, name="dumps")
@@ -129,11 +109,67 @@ def register(app: typer.Typer) -> None:
 
     @dumps.command("verify")
     @exit_on_user_error
-    def verify_cmd(path: Annotated[Path, typer.Argument(help="The dump directory (holding manifest.json).")]) -> None:
-        """Re-hash every shard and compare with the manifest (exit status 1 on any difference)."""
-        problems = verify(path)
-        for p in problems:
-            typer.secho(p, fg=typer.colors.RED, err=True)
-        if problems:
+    def verify_cmd(
+        path: Annotated[Path, typer.Argument(help="The dump directory (holding manifest.json).")],
+        sample_rows: Annotated[
+            int, typer.Option(help="Rows per shard decoded through the top-k codec (0: every row).")
+        ] = 4,
+        repair: Annotated[
+            bool, typer.Option("--repair", help="Recompute the broken shards (needs the dump's corpus and teacher).")
+        ] = False,
+        data: Annotated[
+            Optional[str], typer.Option(help="With --repair: the corpus, if it moved since the dump (hash-checked).")
+        ] = None,
+        teacher: Annotated[
+            Optional[str], typer.Option(help="With --repair: the teacher, if it moved since the dump (hash-checked).")
+        ] = None,
+        gguf_file: Annotated[Optional[str], typer.Option(help="With --repair: GGUF file inside --teacher.")] = None,
+        trust_remote_code: Annotated[
+            bool, typer.Option(help="With --repair: allow the teacher's own modelling code (off by default).")
+        ] = False,
+    ) -> None:
+        """Check every shard against the manifest (checksum, rows, schema, a decoded sample); exit 1 naming each
+        broken file. With --repair, recompute only the broken shards and verify again."""
+        from ddk_offline.verify import verify_dump
+
+        if not path.is_dir():
+            raise fail(f"{path}: no such folder; pass the dump directory (the one holding manifest.json)")
+        if not repair and (data or teacher or gguf_file):
+            raise fail("--data, --teacher and --gguf-file only apply with --repair")
+        report = verify_dump(path, sample_rows=sample_rows)
+        _print_report(report)
+        if repair and not report.ok:
+            from ddk_offline.repair import repair_dump
+
+            typer.echo(f"repairing: recomputing {len(report.broken_shards)} broken shard(s) and any missing ones")
+            result = repair_dump(
+                path, data=data, teacher=teacher, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                sample_rows=sample_rows,
+            )  # fmt: skip
+            typer.echo(f"recomputed {result.stats.shards_written if result.stats else 0} shard(s); verifying again")
+            report = result.after
+            _print_report(report)
+        if not report.ok:
             raise typer.Exit(1)
-        typer.echo(f"{path}: all shards match the manifest")
+
+
+def _print_report(report) -> None:
+    for problem in report.problems:
+        typer.secho(str(problem), fg=typer.colors.RED, err=True)
+    if report.ok:
+        typer.echo(
+            f"{report.path}: all {report.shards} shards match the manifest (size, sha256, rows, schema); "
+            f"{report.rows_decoded} sampled rows decode"
+        )
+    else:
+        bad = len(report.broken_shards)
+        fix = (
+            "`ddk-offline dumps verify --repair` recomputes them"
+            if bad
+            else "rerun dump-teacher with the same arguments, or `dumps verify --repair`, to finish it"
+        )
+        typer.secho(
+            f"{report.path}: {len(report.problems)} problem(s), {bad} of {report.shards} shards broken; {fix}",
+            fg=typer.colors.RED,
+            err=True,
+        )

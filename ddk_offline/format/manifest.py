@@ -129,8 +129,9 @@ class Manifest:
         if d.get("checksum") != expected:
             raise ManifestError(
                 f"{source}: checksum mismatch (field 'checksum'): the manifest was edited or "
-                "corrupted after it was written. Restore it from a backup, or re-run "
-                "`ddk-offline dump-teacher` with the same arguments to rebuild it"
+                "corrupted after it was written, so no shard it lists can be trusted. Undo the edit or restore "
+                "manifest.json from a backup; failing that, delete the dump folder and re-run `ddk-offline "
+                "dump-teacher` (dump-teacher never writes over an untrusted manifest)"
             )
         for key, typ in (("seq_len", int), ("k", int)):
             _check(isinstance(d.get(key), typ) and d[key] > 0, source, key, "must be a positive integer")
@@ -173,7 +174,7 @@ class Manifest:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ManifestError(
-                f"{path}: not valid JSON ({e}); restore it or re-run dump-teacher to rebuild it"
+                f"{path}: not valid JSON ({e}); restore it from a backup, or delete the dump folder and re-dump"
             ) from None
         return cls.from_dict(d, source=str(path))
 
@@ -182,10 +183,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file in the same directory, fsync, rename, fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     data = json.dumps(obj, indent=2, sort_keys=False, allow_nan=True).encode("utf-8") + b"\n"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: the old file stays, no stray temp file
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -212,7 +217,9 @@ def _content_checksum(d: dict[str, Any]) -> str:
 
 def _check(ok: bool, source: str, fieldname: str, what: str) -> None:
     if not ok:
-        raise ManifestError(f"{source}: field '{fieldname}' {what}; restore the manifest or re-run dump-teacher")
+        raise ManifestError(
+            f"{source}: field '{fieldname}' {what}; restore the manifest from a backup, or delete the dump and re-dump"
+        )
 
 
 def _safe_relpath(p: Any, source: str, fieldname: str) -> str:

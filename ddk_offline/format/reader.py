@@ -6,6 +6,7 @@ Decoding returns numpy arrays; nothing here imports torch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
@@ -44,12 +45,19 @@ def open_dump(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Dum
 
 
 class DumpReader:
-    """Read access to one dump. Cheap to create; shard files are opened lazily and cached."""
+    """Read access to one dump. Cheap to create; shard files are opened lazily and cached.
 
-    def __init__(self, path: Path, manifest: Manifest):
+    Each shard's sha256 is checked against the manifest the first time this reader opens it (one extra sequential
+    read per shard and reader): Parquet pages carry no checksum, so a flipped bit could otherwise decode silently
+    into wrong teacher targets. ``verify_checksums=False`` skips it (``dumps verify`` hashes on its own).
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, *, verify_checksums: bool = True):
         self.path = Path(path)
         self.manifest = manifest
         self.codec = TopKCodec.from_description(manifest.codec, vocab_size=manifest.vocab_size, k=manifest.k)
+        self.verify_checksums = verify_checksums
+        self._verified: set[str] = set()
         self._open = lru_cache(maxsize=64)(self._open_uncached)
 
     @property
@@ -116,6 +124,13 @@ class DumpReader:
     def _open_uncached(self, domain: str, split: str, shard: int) -> pq.ParquetFile:
         info = self.shards(domain, split)[shard]
         path = self.path / info.file
+        if self.verify_checksums and info.file not in self._verified:
+            if _sha256(path) != info.sha256:
+                raise ShardError(
+                    f"{path}: missing, or its sha256 differs from the manifest (corrupted or replaced); refusing to "
+                    f"train on it. Run `ddk-offline dumps verify {self.path} --repair` to recompute it"
+                )
+            self._verified.add(info.file)
         try:
             pf = pq.ParquetFile(path)
         except (OSError, pa.ArrowInvalid) as e:
@@ -153,6 +168,17 @@ class DumpReader:
         out["topk_ids"], out["topk_logits"] = ids, logits
         out["seq_index"] = table.column("seq_index").to_numpy()
         return out
+
+
+def _sha256(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def _flat(table: pa.Table, name: str, n: int, L: int) -> np.ndarray:

@@ -181,17 +181,21 @@ class ShardWriter:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.root / TMP_DIR / (rel.replace("/", "__") + f".{os.getpid()}.tmp")
         table = self._table(rows)
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            compression_level=self.compression_level,
-            row_group_size=ROW_GROUP_ROWS,
-            use_dictionary=False,
-            use_byte_stream_split=float_columns(self.extra_temperatures),
-            write_statistics=False,
-        )
-        digest, size = _sha256_fsync(tmp)
+        try:
+            pq.write_table(
+                table,
+                tmp,
+                compression="zstd",
+                compression_level=self.compression_level,
+                row_group_size=ROW_GROUP_ROWS,
+                use_dictionary=False,
+                use_byte_stream_split=float_columns(self.extra_temperatures),
+                write_statistics=False,
+            )
+            digest, size = _sha256_fsync(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back, leave no partial file
+            raise
         os.replace(tmp, final)
         fsync_dir(final.parent)
         nll = np.concatenate([r.teacher_nll for r, _ in rows])
