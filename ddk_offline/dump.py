@@ -8,12 +8,13 @@ load the model only if work remains -> second pass: batches of one shard's rows 
 
 Bit-identical resume: a work item is one shard, (domain, split, shard index), holding the stream's sequences
 ``[j * R, (j + 1) * R)``; its batches are cut inside the shard (``batch_size`` rows, the last one shorter), so a
-shard's batches, and therefore its bytes, do not depend on what else was computed in the run. Ranks of a future
-``torchrun`` dump can split these items without overlap.
+shard's batches, and therefore its bytes, do not depend on what else was computed in the run. Under ``torchrun`` the
+ranks split these items without overlap (see :func:`run_dump` and :mod:`ddk_offline.dump_ranks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import shutil
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 import ddk_offline
-from ddk_offline import dumpdir
+from ddk_offline import distributed, dump_ranks, dumpdir
 from ddk_offline.corpus import open_corpus
 from ddk_offline.errors import UserError
 from ddk_offline.format.codec import TopKCodec
@@ -148,6 +149,7 @@ class DumpStats:
     tokens: dict[str, int] = field(default_factory=dict)
     shards_written: int = 0
     shards_kept: int = 0
+    world: int = 1
 
     @property
     def overhead(self) -> float:
@@ -177,18 +179,34 @@ def run_dump(
 ) -> DumpResult:
     """:func:`dump_teacher` that also returns the run's :class:`DumpStats`.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this with the same config: each one runs the pre-pass,
+    rank 0 alone prepares ``--out`` (lock, manifest), the missing shards are dealt out round-robin (rank r computes
+    the r-th, (r + world)-th, ... of them), other ranks journal their finished shards (:mod:`.dumpjournal`), and
+    rank 0 merges them into the manifest after a barrier. Every rank returns the final manifest and the stats summed
+    over ranks (``loop_s`` is the slowest rank's).
+
     Args:
         config: the dump's options.
-        progress: optional progress sink.
+        progress: optional progress sink (give it on rank 0 only).
         after_shard: called after each new shard is durable and listed in the manifest (tests inject kills here).
     """
+    device = resolve_device(config.device)
+    env = distributed.setup(device.type)
+    try:
+        if env.active and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", env.local_rank)  # one GPU per rank
+        return _run_dump(config, env, device, progress, after_shard)
+    finally:
+        distributed.teardown(env)
+
+
+def _run_dump(config: DumpConfig, env, device: torch.device, progress, after_shard) -> DumpResult:
     t0 = time.perf_counter()
     stats = DumpStats()
     config.validate()
     out = Path(config.out).expanduser()
     corpus = open_corpus(config.data, text_column=config.text_column, domain_column=config.domain_column)
     source = resolve_teacher(config.teacher, config.gguf_file)
-    device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     model_config = load_config(source, trust_remote_code=config.trust_remote_code)
@@ -200,37 +218,50 @@ def run_dump(
     wanted = _new_manifest(
         config, corpus.describe(), domain_stats, source, model_config, tokenizer, vocab, dtype, device
     )
-
-    existing = dumpdir.existing_manifest(out)
-    if existing is not None:
-        dumpdir.compare(existing, wanted, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        out.mkdir()
-        created = True  # by this run: removed again if the run fails before its first shard
-    except FileExistsError:
-        created = False
-    with dumpdir.DumpLock(out):  # a refused second writer never touches the folder
+    created = False  # whether this run made --out (removed again if it fails before its first shard)
+    manifest = None
+    with contextlib.ExitStack() as held:  # rank 0 holds the writer lock until the end of the run
         try:
-            manifest = dumpdir.open_manifest(out, wanted)
-            dumpdir.clean_tmp(out)
-            dumpdir.save_tokenizer(tokenizer, out)
-            manifest.complete = False
-            manifest.write_atomic(out)
+            if env.is_main:
+                try:
+                    manifest, created = dump_ranks.prepare_out(out, wanted, tokenizer, held)
+                except BaseException as e:
+                    distributed.broadcast_object(env, ("error", f"rank 0: {e}"))
+                    raise
+            manifest = dump_ranks.share_manifest(env, manifest, out, UserError)
             todo = dumpdir.missing_shards(manifest, config.rows_per_shard)
             stats.shards_kept = sum(len(s.shards) for d in manifest.domains.values() for s in d.splits.values())
-            if any(todo.values()):
+            items = [(name, split, j) for (name, split), js in sorted(todo.items()) for j in sorted(js)]
+            mine = distributed.shard_of(items, env)
+            if mine:
+                my_todo: dict[tuple[str, str], set[int]] = {key: set() for key in todo}
+                for name, split, j in mine:
+                    my_todo[(name, split)].add(j)
                 t1 = time.perf_counter()
                 model = load_model(source, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code)
                 stats.load_s = time.perf_counter() - t1
-                _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progress, after_shard)
-            dumpdir.check_finished(manifest, out)
-            manifest.complete = True
-            manifest.write_atomic(out)
+                journal = None if env.is_main else out
+                _compute(
+                    config, corpus, tokenizer, model, manifest, out, my_todo, stats, progress, after_shard, journal
+                )
+            distributed.barrier(env)  # every rank's shards are durable (and journalled) past this point
+            stats = dump_ranks.sum_stats(distributed.gather_objects(env, stats))
+            if env.is_main:
+                try:
+                    dump_ranks.merge(manifest, out)
+                    dumpdir.check_finished(manifest, out)
+                    manifest.complete = True
+                    manifest.write_atomic(out)
+                    dumpdir.clean_tmp(out)
+                    stats.total_s = time.perf_counter() - t0
+                    _log_run(out, config, stats)
+                except BaseException as e:
+                    distributed.broadcast_object(env, ("error", f"rank 0: {e}"))
+                    raise
+            manifest = dump_ranks.share_manifest(env, manifest, out, RuntimeError)
             stats.total_s = time.perf_counter() - t0
-            _log_run(out, config, stats)
         except BaseException:
-            if created and stats.shards_written == 0:
+            if created and stats.shards_written == 0 and (not env.active or manifest is None):
                 # This run made the folder, holds its lock, and nothing in it is worth keeping.
                 shutil.rmtree(out, ignore_errors=True)
             raise
@@ -309,16 +340,23 @@ def _new_manifest(config, corpus_info, domain_stats, source, model_config, token
     )
 
 
-def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progress, after_shard) -> None:
-    """The dump loop: second pass over the corpus, teacher forward per batch, records to the writer thread."""
+def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progress, after_shard, journal) -> None:
+    """The dump loop: second pass over the corpus, teacher forward per batch, records to the writer thread.
+
+    ``todo`` holds this process's shards only. With ``journal`` set (ranks other than 0) a finished shard is
+    journalled for rank 0 instead of being written into the manifest.
+    """
     R, B = config.rows_per_shard, config.batch_size
     planned = {(n, s): manifest.corpus["domains"][n]["sequences"][s] for n in manifest.domains for s in SPLITS}
 
     def on_shard(domain: str, split: str, index: int, info: ShardInfo) -> None:  # runs on the writer thread
-        shards = manifest.domains[domain].splits[split].shards
-        shards.append(info)
-        shards.sort(key=lambda s: s.first_seq)
-        manifest.write_atomic(out)
+        if journal is not None:
+            dump_ranks.record(journal, domain, split, info)
+        else:
+            shards = manifest.domains[domain].splits[split].shards
+            shards.append(info)
+            shards.sort(key=lambda s: s.first_seq)
+            manifest.write_atomic(out)
         stats.shards_written += 1
         if after_shard is not None:
             after_shard(domain, split, index, info)
