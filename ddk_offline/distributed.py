@@ -11,6 +11,8 @@ gradients go through :class:`torch.nn.parallel.DistributedDataParallel`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime
 import os
 from dataclasses import dataclass
@@ -134,3 +136,47 @@ def all_reduce_sum(env: DistEnv, array: np.ndarray) -> np.ndarray:
 def shard_of(items: list[Any], env: DistEnv) -> list[Any]:
     """This rank's work items: every ``world``-th item starting at ``rank`` (disjoint, together complete)."""
     return items[env.rank :: env.world]
+
+
+# --- distill: DDP and the per-domain sums -----------------------------------------------------------------
+def wrap_ddp(module: torch.nn.Module, env: DistEnv, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel when there are several ranks, else ``module`` itself."""
+    if not env.active:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, output_device=device.index if ids else None)
+
+
+def no_sync(model: torch.nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce on every micro-batch but a step's last (gradients accumulate locally)."""
+    if last or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def reduce_window(env: DistEnv, window: Any) -> None:
+    """Sum a :class:`ddk_offline.runlog.Window`'s loss sums, counts and per-domain stats over ranks, in place.
+
+    Seconds stay local (they are wall time, not a sum).
+    """
+    if not env.active:
+        return
+    head = [window.loss_sum, window.ce_sum, window.kl_sum, window.positions, window.tokens]
+    flat = all_reduce_sum(env, np.concatenate([np.asarray(head, np.float64), window.stats.as_array().ravel()]))
+    window.loss_sum, window.ce_sum, window.kl_sum = (float(x) for x in flat[:3])
+    window.positions, window.tokens = int(flat[3]), int(flat[4])
+    window.stats.load_array(flat[5:].reshape(3, -1))
+
+
+def reduced_copy(env: DistEnv, stats: Any) -> Any:
+    """A copy of a ``GapStats`` or ``Window`` holding the sums over all ranks (the original is unchanged)."""
+    if not env.active:
+        return stats
+    twin = copy.deepcopy(stats)
+    if hasattr(twin, "as_array"):  # GapStats
+        twin.load_array(all_reduce_sum(env, twin.as_array()))
+    else:
+        reduce_window(env, twin)
+    return twin
