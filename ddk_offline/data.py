@@ -204,7 +204,7 @@ class BatchLoader:
         ]  # fmt: skip
         self.lse_key = lse_key_for(reader, temperature)
         self.with_topk, self.pin_memory = with_topk, pin_memory
-        self._open: Callable[[], DumpReader] = lambda: DumpReader(reader.path, reader.manifest)
+        self._open: Callable[[], DumpReader] = lambda: DumpReader(reader.store, reader.manifest)
         self._worker_reader: DumpReader | None = None
         self._cache: list[OrderedDict] = [OrderedDict() for _ in self.domains]
         self._capacity = window_units + 1

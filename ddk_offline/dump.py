@@ -17,11 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -32,8 +30,9 @@ from ddk_offline import distributed, dump_ranks, dumpdir
 from ddk_offline.corpus import open_corpus
 from ddk_offline.errors import UserError
 from ddk_offline.format.codec import TopKCodec
-from ddk_offline.format.manifest import DomainInfo, Manifest, ShardInfo, write_json_atomic
+from ddk_offline.format.manifest import DomainInfo, Manifest, ShardInfo, json_bytes
 from ddk_offline.format.schema import SPLITS
+from ddk_offline.format.storage import Storage
 from ddk_offline.format.writer import SequenceRecord, ShardWriter
 from ddk_offline.packing import DomainStats, PackedSequence, Packer
 from ddk_offline.teacher import (
@@ -58,7 +57,7 @@ class DumpConfig:
     Attributes:
         teacher: local model folder, ``.gguf`` file, or Hub name.
         data: corpus file, folder, glob, saved dataset or Hub dataset name (see :mod:`ddk_offline.corpus`).
-        out: the dump directory (created after validation passes).
+        out: the dump directory (created after validation passes): a local path or an fsspec URL (``s3://...``).
         text_column, domain_column: field names in structured corpora.
         seq_len: tokens per packed sequence (L).
         top_k: teacher logits kept per position (K).
@@ -204,7 +203,7 @@ def _run_dump(config: DumpConfig, env, device: torch.device, progress, after_sha
     t0 = time.perf_counter()
     stats = DumpStats()
     config.validate()
-    out = Path(config.out).expanduser()
+    out = Storage(config.out)  # a local folder or an fsspec URL
     corpus = open_corpus(config.data, text_column=config.text_column, domain_column=config.domain_column)
     source = resolve_teacher(config.teacher, config.gguf_file)
     dtype = resolve_dtype(config.dtype, device)
@@ -263,7 +262,7 @@ def _run_dump(config: DumpConfig, env, device: torch.device, progress, after_sha
         except BaseException:
             if created and stats.shards_written == 0 and (not env.active or manifest is None):
                 # This run made the folder, holds its lock, and nothing in it is worth keeping.
-                shutil.rmtree(out, ignore_errors=True)
+                out.remove("")
             raise
     return DumpResult(manifest, stats)
 
@@ -433,6 +432,6 @@ def _run_batch(model, batch: list[PackedSequence], manifest: Manifest, writer, s
         progress.advance(batch[0].domain, n)
 
 
-def _log_run(out: Path, config: DumpConfig, stats: DumpStats) -> None:
+def _log_run(out: Storage, config: DumpConfig, stats: DumpStats) -> None:
     """Save the resolved config and this run's timings (``dump_config.json``; not part of the format)."""
-    write_json_atomic(out / "dump_config.json", {"config": asdict(config), "last_run": asdict(stats)})
+    out.write_bytes_atomic("dump_config.json", json_bytes({"config": asdict(config), "last_run": asdict(stats)}))

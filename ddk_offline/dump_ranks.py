@@ -14,53 +14,51 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from ddk_offline import distributed, dumpdir
-from ddk_offline.format.manifest import Manifest, ShardInfo, write_json_atomic
+from ddk_offline.format.manifest import Manifest, ShardInfo, json_bytes
 from ddk_offline.format.schema import TMP_DIR
+from ddk_offline.format.storage import Storage, as_storage
 
 JOURNAL_DIR = f"{TMP_DIR}/journal"
 
 
-def record(out: Path, domain: str, split: str, info: ShardInfo) -> None:
+def record(out: Path | Storage, domain: str, split: str, info: ShardInfo) -> None:
     """Note a durable shard for rank 0 (called on the writer thread of a rank other than 0)."""
-    folder = Path(out) / JOURNAL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    store = as_storage(out)
+    store.makedirs(JOURNAL_DIR)
     entry = {"domain": domain, "split": split, "shard": asdict(info)}
-    write_json_atomic(folder / (info.file.replace("/", "__") + ".json"), entry)
+    store.write_bytes_atomic(f"{JOURNAL_DIR}/{info.file.replace('/', '__')}.json", json_bytes(entry))
 
 
-def merge(manifest: Manifest, out: Path) -> list[str]:
+def merge(manifest: Manifest, out: Path | Storage) -> list[str]:
     """Add journalled shards that the manifest does not list yet and whose file is intact; returns their files.
 
     Entries are left in place (the caller's ``clean_tmp`` removes them once the manifest is written).
     """
-    folder = Path(out) / JOURNAL_DIR
-    if not folder.is_dir():
-        return []
+    store = as_storage(out)
     added = []
-    for path in sorted(folder.glob("*.json")):
+    for name in store.listdir(JOURNAL_DIR):
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
+            entry = json.loads(store.read_bytes(f"{JOURNAL_DIR}/{name}").decode("utf-8"))
             info = ShardInfo(**entry["shard"])
             split = manifest.domains[entry["domain"]].splits[entry["split"]]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a torn or foreign entry: its shard is simply recomputed
         if any(s.first_seq == info.first_seq for s in split.shards):
             continue
-        file = Path(out) / info.file
-        if file.is_file() and os.path.getsize(file) == info.bytes:
+        if store.isfile(info.file) and store.size(info.file) == info.bytes:
             split.shards.append(info)
             split.shards.sort(key=lambda s: s.first_seq)
             added.append(info.file)
     return added
 
 
-def share_manifest(env: distributed.DistEnv, manifest: Manifest | None, out: Path, error: type[Exception]) -> Manifest:
+def share_manifest(
+    env: distributed.DistEnv, manifest: Manifest | None, out: Storage, error: type[Exception]
+) -> Manifest:
     """Rank 0's manifest on every rank (rank 0 sends it; a failure on rank 0 was sent as an error instead)."""
     if not env.active:
         return manifest
@@ -89,7 +87,7 @@ def sum_stats(per_rank: list):
     return total
 
 
-def prepare_out(out: Path, wanted: Manifest, tokenizer, held: contextlib.ExitStack) -> tuple[Manifest, bool]:
+def prepare_out(out: Storage, wanted: Manifest, tokenizer, held: contextlib.ExitStack) -> tuple[Manifest, bool]:
     """Rank 0 (or the only process): check or create ``out``, take its lock (held until ``held`` closes), and write
     the manifest to continue.
 
@@ -99,12 +97,16 @@ def prepare_out(out: Path, wanted: Manifest, tokenizer, held: contextlib.ExitSta
     existing = dumpdir.existing_manifest(out)
     if existing is not None:
         dumpdir.compare(existing, wanted, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        out.mkdir()
-        created = True
-    except FileExistsError:
-        created = False
+    if out.local is not None:
+        out.local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.local.mkdir()
+            created = True
+        except FileExistsError:
+            created = False
+    else:
+        created = not out.exists()
+        out.makedirs()
     try:
         held.enter_context(dumpdir.DumpLock(out))  # a refused second writer never touches the folder
         manifest = dumpdir.open_manifest(out, wanted)
@@ -115,6 +117,6 @@ def prepare_out(out: Path, wanted: Manifest, tokenizer, held: contextlib.ExitSta
         dumpdir.save_tokenizer(tokenizer, out)
     except BaseException:
         if created:
-            shutil.rmtree(out, ignore_errors=True)
+            out.remove("")
         raise
     return manifest, created

@@ -99,7 +99,7 @@ def _manifest_teacher(reader: DumpReader) -> str:
         path = path / t["gguf_file"]
     if not path.exists():
         raise UserError(
-            f"{reader.path / 'manifest.json'}: field 'teacher.name' = {name!r} is not a path on this machine; "
+            f"{reader.store.where('manifest.json')}: field 'teacher.name' = {name!r} is not a path on this machine; "
             "pass --teacher PATH (the teacher the dump was made with) to derive the student"
         )
     return str(path)

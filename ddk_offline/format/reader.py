@@ -1,7 +1,8 @@
 """Reading a teacher dump: :func:`open_dump` and :class:`DumpReader`.
 
 Sequential iteration (``sequences``) and random access by (domain, split, shard, row) for the trainer.
-Decoding returns numpy arrays; nothing here imports torch.
+Decoding returns numpy arrays; nothing here imports torch. A dump may live on any fsspec filesystem: pass a URL
+(``s3://bucket/dump``, ``file:///data/dump``, ...) instead of a local path (see :mod:`.storage`).
 """
 
 from __future__ import annotations
@@ -17,37 +18,43 @@ import pyarrow.parquet as pq
 
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import Manifest, ManifestError, ShardInfo
-from ddk_offline.format.schema import FORMAT_NAME, SPLITS, TOKENIZER_DIR, lse_column
+from ddk_offline.format.schema import FORMAT_NAME, MANIFEST_NAME, SPLITS, TOKENIZER_DIR, lse_column
+from ddk_offline.format.storage import Storage, as_storage
 
 
 class ShardError(ValueError):
     """A shard that does not match its manifest entry or cannot be decoded."""
 
 
-def open_dump(path: str | os.PathLike, *, allow_incomplete: bool = False) -> DumpReader:
+def open_dump(path: str | os.PathLike | Storage, *, allow_incomplete: bool = False) -> DumpReader:
     """Open a dump written by ``ddk-offline dump-teacher``.
 
     Args:
-        path: the dump directory (the one holding ``manifest.json``).
+        path: the dump directory (the one holding ``manifest.json``): a local path or an fsspec URL.
         allow_incomplete: read a dump whose writer has not finished (default: refuse).
 
     Returns:
         A :class:`DumpReader`.
     """
-    manifest = Manifest.load(path)
+    store = as_storage(path)
+    manifest = Manifest.load(store)
     if not manifest.complete and not allow_incomplete:
         raise ManifestError(
-            f"{Path(path) / 'manifest.json'}: the dump is incomplete (field 'complete' is false); "
+            f"{store.where(MANIFEST_NAME)}: the dump is incomplete (field 'complete' is false); "
             "re-run `ddk-offline dump-teacher` with the same arguments to finish it"
         )
-    return DumpReader(Path(path), manifest)
+    return DumpReader(store, manifest)
 
 
 class DumpReader:
-    """Read access to one dump. Cheap to create; shard files are opened lazily and cached."""
+    """Read access to one dump. Cheap to create; shard files are opened lazily and cached.
 
-    def __init__(self, path: Path, manifest: Manifest):
-        self.path = Path(path)
+    ``path`` is the dump's local folder (a :class:`~pathlib.Path`) or, for a dump on another filesystem, its URL.
+    """
+
+    def __init__(self, path: str | os.PathLike | Storage, manifest: Manifest):
+        self.store = as_storage(path)
+        self.path: Path | str = self.store.local if self.store.local is not None else self.store.url
         self.manifest = manifest
         self.codec = TopKCodec.from_description(manifest.codec, vocab_size=manifest.vocab_size, k=manifest.k)
         self._open = lru_cache(maxsize=64)(self._open_uncached)
@@ -67,9 +74,12 @@ class DumpReader:
 
     def tokenizer(self):
         """The dump's copy of the teacher tokenizer (``transformers.AutoTokenizer``)."""
+        import tempfile
+
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR)
+        with tempfile.TemporaryDirectory(prefix="ddk-tokenizer-") as tmp:  # used only when the dump is remote
+            return AutoTokenizer.from_pretrained(self.store.get_dir(TOKENIZER_DIR, Path(tmp)))
 
     def shards(self, domain: str, split: str = "train") -> list[ShardInfo]:
         """The shards of a (domain, split) stream, in order."""
@@ -115,9 +125,9 @@ class DumpReader:
 
     def _open_uncached(self, domain: str, split: str, shard: int) -> pq.ParquetFile:
         info = self.shards(domain, split)[shard]
-        path = self.path / info.file
+        path = self.store.where(info.file)
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(self.store.open_input(info.file))
         except (OSError, pa.ArrowInvalid) as e:
             raise ShardError(f"{path}: cannot open shard ({e}); run `ddk-offline dumps verify {self.path}`") from None
         meta = pf.schema_arrow.metadata or {}
@@ -147,7 +157,7 @@ class DumpReader:
             except ValueError as e:
                 f = self.shards(domain, split)[shard].file
                 raise ShardError(
-                    f"{self.path / f}: row {i}: top-k blob cannot be decoded ({e}); "
+                    f"{self.store.where(f)}: row {i}: top-k blob cannot be decoded ({e}); "
                     f"run `ddk-offline dumps verify {self.path}`"
                 ) from None
         out["topk_ids"], out["topk_logits"] = ids, logits
