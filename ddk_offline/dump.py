@@ -180,7 +180,7 @@ def run_dump(
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this with the same config: each one runs the pre-pass,
     rank 0 alone prepares ``--out`` (lock, manifest), the missing shards are dealt out round-robin (rank r computes
-    the r-th, (r + world)-th, ... of them), other ranks journal their finished shards (:mod:`.dumpjournal`), and
+    the r-th, (r + world)-th, ... of them), other ranks journal their finished shards (:mod:`.dump_ranks`), and
     rank 0 merges them into the manifest after a barrier. Every rank returns the final manifest and the stats summed
     over ranks (``loop_s`` is the slowest rank's).
 
