@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(Path(__file__).resolve().parent)]
 
+LOADS: list[float] = []
 CONFIGS = [("1 process x 1 thread", 1, 1), ("1 process x {n} threads", 1, None), ("2 processes x 1 thread", 2, 1)]
 
 
@@ -47,6 +48,7 @@ def command(nproc: int, *args: str) -> list[str]:
 
 def run(nproc: int, threads: int, *args: str) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]))
+    LOADS.append(os.getloadavg()[0])  # other jobs on the same cores show up here
     t0 = time.perf_counter()
     proc = subprocess.run(command(nproc, *args), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -143,10 +145,12 @@ def main() -> None:
     if args.skip != "distill":
         result["distill"] = {"student": "Llama hidden 128, 2 layers, V 49152", "seq_len": 256, "k": 64,
                              "runs": bench_distill(tmp, args.steps, cores, args.teacher)}  # fmt: skip
+    result["load_average_1min_at_run_starts"] = LOADS
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Scaling: 1 vs 2 processes ({result['cpu']}, {cores} cores, torch {result['torch']}, no GPU)", "",
-          f"_{result['note']}._", ""]  # fmt: skip
+          f"_{result['note']}; 1-minute load average at each run's start: "
+          f"{', '.join(f'{x:.1f}' for x in LOADS)}._", ""]  # fmt: skip
     for phase in ("dump", "distill"):
         if phase not in result:
             continue
