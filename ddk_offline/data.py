@@ -179,6 +179,8 @@ class BatchLoader:
         prefetch: build on a background thread (False: build on the caller's thread, same results).
         pin_memory: pin the host tensors (for asynchronous copies to a GPU).
         window_units: shuffle window, see :class:`DomainStream`.
+        part: ``(rank, world)``: plans are global (every rank plans the whole step, so cursors and checkpoints are
+            identical on all ranks) and this loader builds only its contiguous ``1 / world`` of each plan's rows.
     """
 
     def __init__(
@@ -191,8 +193,10 @@ class BatchLoader:
         prefetch: bool = True,
         pin_memory: bool = False,
         window_units: int = WINDOW_UNITS,
+        part: tuple[int, int] = (0, 1),
     ):
         self.domains = reader.domains
+        self.rank, self.world = int(part[0]), int(part[1])
         self.streams = [
             DomainStream([s.rows for s in reader.shards(d, "train")], seed=seed, domain_index=i,
                          window_units=window_units)
@@ -200,7 +204,7 @@ class BatchLoader:
         ]  # fmt: skip
         self.lse_key = lse_key_for(reader, temperature)
         self.with_topk, self.pin_memory = with_topk, pin_memory
-        self._open: Callable[[], DumpReader] = lambda: DumpReader(reader.path, reader.manifest)
+        self._open: Callable[[], DumpReader] = lambda: DumpReader(reader.store, reader.manifest)
         self._worker_reader: DumpReader | None = None
         self._cache: list[OrderedDict] = [OrderedDict() for _ in self.domains]
         self._capacity = window_units + 1
@@ -226,8 +230,9 @@ class BatchLoader:
         return plan
 
     def submit(self, plan: np.ndarray) -> None:
-        """Queue a plan for building (in order)."""
-        job = self._pool.submit(self._build, plan) if self._pool is not None else self._build(plan)
+        """Queue a plan for building (in order); with ``part`` set, only this rank's rows of it are built."""
+        local = np.array_split(plan, self.world)[self.rank] if self.world > 1 else plan
+        job = self._pool.submit(self._build, local) if self._pool is not None else self._build(local)
         self._pending.append((plan, job))
 
     def next(self) -> Batch:

@@ -8,31 +8,31 @@ load the model only if work remains -> second pass: batches of one shard's rows 
 
 Bit-identical resume: a work item is one shard, (domain, split, shard index), holding the stream's sequences
 ``[j * R, (j + 1) * R)``; its batches are cut inside the shard (``batch_size`` rows, the last one shorter), so a
-shard's batches, and therefore its bytes, do not depend on what else was computed in the run. Ranks of a future
-``torchrun`` dump can split these items without overlap.
+shard's batches, and therefore its bytes, do not depend on what else was computed in the run. Under ``torchrun`` the
+ranks split these items without overlap (see :func:`run_dump` and :mod:`ddk_offline.dump_ranks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
 import ddk_offline
-from ddk_offline import dumpdir
+from ddk_offline import distributed, dump_ranks, dumpdir
 from ddk_offline.corpus import open_corpus
 from ddk_offline.errors import UserError
 from ddk_offline.format.codec import TopKCodec
-from ddk_offline.format.manifest import DomainInfo, Manifest, ShardInfo, write_json_atomic
+from ddk_offline.format.manifest import DomainInfo, Manifest, ShardInfo, json_bytes
 from ddk_offline.format.schema import SPLITS
+from ddk_offline.format.storage import Storage
 from ddk_offline.format.writer import SequenceRecord, ShardWriter
 from ddk_offline.packing import DomainStats, PackedSequence, Packer
 from ddk_offline.teacher import (
@@ -57,7 +57,7 @@ class DumpConfig:
     Attributes:
         teacher: local model folder, ``.gguf`` file, or Hub name.
         data: corpus file, folder, glob, saved dataset or Hub dataset name (see :mod:`ddk_offline.corpus`).
-        out: the dump directory (created after validation passes).
+        out: the dump directory (created after validation passes): a local path or an fsspec URL (``s3://...``).
         text_column, domain_column: field names in structured corpora.
         seq_len: tokens per packed sequence (L).
         top_k: teacher logits kept per position (K).
@@ -148,6 +148,7 @@ class DumpStats:
     tokens: dict[str, int] = field(default_factory=dict)
     shards_written: int = 0
     shards_kept: int = 0
+    world: int = 1
 
     @property
     def overhead(self) -> float:
@@ -178,19 +179,35 @@ def run_dump(
 ) -> DumpResult:
     """:func:`dump_teacher` that also returns the run's :class:`DumpStats`.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this with the same config: each one runs the pre-pass,
+    rank 0 alone prepares ``--out`` (lock, manifest), the missing shards are dealt out round-robin (rank r computes
+    the r-th, (r + world)-th, ... of them), other ranks journal their finished shards (:mod:`.dump_ranks`), and
+    rank 0 merges them into the manifest after a barrier. Every rank returns the final manifest and the stats summed
+    over ranks (``loop_s`` is the slowest rank's).
+
     Args:
         config: the dump's options.
-        progress: optional progress sink.
+        progress: optional progress sink (give it on rank 0 only).
         after_shard: called after each new shard is durable and listed in the manifest (tests inject kills here).
         redo: listed shard files to delete and recompute (``dumps verify --repair``: the shards that failed).
     """
+    device = resolve_device(config.device)
+    env = distributed.setup(device.type)
+    try:
+        if env.active and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", env.local_rank)  # one GPU per rank
+        return _run_dump(config, env, device, progress, after_shard, redo)
+    finally:
+        distributed.teardown(env)
+
+
+def _run_dump(config: DumpConfig, env, device: torch.device, progress, after_shard, redo) -> DumpResult:
     t0 = time.perf_counter()
     stats = DumpStats()
     config.validate()
-    out = Path(config.out).expanduser()
+    out = Storage(config.out)  # a local folder or an fsspec URL
     corpus = open_corpus(config.data, text_column=config.text_column, domain_column=config.domain_column)
     source = resolve_teacher(config.teacher, config.gguf_file)
-    device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     model_config = load_config(source, trust_remote_code=config.trust_remote_code)
@@ -202,41 +219,54 @@ def run_dump(
     wanted = _new_manifest(
         config, corpus.describe(), domain_stats, source, model_config, tokenizer, vocab, dtype, device
     )
-
-    existing = dumpdir.existing_manifest(out)
-    if existing is not None:
-        dumpdir.compare(existing, wanted, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        out.mkdir()
-        created = True  # by this run: removed again if the run fails before its first shard
-    except FileExistsError:
-        created = False
-    with dumpdir.DumpLock(out):  # a refused second writer never touches the folder
+    created = False  # whether this run made --out (removed again if it fails before its first shard)
+    manifest = None
+    with contextlib.ExitStack() as held:  # rank 0 holds the writer lock until the end of the run
         try:
-            manifest = dumpdir.open_manifest(out, wanted)
-            dumpdir.forget_shards(manifest, out, set(redo))
-            dumpdir.clean_tmp(out)
-            dumpdir.save_tokenizer(tokenizer, out)
-            manifest.complete = False
-            manifest.write_atomic(out)
+            if env.is_main:
+                try:
+                    manifest, created = dump_ranks.prepare_out(out, wanted, tokenizer, held, redo)
+                except BaseException as e:
+                    distributed.broadcast_object(env, ("error", f"rank 0: {e}"))
+                    raise
+            manifest = dump_ranks.share_manifest(env, manifest, out, UserError)
             todo = dumpdir.missing_shards(manifest, config.rows_per_shard)
             stats.shards_kept = sum(len(s.shards) for d in manifest.domains.values() for s in d.splits.values())
-            if any(todo.values()):
+            items = [(name, split, j) for (name, split), js in sorted(todo.items()) for j in sorted(js)]
+            mine = distributed.shard_of(items, env)
+            if mine:
+                my_todo: dict[tuple[str, str], set[int]] = {key: set() for key in todo}
+                for name, split, j in mine:
+                    my_todo[(name, split)].add(j)
                 t1 = time.perf_counter()
                 model = load_model(source, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code)
                 stats.load_s = time.perf_counter() - t1
-                _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progress, after_shard)
-            dumpdir.check_finished(manifest, out)
-            manifest.complete = True
-            manifest.write_atomic(out)
+                journal = None if env.is_main else out
+                _compute(
+                    config, corpus, tokenizer, model, manifest, out, my_todo, stats, progress, after_shard, journal
+                )
+            distributed.barrier(env)  # every rank's shards are durable (and journalled) past this point
+            stats = dump_ranks.sum_stats(distributed.gather_objects(env, stats))
+            if env.is_main:
+                try:
+                    dump_ranks.merge(manifest, out)
+                    dumpdir.check_finished(manifest, out)
+                    manifest.complete = True
+                    manifest.write_atomic(out)
+                    dumpdir.clean_tmp(out)
+                    stats.total_s = time.perf_counter() - t0
+                    _log_run(out, config, stats)
+                except BaseException as e:
+                    distributed.broadcast_object(env, ("error", f"rank 0: {e}"))
+                    raise
+            manifest = dump_ranks.share_manifest(env, manifest, out, RuntimeError)
             stats.total_s = time.perf_counter() - t0
-            _log_run(out, config, stats)
         except BaseException as e:
-            removed = created and stats.shards_written == 0
+            removed = created and stats.shards_written == 0 and (not env.active or manifest is None)
             if removed:
                 # This run made the folder, holds its lock, and nothing in it is worth keeping.
-                shutil.rmtree(out, ignore_errors=True)
+                out.remove("")
+            removed = removed or not out.exists()  # prepare_out removes a folder it made when it fails
             if (full := dumpdir.disk_full_error(e, out, removed)) is not None:
                 raise full from e
             raise
@@ -315,18 +345,25 @@ def _new_manifest(config, corpus_info, domain_stats, source, model_config, token
     )
 
 
-def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progress, after_shard) -> None:
-    """The dump loop: second pass over the corpus, teacher forward per batch, records to the writer thread."""
+def _compute(config, corpus, tokenizer, model, manifest, out, todo, stats, progress, after_shard, journal) -> None:
+    """The dump loop: second pass over the corpus, teacher forward per batch, records to the writer thread.
+
+    ``todo`` holds this process's shards only. With ``journal`` set (ranks other than 0) a finished shard is
+    journalled for rank 0 instead of being written into the manifest.
+    """
     R, B = config.rows_per_shard, config.batch_size
     planned = {(n, s): manifest.corpus["domains"][n]["sequences"][s] for n in manifest.domains for s in SPLITS}
 
     written: list[tuple[str, str]] = []  # (domain, file) of this run's shards
 
     def on_shard(domain: str, split: str, index: int, info: ShardInfo) -> None:  # runs on the writer thread
-        shards = manifest.domains[domain].splits[split].shards
-        shards.append(info)
-        shards.sort(key=lambda s: s.first_seq)
-        manifest.write_atomic(out)
+        if journal is not None:
+            dump_ranks.record(journal, domain, split, info)
+        else:
+            shards = manifest.domains[domain].splits[split].shards
+            shards.append(info)
+            shards.sort(key=lambda s: s.first_seq)
+            manifest.write_atomic(out)
         stats.shards_written += 1
         written.append((domain, info.file))
         if after_shard is not None:
@@ -413,6 +450,6 @@ def _run_batch(model, batch: list[PackedSequence], manifest: Manifest, writer, s
         progress.advance(batch[0].domain, n)
 
 
-def _log_run(out: Path, config: DumpConfig, stats: DumpStats) -> None:
+def _log_run(out: Storage, config: DumpConfig, stats: DumpStats) -> None:
     """Save the resolved config and this run's timings (``dump_config.json``; not part of the format)."""
-    write_json_atomic(out / "dump_config.json", {"config": asdict(config), "last_run": asdict(stats)})
+    out.write_bytes_atomic("dump_config.json", json_bytes({"config": asdict(config), "last_run": asdict(stats)}))

@@ -1,7 +1,9 @@
 """The dump directory's safety rules: one writer (a lock), no mixing of dumps, resume bookkeeping.
 
 - Lock: ``.lock`` is held with ``fcntl.flock`` for the whole run. The kernel releases it when the process dies
-  (even by SIGKILL), so a crashed dump never leaves a stale lock; a second live writer is refused.
+  (even by SIGKILL), so a crashed dump never leaves a stale lock; a second live writer is refused. Object stores
+  (fsspec URLs) have no such lock: there one writer per dump is the user's rule (docs/SCALING.md).
+- Every function takes the dump as a local path or a :class:`~ddk_offline.format.storage.Storage` (fsspec URLs).
 - Mixing: a directory that already holds a dump is reused only when everything that determines the stored bytes
   matches (teacher and tokenizer hashes, seq_len, k, codec, corpus content hash, settings); otherwise the run is
   refused with the list of differences.
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ddk_offline.errors import UserError
-from ddk_offline.format.manifest import Manifest, fsync_dir
+from ddk_offline.format.manifest import Manifest
 from ddk_offline.format.schema import LOCK_NAME, MANIFEST_NAME, SPLITS, TMP_DIR, TOKENIZER_DIR
+from ddk_offline.format.storage import Storage, as_storage
 
 try:
     import fcntl
@@ -53,13 +56,16 @@ class DiskFullError(UserError):
 
 
 class DumpLock:
-    """An exclusive, non-blocking ``flock`` on ``<dir>/.lock``; a context manager."""
+    """An exclusive, non-blocking ``flock`` on ``<dir>/.lock``; a context manager (a no-op on fsspec URLs)."""
 
-    def __init__(self, directory: Path):
-        self.path = Path(directory) / LOCK_NAME
+    def __init__(self, directory: Path | Storage):
+        local = as_storage(directory).local
+        self.path = local / LOCK_NAME if local is not None else None
         self._fd: int | None = None
 
     def __enter__(self) -> DumpLock:
+        if self.path is None:
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
             try:
@@ -82,20 +88,21 @@ class DumpLock:
             self._fd = None
 
 
-def existing_manifest(out: Path) -> Manifest | None:
+def existing_manifest(out: Path | Storage) -> Manifest | None:
     """The manifest of a dump already in ``out``, None when ``out`` is absent or holds only our leftovers.
 
     Raises:
         DumpDirError: ``out`` is a file, or a non-empty folder that is not a dump.
         ManifestError: ``out/manifest.json`` exists but cannot be trusted.
     """
-    if not out.exists():
+    store = as_storage(out)
+    if not store.exists():
         return None
-    if not out.is_dir():
+    if not store.isdir():
         raise DumpDirError(f"--out {out}: exists and is not a folder; choose another --out")
-    if (out / MANIFEST_NAME).exists():
-        return Manifest.load(out)
-    others = sorted(p.name for p in out.iterdir() if p.name not in _OWN_LEFTOVERS and not _JSON_TMP.match(p.name))
+    if store.isfile(MANIFEST_NAME):
+        return Manifest.load(store)
+    others = [name for name in store.listdir() if name not in _OWN_LEFTOVERS and not _JSON_TMP.match(name)]
     if others:
         raise DumpDirError(
             f"--out {out}: the folder is not empty and holds no dump (found {others[:5]}); "
@@ -139,15 +146,15 @@ def _identity(m: Manifest) -> dict[str, Any]:
     return flat
 
 
-def keep_valid_shards(manifest: Manifest, out: Path) -> list[str]:
+def keep_valid_shards(manifest: Manifest, out: Path | Storage) -> list[str]:
     """Drop manifest shards whose file is missing or has the wrong size; returns the dropped files."""
+    store = as_storage(out)
     dropped = []
     for info in manifest.domains.values():
         for split in info.splits.values():
             kept = []
             for shard in split.shards:
-                path = out / shard.file
-                if path.is_file() and path.stat().st_size == shard.bytes:
+                if store.isfile(shard.file) and store.size(shard.file) == shard.bytes:
                     kept.append(shard)
                 else:
                     dropped.append(shard.file)
@@ -155,7 +162,7 @@ def keep_valid_shards(manifest: Manifest, out: Path) -> list[str]:
     return dropped
 
 
-def forget_shards(manifest: Manifest, out: Path, files: set[str]) -> list[str]:
+def forget_shards(manifest: Manifest, out: Path | Storage, files: set[str]) -> list[str]:
     """Unlist the shards whose ``file`` is in ``files`` and delete those files, so the run recomputes them.
 
     ``dumps verify --repair`` passes the shards that failed verification (a flipped bit keeps the size, so
@@ -164,17 +171,18 @@ def forget_shards(manifest: Manifest, out: Path, files: set[str]) -> list[str]:
     Returns:
         The files unlisted.
     """
+    store = as_storage(out)
     forgotten = []
     for info in manifest.domains.values():
         for split in info.splits.values():
             for shard in [s for s in split.shards if s.file in files]:
                 split.shards.remove(shard)
-                (out / shard.file).unlink(missing_ok=True)
+                store.remove(shard.file)
                 forgotten.append(shard.file)
     return forgotten
 
 
-def disk_full_error(exc: BaseException, out: Path, removed: bool) -> DiskFullError | None:
+def disk_full_error(exc: BaseException, out: Path | Storage, removed: bool) -> DiskFullError | None:
     """A :class:`DiskFullError` for ``exc`` when it is ENOSPC / EDQUOT (else None).
 
     Args:
@@ -198,33 +206,30 @@ def disk_full_error(exc: BaseException, out: Path, removed: bool) -> DiskFullErr
     )
 
 
-def clean_tmp(out: Path) -> None:
+def clean_tmp(out: Path | Storage) -> None:
     """Remove temporary files of earlier (dead) writers (``.tmp/``, JSON temp files); call only under the lock."""
-    for p in out.iterdir():
-        if _JSON_TMP.match(p.name):
-            p.unlink()
-    tmp = out / TMP_DIR
-    if tmp.is_dir():
-        for p in tmp.iterdir():
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+    store = as_storage(out)
+    for name in store.listdir():
+        if _JSON_TMP.match(name):
+            store.remove(name)
+    for name in store.listdir(TMP_DIR):
+        store.remove(f"{TMP_DIR}/{name}")
 
 
-def save_tokenizer(tokenizer, out: Path) -> None:
+def save_tokenizer(tokenizer, out: Path | Storage) -> None:
     """Save the teacher tokenizer to ``out/tokenizer`` once (temp folder + rename, so it is never half written)."""
-    final = out / TOKENIZER_DIR
-    if final.is_dir():
+    store = as_storage(out)
+    if store.isdir(TOKENIZER_DIR):
         return
-    tmp = out / TMP_DIR / f"tokenizer.{os.getpid()}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    scratch = store.scratch()
+    tmp = scratch / f"tokenizer.{os.getpid()}"
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, final)
-    fsync_dir(out)
+    store.put_dir(tmp, TOKENIZER_DIR)
+    if store.local is None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def open_manifest(out: Path, wanted: Manifest) -> Manifest:
+def open_manifest(out: Path | Storage, wanted: Manifest) -> Manifest:
     """The manifest to continue (re-read under the lock: another run may have written since the first check)."""
     existing = existing_manifest(out)
     if existing is None:
@@ -262,7 +267,7 @@ def missing_shards(manifest: Manifest, rows_per_shard: int) -> dict[tuple[str, s
     return todo
 
 
-def check_finished(manifest: Manifest, out: Path) -> None:
+def check_finished(manifest: Manifest, out: Path | Storage) -> None:
     """Every planned sequence is in a listed shard (guards the loop's bookkeeping before ``complete = true``)."""
     for name, info in manifest.domains.items():
         for split in SPLITS:

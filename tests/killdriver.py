@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 
 def _die() -> None:
@@ -50,6 +51,7 @@ def dump_points(point: str, n: int) -> dict:
     """Install a dump kill point; returns extra ``run_dump`` keyword arguments."""
     import ddk_offline.dump as dump
     import ddk_offline.format.manifest as manifest
+    import ddk_offline.format.storage as storage
     import ddk_offline.format.writer as writer
 
     hit = _countdown(n)
@@ -58,7 +60,7 @@ def dump_points(point: str, n: int) -> dict:
     elif point == "shard-written":  # the N-th shard is complete in .tmp/, not yet renamed
         _wrap(writer, "_sha256_fsync", hit, before=False)
     elif point == "shard-renamed":  # the N-th shard has its final name but is not yet in the manifest
-        _wrap(writer, "fsync_dir", hit, before=True)
+        _wrap(storage, "fsync_dir", hit, before=True, when=lambda folder: Path(folder).name in ("train", "val"))
     elif point == "manifest-tmp":  # the N-th manifest write is in its temp file, not yet renamed (N = 1: the first)
         _wrap(manifest.os, "replace", hit, before=True, when=lambda src, dst: str(dst).endswith("manifest.json"))
     elif point == "after-shard":  # the N-th shard is durable and listed

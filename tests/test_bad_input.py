@@ -139,7 +139,7 @@ def test_a_dump_from_another_teacher_in_out_is_refused_untouched(small_dump, tmp
 # --- the disk fills up mid-dump ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("where, n", [("shard", 5), ("manifest", 6), ("manifest", 1)])
 def test_disk_full_fails_cleanly_and_the_rerun_resumes(small_dump, tmp_path, monkeypatch, where, n):
-    import ddk_offline.format.manifest as manifest_mod
+    import ddk_offline.format.storage as storage_mod
     import ddk_offline.format.writer as writer_mod
 
     config, reference = small_dump
@@ -163,7 +163,7 @@ def test_disk_full_fails_cleanly_and_the_rerun_resumes(small_dump, tmp_path, mon
                 full(path)
             return open(path, mode, *a, **kw)
 
-        monkeypatch.setattr(manifest_mod, "open", fake_open, raising=False)
+        monkeypatch.setattr(storage_mod, "open", fake_open, raising=False)  # Storage.write_bytes_atomic
     with pytest.raises(DiskFullError) as info:
         run_dump(_config(config.teacher, config.data, out))
     msg = str(info.value)

@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         kd_mode: str = typer.Option("renorm", help="Teacher target: renorm (top-k renormalised) | tail (exact)."),
         max_steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 1000)."),
         max_tokens: Optional[int] = typer.Option(None, help="Train tokens instead of --max-steps (rounded up)."),
-        batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
+        batch_size: int = typer.Option(8, help="Sequences per micro-batch (per process under torchrun)."),
         grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
         lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW; warm-up then cosine to 10%)."),
         warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (default 5% of the steps)."),
@@ -56,7 +56,11 @@ def register(app: typer.Typer) -> None:
         log_every: int = typer.Option(10, help="A metrics.jsonl row every N steps (plus the first and last)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
     ) -> None:
-        """Distil a student from a teacher dump with DDK domain sampling (or a baseline sampler)."""
+        """Distil a student from a teacher dump with DDK domain sampling (or a baseline sampler).
+
+        Under `torchrun --nproc_per_node N -m ddk_offline distill ...` the student trains with DDP; --batch-size is
+        per process.
+        """
         from ddk_offline.distill_config import DistillConfig
         from ddk_offline.trainer import distill as run
 
@@ -71,7 +75,9 @@ def register(app: typer.Typer) -> None:
             log_every=log_every,
         )  # fmt: skip
         _quiet_libraries()
-        if quiet:
+        from ddk_offline.distributed import env_rank
+
+        if quiet or env_rank() != 0:  # under torchrun only rank 0 shows progress and the summary
             summary = run(config)
             typer.echo(f"final model: {summary.final_model}")
             return

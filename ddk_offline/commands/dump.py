@@ -40,7 +40,10 @@ def register(app: typer.Typer) -> None:
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
     ) -> None:
-        """Run the teacher over a corpus and store its top-k logits, logsumexp and loss per position."""
+        """Run the teacher over a corpus and store its top-k logits, logsumexp and loss per position.
+
+        Under `torchrun --nproc_per_node N -m ddk_offline dump-teacher ...` the ranks split the shards.
+        """
         from ddk_offline.dump import DumpConfig, run_dump
 
         try:
@@ -56,6 +59,9 @@ def register(app: typer.Typer) -> None:
             extra_temperatures=temps, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
         )  # fmt: skip
         _quiet_libraries()
+        from ddk_offline.distributed import env_rank
+
+        quiet = quiet or env_rank() != 0  # under torchrun only rank 0 draws progress and prints the summary
         progress = None if quiet else _RichProgress()
         try:
             result = run_dump(config, progress=progress)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ddk_offline.format.schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, SUPPORTED_VERSIONS
+from ddk_offline.format.storage import Storage, as_storage
+from ddk_offline.format.storage import fsync_dir as fsync_dir  # re-exported: writers import it from here
 
 
 class ManifestError(ValueError):
@@ -159,19 +161,23 @@ class Manifest:
         fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "domains"}
         return cls(**fields, domains=domains)
 
-    def write_atomic(self, directory: str | os.PathLike) -> None:
-        """Write ``directory/manifest.json`` so that a crash leaves either the old or the new file."""
-        write_json_atomic(Path(directory) / MANIFEST_NAME, self.to_dict())
+    def write_atomic(self, directory: str | os.PathLike | Storage) -> None:
+        """Write ``directory/manifest.json`` so that a crash leaves either the old or the new file.
+
+        ``directory`` may be a local folder or an fsspec URL / :class:`Storage` (one upload there).
+        """
+        as_storage(directory).write_bytes_atomic(MANIFEST_NAME, json_bytes(self.to_dict()))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Manifest:
-        path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
+    def load(cls, directory: str | os.PathLike | Storage) -> Manifest:
+        store = as_storage(directory)
+        path = store.where(MANIFEST_NAME)
+        if not store.isfile(MANIFEST_NAME):
             raise ManifestError(
                 f"{path}: no manifest here; is {directory} a dump written by `ddk-offline dump-teacher`?"
             )
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = json.loads(store.read_bytes(MANIFEST_NAME).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ManifestError(
                 f"{path}: not valid JSON ({e}); restore it from a backup, or delete the dump folder and re-dump"
@@ -181,32 +187,12 @@ class Manifest:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file in the same directory, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    data = json.dumps(obj, indent=2, sort_keys=False, allow_nan=True).encode("utf-8") + b"\n"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # e.g. a full disk: the old file stays, no stray temp file
-        raise
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    Storage(Path(path).parent).write_bytes_atomic(Path(path).name, json_bytes(obj))
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def json_bytes(obj: Any) -> bytes:
+    """The JSON text of manifests and other small state files (indented, NaN allowed, trailing newline)."""
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=True).encode("utf-8") + b"\n"
 
 
 def _content_checksum(d: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """Reading a teacher dump: :func:`open_dump` and :class:`DumpReader`.
 
 Sequential iteration (``sequences``) and random access by (domain, split, shard, row) for the trainer.
-Decoding returns numpy arrays; nothing here imports torch.
+Decoding returns numpy arrays; nothing here imports torch. A dump may live on any fsspec filesystem: pass a URL
+(``s3://bucket/dump``, ``file:///data/dump``, ...) instead of a local path (see :mod:`.storage`).
 """
 
 from __future__ import annotations
@@ -18,30 +19,32 @@ import pyarrow.parquet as pq
 
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import Manifest, ManifestError, ShardInfo
-from ddk_offline.format.schema import FORMAT_NAME, SPLITS, TOKENIZER_DIR, lse_column
+from ddk_offline.format.schema import FORMAT_NAME, MANIFEST_NAME, SPLITS, TOKENIZER_DIR, lse_column
+from ddk_offline.format.storage import Storage, as_storage
 
 
 class ShardError(ValueError):
     """A shard that does not match its manifest entry or cannot be decoded."""
 
 
-def open_dump(path: str | os.PathLike, *, allow_incomplete: bool = False) -> DumpReader:
+def open_dump(path: str | os.PathLike | Storage, *, allow_incomplete: bool = False) -> DumpReader:
     """Open a dump written by ``ddk-offline dump-teacher``.
 
     Args:
-        path: the dump directory (the one holding ``manifest.json``).
+        path: the dump directory (the one holding ``manifest.json``): a local path or an fsspec URL.
         allow_incomplete: read a dump whose writer has not finished (default: refuse).
 
     Returns:
         A :class:`DumpReader`.
     """
-    manifest = Manifest.load(path)
+    store = as_storage(path)
+    manifest = Manifest.load(store)
     if not manifest.complete and not allow_incomplete:
         raise ManifestError(
-            f"{Path(path) / 'manifest.json'}: the dump is incomplete (field 'complete' is false); "
+            f"{store.where(MANIFEST_NAME)}: the dump is incomplete (field 'complete' is false); "
             "re-run `ddk-offline dump-teacher` with the same arguments to finish it"
         )
-    return DumpReader(Path(path), manifest)
+    return DumpReader(store, manifest)
 
 
 class DumpReader:
@@ -50,10 +53,13 @@ class DumpReader:
     Each shard's sha256 is checked against the manifest the first time this reader opens it (one extra sequential
     read per shard and reader): Parquet pages carry no checksum, so a flipped bit could otherwise decode silently
     into wrong teacher targets. ``verify_checksums=False`` skips it (``dumps verify`` hashes on its own).
+
+    ``path`` is the dump's local folder (a :class:`~pathlib.Path`) or, for a dump on another filesystem, its URL.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, *, verify_checksums: bool = True):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | Storage, manifest: Manifest, *, verify_checksums: bool = True):
+        self.store = as_storage(path)
+        self.path: Path | str = self.store.local if self.store.local is not None else self.store.url
         self.manifest = manifest
         self.codec = TopKCodec.from_description(manifest.codec, vocab_size=manifest.vocab_size, k=manifest.k)
         self.verify_checksums = verify_checksums
@@ -75,9 +81,12 @@ class DumpReader:
 
     def tokenizer(self):
         """The dump's copy of the teacher tokenizer (``transformers.AutoTokenizer``)."""
+        import tempfile
+
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR)
+        with tempfile.TemporaryDirectory(prefix="ddk-tokenizer-") as tmp:  # used only when the dump is remote
+            return AutoTokenizer.from_pretrained(self.store.get_dir(TOKENIZER_DIR, Path(tmp)))
 
     def shards(self, domain: str, split: str = "train") -> list[ShardInfo]:
         """The shards of a (domain, split) stream, in order."""
@@ -123,16 +132,16 @@ class DumpReader:
 
     def _open_uncached(self, domain: str, split: str, shard: int) -> pq.ParquetFile:
         info = self.shards(domain, split)[shard]
-        path = self.path / info.file
+        path = self.store.where(info.file)
         if self.verify_checksums and info.file not in self._verified:
-            if _sha256(path) != info.sha256:
+            if _sha256(self.store, info.file) != info.sha256:
                 raise ShardError(
                     f"{path}: missing, or its sha256 differs from the manifest (corrupted or replaced); refusing to "
                     f"train on it. Run `ddk-offline dumps verify {self.path} --repair` to recompute it"
                 )
             self._verified.add(info.file)
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(self.store.open_input(info.file))
         except (OSError, pa.ArrowInvalid) as e:
             raise ShardError(f"{path}: cannot open shard ({e}); run `ddk-offline dumps verify {self.path}`") from None
         meta = pf.schema_arrow.metadata or {}
@@ -162,7 +171,7 @@ class DumpReader:
             except ValueError as e:
                 f = self.shards(domain, split)[shard].file
                 raise ShardError(
-                    f"{self.path / f}: row {i}: top-k blob cannot be decoded ({e}); "
+                    f"{self.store.where(f)}: row {i}: top-k blob cannot be decoded ({e}); "
                     f"run `ddk-offline dumps verify {self.path}`"
                 ) from None
         out["topk_ids"], out["topk_logits"] = ids, logits
@@ -170,10 +179,12 @@ class DumpReader:
         return out
 
 
-def _sha256(path: Path) -> str | None:
+def _sha256(store: Storage, rel: str) -> str | None:
+    """The sha256 of ``rel`` in ``store`` (streamed in 4 MiB blocks), or None when it cannot be read."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        src = store.open_input(rel)
+        with open(src, "rb") if isinstance(src, str) else src as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     except OSError:

@@ -5,6 +5,7 @@ hashing and the manifest update happen on the writer thread, so they overlap the
 Every shard is written under a temporary name, fsynced and renamed: a crash never leaves a half shard
 under a final name. A (domain, split) stream's shard ``j`` always holds sequences
 ``[j * rows_per_shard, (j + 1) * rows_per_shard)``, so a resumed dump rewrites exactly the same files.
+On a remote filesystem (an fsspec URL) the shard is built in a local temp folder and uploaded in one call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import hashlib
 import os
 import queue
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddk_offline.format.codec import TopKCodec
-from ddk_offline.format.manifest import ShardInfo, fsync_dir
-from ddk_offline.format.schema import ROW_GROUP_ROWS, TMP_DIR, float_columns, lse_column, shard_schema
+from ddk_offline.format.manifest import ShardInfo
+from ddk_offline.format.schema import ROW_GROUP_ROWS, float_columns, lse_column, shard_schema
+from ddk_offline.format.storage import Storage, as_storage
 
 
 @dataclass
@@ -67,7 +70,7 @@ class ShardWriter:
     """Writes shards in the background. Use as a context manager; ``put`` records in stream order.
 
     Args:
-        root: the dump directory.
+        root: the dump directory (a local path, an fsspec URL or a :class:`Storage`).
         codec: encodes each sequence's top-k.
         rows_per_shard: sequences per shard (the last shard of a stream may hold fewer).
         domain_dirs: domain name -> folder name inside the dump.
@@ -79,7 +82,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        root: Path,
+        root: Path | str | Storage,
         *,
         codec: TopKCodec,
         rows_per_shard: int,
@@ -89,7 +92,7 @@ class ShardWriter:
         queue_size: int = 64,
         compression_level: int = 9,
     ):
-        self.root = Path(root)
+        self.store = as_storage(root)
         self.codec = codec
         self.rows_per_shard = rows_per_shard
         self.domain_dirs = domain_dirs
@@ -104,7 +107,7 @@ class ShardWriter:
 
     # --- main-thread API -----------------------------------------------------------------------
     def __enter__(self) -> ShardWriter:
-        (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        self._scratch = self.store.scratch()
         self._thread.start()
         return self
 
@@ -130,6 +133,8 @@ class ShardWriter:
         # On success flush the partial last shards; on failure drop them (they are redone on resume).
         self._queue.put("flush" if exc_type is None else "drop")
         self._thread.join()
+        if self.store.local is None:
+            shutil.rmtree(self._scratch, ignore_errors=True)  # the local staging folder of a remote dump
         if exc_type is None:
             self._raise_if_failed()
 
@@ -177,9 +182,7 @@ class ShardWriter:
         first = rows[0][0].seq_index
         index = first // self.rows_per_shard
         rel = shard_relpath(self.domain_dirs[domain], split, index)
-        final = self.root / rel
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / TMP_DIR / (rel.replace("/", "__") + f".{os.getpid()}.tmp")
+        tmp = self._scratch / (rel.replace("/", "__") + f".{os.getpid()}.tmp")
         table = self._table(rows)
         try:
             pq.write_table(
@@ -196,8 +199,7 @@ class ShardWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back, leave no partial file
             raise
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        self.store.commit(tmp, rel)  # rename into place (local) or one upload (remote)
         nll = np.concatenate([r.teacher_nll for r, _ in rows])
         finite = np.isfinite(nll)
         L = rows[0][0].input_ids.shape[0]
