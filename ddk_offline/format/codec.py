@@ -25,7 +25,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import zstandard
 
-from ddk_offline.format.codec_context import MAX_REFS, find_in_rows, reference_rows, resolve_pointers, stored_order
+from ddk_offline.format.codec_context import (
+    MAX_REFS,
+    find_in_rows,
+    reference_rows,
+    resolve_pointers,
+    stored_order,
+    unique_ids,
+)
 
 CODEC_NAME = "ddk-topk"
 LAYOUT_VERSION = 2  # what encode writes by default; decode reads every version in LAYOUTS
@@ -269,7 +276,7 @@ class TopKCodec:
         (L, K), n_ref, v = ids.shape, 1 + MAX_REFS * self.k, self.layout
         ids, codes, mass = self._values(ids, logits, lse)
         if v == 1:
-            table, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
+            table, inv, counts = unique_ids(ids, self.vocab_size)
             # Only the bit length of each count is stored: ordering by it costs < 0.002 B/entry more than exact.
             count_class = np.floor(np.log2(counts)).astype(np.int64)
             local = self._freq_rank(count_class)[inv.reshape(L, K)]
@@ -289,7 +296,7 @@ class TopKCodec:
                 ref_row[new] = np.broadcast_to(refs[:, c : c + 1], (L, K))[new]
                 ref_col[new], local[new] = col[c][new], 1 + c * K
             miss = ~hit & ~is_next
-            table, inv, counts = np.unique(ids[miss], return_inverse=True, return_counts=True)
+            table, inv, counts = unique_ids(ids[miss], self.vocab_size)
             count_class = np.floor(np.log2(counts)).astype(np.int64)
             local[miss] = n_ref + self._freq_rank(count_class)[inv]
             perm, local = stored_order(codes, local, hit, ref_row, ref_col)

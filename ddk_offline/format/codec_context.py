@@ -62,25 +62,42 @@ def reference_rows(input_ids: np.ndarray) -> np.ndarray:
     return np.take_along_axis(cand, keep, 1)
 
 
+_DENSE_VOCAB = 2**22  # up to this vocabulary, id -> index maps are dense arrays (10x faster than sorting)
+
+
+def unique_ids(values: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True, return_counts=True)`` for ids in [0, vocab_size), flat inverse."""
+    values = values.ravel()
+    if vocab_size > _DENSE_VOCAB:
+        table, inv, counts = np.unique(values, return_inverse=True, return_counts=True)
+        return table, inv.ravel(), counts
+    counts = np.bincount(values, minlength=vocab_size)
+    table = np.flatnonzero(counts)
+    index = np.zeros(vocab_size, np.int64)
+    index[table] = np.arange(table.size)
+    return table, index[values], counts[table]
+
+
 def find_in_rows(ids: np.ndarray, rows: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Where each entry's id sits in other rows of the same sequence.
 
     Args:
         ids: [L, K] int64 ids, each row distinct.
         rows: [L, C] int64 rows to search for each row's entries (-1: none).
-        vocab_size: ids are < vocab_size (keys are row * vocab_size + id).
+        vocab_size: ids are < vocab_size.
 
     Returns:
         found [C, L, K] bool and col [C, L, K] int64: the column of the id in ``ids[rows[n, c]]`` where found.
     """
     L, K = ids.shape
-    keys = (np.arange(L, dtype=np.int64)[:, None] * vocab_size + ids).ravel()
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    query = np.maximum(rows.T, 0)[:, :, None] * vocab_size + ids[None]
-    pos = np.minimum(np.searchsorted(sorted_keys, query), keys.size - 1)
-    found = (sorted_keys[pos] == query) & (rows.T >= 0)[:, :, None]
-    return found, np.where(found, order[pos] % K, 0)
+    table, u, _ = unique_ids(ids, vocab_size)
+    u = u.reshape(L, K)
+    # A dense [L, distinct ids] map of columns (-1: absent) makes each lookup one gather.
+    where = np.full((L, table.size), -1, np.int16 if K < 2**15 else np.int32)
+    where[np.arange(L)[:, None], u] = np.arange(K)
+    col = where.ravel()[(np.maximum(rows.T, 0) * table.size)[:, :, None] + u[None]].astype(np.int64)
+    found = (col >= 0) & (rows.T >= 0)[:, :, None]
+    return found, np.where(found, col, 0)
 
 
 def stored_order(codes: np.ndarray, local: np.ndarray, hit: np.ndarray, ref_row: np.ndarray, ref_col: np.ndarray):
@@ -100,20 +117,23 @@ def stored_order(codes: np.ndarray, local: np.ndarray, hit: np.ndarray, ref_row:
         perm [L, K] (stored column j holds input column perm[n, j]) and the stored local indices [L, K].
     """
     L, K = codes.shape
-    inv = np.empty((L, K), np.int64)  # inv[n, input column] = stored position
+    key = (codes * (int(local.max(initial=0)) + K + 1) + local).ravel()  # stored order = ascending key
+    flat_hits = np.flatnonzero(hit)  # row-major, so each row's hits are one slice
+    bounds = np.searchsorted(flat_hits, np.arange(L + 1) * K)
+    ref_flat = (ref_row * K + ref_col).ravel()[flat_hits]
+    inv = np.empty(L * K, np.int64)  # inv[n * K + input column] = stored position
     perm = np.empty((L, K), np.int64)
-    out = local.copy()
-    span = int(local.max(initial=0)) + K + 1
-    key = codes * span
-    rows_with_hits = hit.any(1)
+    ranks = np.arange(K)
     for n in range(L):
-        if rows_with_hits[n]:
-            h = hit[n]
-            out[n, h] += inv[ref_row[n, h], ref_col[n, h]]
-        p = np.argsort(key[n] + out[n], kind="stable")
+        a, b = bounds[n], bounds[n + 1]
+        if b > a:  # earlier rows are final, so their stored positions can be read now
+            key[flat_hits[a:b]] += inv[ref_flat[a:b]]
+        p = np.argsort(key[n * K : (n + 1) * K], kind="stable")
         perm[n] = p
-        inv[n, p] = np.arange(K)
-    return perm, np.take_along_axis(out, perm, 1)
+        inv[n * K + p] = ranks
+    local = local.copy()
+    local.ravel()[flat_hits] += inv[ref_flat]
+    return perm, np.take_along_axis(local, perm, 1)
 
 
 def resolve_pointers(base: np.ndarray, pointer: np.ndarray) -> np.ndarray:
