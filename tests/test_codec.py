@@ -247,7 +247,7 @@ def test_layout2_needs_the_input_ids_it_was_written_with():
     ids[4, 0] = ids[0, 1]  # row 4's only repeated id comes from row 0, its same-token row's same-token row
     logits = np.tile(np.array([3.0, 2.0, 1.0, 0.0], np.float32), (L, 1))
     lse = np.full(L, 4.0, np.float32)
-    blob = codec_k4 = TopKCodec(vocab_size=100, k=k)
+    codec_k4 = TopKCodec(vocab_size=100, k=k)
     blob = codec_k4.encode(ids, logits, lse, np.array([50, 51, 50, 52, 50, 53]))
     with pytest.raises(ValueError, match="reference row"):
         codec_k4.decode(blob, lse, np.array([60, 61, 62, 63, 64, 65]))
