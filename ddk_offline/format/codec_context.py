@@ -90,12 +90,16 @@ def find_in_rows(ids: np.ndarray, rows: np.ndarray, vocab_size: int) -> tuple[np
         found [C, L, K] bool and col [C, L, K] int64: the column of the id in ``ids[rows[n, c]]`` where found.
     """
     L, K = ids.shape
-    table, u, _ = unique_ids(ids, vocab_size)
-    u = u.reshape(L, K)
-    # A dense [L, distinct ids] map of columns (-1: absent) makes each lookup one gather.
-    where = np.full((L, table.size), -1, np.int16 if K < 2**15 else np.int32)
+    _, u, counts = unique_ids(ids, vocab_size)
+    # A dense [L, ids seen in 2+ rows] map of columns (-1: absent) makes each lookup one gather; ids seen in
+    # one row only can never be found elsewhere and all share the last, empty column.
+    multi = counts > 1
+    n_multi = int(multi.sum())
+    u = np.where(multi[u], np.cumsum(multi)[u] - 1, n_multi).reshape(L, K)
+    where = np.full((L, n_multi + 1), -1, np.int8 if K < 2**7 else np.int16 if K < 2**15 else np.int32)
     where[np.arange(L)[:, None], u] = np.arange(K)
-    col = where.ravel()[(np.maximum(rows.T, 0) * table.size)[:, :, None] + u[None]].astype(np.int64)
+    where[:, n_multi] = -1
+    col = where.ravel()[(np.maximum(rows.T, 0) * (n_multi + 1))[:, :, None] + u[None]].astype(np.int64)
     found = (col >= 0) & (rows.T >= 0)[:, :, None]
     return found, np.where(found, col, 0)
 
