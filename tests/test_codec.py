@@ -275,17 +275,29 @@ V1_LOGITS = [
 
 
 def test_layout1_blobs_still_decode():
-    """Existing dumps hold layout-1 blobs: the default (layout 2) codec reads them, without input ids."""
-    codec = TopKCodec(vocab_size=50, k=4)
-    assert codec.layout == 2 and V1_BLOB[4] == 1
+    """Existing dumps hold layout-1 blobs: a codec rebuilt from their manifest reads them, without input ids."""
+    old_manifest = {
+        "name": CODEC_NAME,
+        "version": 1,
+        "config": {
+            "step_top": 0.045,
+            "step_max": 0.5,
+            "mass_step": 1 / 32,
+            "eg_precision": 2,
+            "zstd_level": 3,
+            "zstd_level_small": 19,
+        },
+    }
+    codec = TopKCodec.from_description(old_manifest, vocab_size=50, k=4)
+    assert codec.layout == 1 and codec.describe() == old_manifest and V1_BLOB[4] == 1
     out_ids, out_logits = codec.decode(V1_BLOB, V1_LSE)
     assert out_ids.tolist() == V1_IDS
     np.testing.assert_allclose(out_logits, np.array(V1_LOGITS, np.float32), rtol=0, atol=1e-6)
-    assert (codec.decode(V1_BLOB, V1_LSE, np.arange(6))[0] == out_ids).all()  # input ids are not used
-    from_manifest = TopKCodec.from_description(
-        {"name": CODEC_NAME, "version": 1, "config": CodecConfig().to_dict()}, vocab_size=50, k=4
-    )
-    assert from_manifest.layout == 1 and from_manifest.describe()["version"] == 1
+    # The blob says its layout, so a layout-2 codec with the same config reads it too (input ids unused).
+    layout2 = TopKCodec(CodecConfig(mass_step=1 / 32), vocab_size=50, k=4)
+    assert layout2.layout == 2
+    again_ids, again_logits = layout2.decode(V1_BLOB, V1_LSE, np.arange(6))
+    assert (again_ids == out_ids).all() and (again_logits == out_logits).all()
 
 
 @pytest.mark.parametrize("layout", [1, 2])
