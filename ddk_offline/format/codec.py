@@ -1,17 +1,20 @@
 """Top-k teacher codec: packs one sequence's top-k ids and logits into one compact, checked blob.
 
-The byte layout is specified in docs/CODEC.md (codec "ddk-topk", layout version 1). In short, per sequence
-(L positions, k entries each):
+The byte layouts are specified in docs/CODEC.md (codec "ddk-topk", layouts 1 and 2; encode writes 2, decode
+reads both, dispatching on the blob header). In short, per sequence (L positions, k entries each):
 
 - values: each row is sorted by logit; log-probabilities relative to the row's top entry, d = lp_0 - lp_i >= 0,
   are quantised on a companded grid whose step grows like exp(d / 2) (each entry then adds about the same KL
   whatever its probability: uniform steps in sqrt(p)) and is capped at ``step_max`` (so low-probability
   logits stay usable at T = 2). Rows store the code increments; a per-row code for the logit of the
   top-k mass restores the absolute level against the full-row logsumexp (tail mode stays exact to ~1/32).
-- ids: a per-sequence table (distinct ids, sorted, gap-coded, plus the bit length of each id's occurrence
-  count) maps ids to local indices ordered by frequency class. Entries with equal value codes form a tie
-  group whose order is free, so the group is stored sorted by index and coded as a first index plus gaps
+- ids (layout 1): a per-sequence table (distinct ids, sorted, gap-coded, plus the bit length of each id's
+  occurrence count) maps ids to local indices ordered by frequency class. Entries with equal value codes form a
+  tie group whose order is free, so the group is stored sorted by index and coded as a first index plus gaps
   (this is where part of the ordering information, log2(k!) bits per row, is saved).
+- ids (layout 2): the same, over a larger index space conditioned on the text (the row's input ids, which the
+  dump stores beside the blob): index 0 is the next input token, then pointers into up to five earlier rows that
+  share the row's context (codec_context.py), then the table, which now holds only the ids found nowhere else.
 - integers are Exp-Golomb split into an entropy-coded symbol byte (zstd, Huffman) and raw low bits.
 """
 
