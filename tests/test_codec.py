@@ -249,7 +249,7 @@ def test_layout2_needs_the_input_ids_it_was_written_with():
     lse = np.full(L, 4.0, np.float32)
     codec_k4 = TopKCodec(vocab_size=100, k=k)
     blob = codec_k4.encode(ids, logits, lse, np.array([50, 51, 50, 52, 50, 53]))
-    with pytest.raises(ValueError, match="reference row"):
+    with pytest.raises(ValueError, match="missing reference"):
         codec_k4.decode(blob, lse, np.array([60, 61, 62, 63, 64, 65]))
 
 

@@ -40,8 +40,9 @@ from ddk_offline.format.codec_bits import (
 from ddk_offline.format.codec_context import (
     MAX_REFS,
     find_in_rows,
+    live_references,
     reference_rows,
-    resolve_pointers,
+    resolve_references,
     stored_order,
     unique_ids,
 )
@@ -233,6 +234,12 @@ class TopKCodec:
             local[miss] = n_ref + self._freq_rank(count_class)[inv]
             perm, local = stored_order(codes, local, hit, ref_row, ref_col)
             codes = np.take_along_axis(codes, perm, 1)
+            # Pointers count only the live reference entries (first listing of an id, not the next token).
+            stored_ids = np.take_along_axis(ids, perm, 1)
+            ref_ids = np.where((refs >= 0)[:, :, None], stored_ids[np.maximum(refs, 0)], -1).reshape(L, -1)
+            live_rank = np.cumsum(live_references(ref_ids, nxt), axis=1) - 1
+            at = np.nonzero((local >= 1) & (local < n_ref))
+            local[at] = 1 + live_rank[at[0], local[at] - 1]
         # Inside a tie group (equal value codes) the order is free: sort by local index to save its entropy.
         tie = np.lexsort((local, codes), axis=1)
         codes, local = np.take_along_axis(codes, tie, 1), np.take_along_axis(local, tie, 1)
@@ -402,15 +409,12 @@ class TopKCodec:
         nxt = rows[is_next] + 1
         if nxt.size and (nxt.max() >= L or input_ids[nxt].max() >= self.vocab_size or input_ids[nxt].min() < 0):
             raise ValueError("top-k blob: a next-token slot has no valid next input token (corrupt or wrong input_ids)")
-        ref = reference_rows(input_ids)[rows[pointer], (local[pointer] - 1) // K]
-        if (ref < 0).any():
-            raise ValueError("top-k blob: a pointer names a missing reference row (corrupt or wrong input_ids)")
         base = np.zeros((L, K), np.int64)
         base[is_table] = table[np.argsort(self._freq_rank(count_class), kind="stable")][t_idx]
         base[is_next] = input_ids[nxt]
-        target = np.arange(L * K, dtype=np.int64).reshape(L, K)
-        target[pointer] = ref * K + (local[pointer] - 1) % K
-        return resolve_pointers(base.ravel(), target.ravel()).reshape(L, K)
+        next_token = np.append(input_ids[1:], -1)
+        index = np.where(pointer, local - 1, -1)
+        return resolve_references(base, index, reference_rows(input_ids), next_token, self.vocab_size)
 
     # -------------------------------------------------------------------------------------------- helpers
     @staticmethod

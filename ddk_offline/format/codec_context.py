@@ -140,19 +140,77 @@ def stored_order(codes: np.ndarray, local: np.ndarray, hit: np.ndarray, ref_row:
     return perm, np.take_along_axis(local, perm, 1)
 
 
-def resolve_pointers(base: np.ndarray, pointer: np.ndarray) -> np.ndarray:
-    """Follow pointer chains to their ends: ids [N] = base[end of the chain from each entry].
+def live_references(ref_ids: np.ndarray, next_token: np.ndarray) -> np.ndarray:
+    """Which reference entries a pointer can name: the first occurrence of each id in the row's reference list,
+    unless it is the next token (which has index 0).
 
     Args:
-        base: [N] int64 id of each entry that holds one (ignored elsewhere).
-        pointer: [N] int64 flat index of an entry in an *earlier* row for pointer entries, the entry itself
-            for entries with an id. Chains are at most L long, so log2(L) doubling rounds resolve them.
+        ref_ids: [L, W] ids of each row's reference rows, concatenated in listed order (stored order within a
+            row); -1 where a row has fewer references.
+        next_token: [L] ``input_ids[n + 1]`` (-1 at the last row).
 
     Returns:
-        [N] int64 ids.
+        live [L, W] bool. Pointer index p of row n names the p-th live entry of ``ref_ids[n]``.
     """
-    while True:
-        nxt = pointer[pointer]
-        if np.array_equal(nxt, pointer):
-            return base[pointer]
-        pointer = nxt
+    W = ref_ids.shape[1]
+    key = np.sort((ref_ids + 1) * W + np.arange(W), axis=1)  # by id, then position (keys are distinct)
+    srt, order = key // W, key % W
+    first = np.ones(srt.shape, bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    live = np.empty_like(first)
+    np.put_along_axis(live, order, first, 1)
+    return live & (ref_ids >= 0) & (ref_ids != next_token[:, None])
+
+
+def resolve_references(
+    ids: np.ndarray, pointer: np.ndarray, refs: np.ndarray, next_token: np.ndarray, vocab_size: int
+) -> np.ndarray:
+    """Decode pointer entries row by row (a row's pointers name ids of earlier rows).
+
+    Args:
+        ids: [L, K] int64, every non-pointer entry decoded (in [0, vocab_size)); pointer entries ignored.
+        pointer: [L, K] int64 pointer index of each pointer entry (live-entry number, see ``live_references``),
+            -1 elsewhere.
+        refs: [L, MAX_REFS] from ``reference_rows``.
+        next_token: [L] as for ``live_references``.
+        vocab_size: ids are < vocab_size.
+
+    Returns:
+        ids [L, K] with the pointer entries filled.
+
+    Raises:
+        ValueError: a pointer beyond the row's live reference entries (corrupt blob or other input ids).
+    """
+    L, K = ids.shape
+    is_ptr = pointer >= 0
+    # Work on compact ids (every id of the sequence is a table id or a next token) so the first-occurrence
+    # map below is small whatever the vocabulary.
+    values, compact, _ = unique_ids(ids[~is_ptr], vocab_size)
+    cid = np.zeros((L, K), np.int64)
+    cid[~is_ptr] = compact
+    nxt = np.full(L, -1, np.int64)
+    has = np.isin(next_token, values)
+    nxt[has] = np.searchsorted(values, next_token[has])
+    flat = np.flatnonzero(is_ptr)
+    bounds = np.searchsorted(flat, np.arange(L + 1) * K).tolist()
+    index = pointer.ravel()[flat]
+    out = cid.reshape(-1)
+    # Flat positions of each row's reference entries, in listed order (a row's valid references come first).
+    ref_pos = (np.maximum(refs, 0)[:, :, None] * K + np.arange(K)).reshape(L, -1)
+    width = ((refs >= 0).sum(1) * K).tolist()
+    nxt = nxt.tolist()
+    positions = np.arange(MAX_REFS * K)
+    first_at = np.zeros(values.size, np.int64)
+    try:
+        for n in np.flatnonzero(np.diff(bounds)).tolist():
+            ref_ids = out[ref_pos[n, : width[n]]]
+            pos = positions[: width[n]]
+            first_at[ref_ids[::-1]] = pos[::-1]  # the earliest position of each id wins
+            if nxt[n] >= 0:
+                first_at[nxt[n]] = -1  # the next token has index 0, never a pointer
+            live = ref_ids[first_at[ref_ids] == pos]
+            a, b = bounds[n], bounds[n + 1]
+            out[flat[a:b]] = live[index[a:b]]
+    except IndexError:
+        raise ValueError("top-k blob: a pointer names a missing reference entry (corrupt or wrong input_ids)") from None
+    return values[cid]
