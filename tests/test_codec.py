@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ddk_offline.format.codec import CODEC_NAME, LAYOUT_VERSION, CodecConfig, TopKCodec
-from ddk_offline.format.codec_context import MAX_REFS, reference_rows
+from ddk_offline.format.codec_context import MAX_REFS, reference_rows, resolve_references
 
 KS = [1, 16, 64, 128]
 ID_DTYPES = [np.int32, np.int64]
@@ -241,16 +241,26 @@ def test_layout2_needs_the_input_ids_it_was_written_with():
         codec.decode(blob, lse)
     with pytest.raises(ValueError, match="input_ids"):
         codec.decode(blob, lse, tokens.astype(np.float32))
-    # A pointer into a reference row that other input ids do not give: refused, not silently wrong.
-    k, L = 4, 6
-    ids = np.arange(L * k).reshape(L, k)
-    ids[4, 0] = ids[0, 1]  # row 4's only repeated id comes from row 0, its same-token row's same-token row
-    logits = np.tile(np.array([3.0, 2.0, 1.0, 0.0], np.float32), (L, 1))
-    lse = np.full(L, 4.0, np.float32)
-    codec_k4 = TopKCodec(vocab_size=100, k=k)
-    blob = codec_k4.encode(ids, logits, lse, np.array([50, 51, 50, 52, 50, 53]))
+    # Other input ids give other reference rows: the ids come out wrong (or the blob is refused); they are
+    # not covered by the checksum, which is why the reader passes each row's own input_ids.
+    other = np.roll(tokens, 1)
+    try:
+        assert not (np.sort(codec.decode(blob, lse, other)[0], 1) == np.sort(ids, 1)).all()
+    except ValueError:
+        pass
+
+
+def test_resolve_references_refuses_a_pointer_past_the_live_entries():
+    ids = np.array([[5, 6, 7], [0, 0, 9]])  # row 1: two pointers into row 0, then table id 9
+    refs = reference_rows(np.array([1, 2]))
+    next_token = np.array([3, 7])  # row 1's next token is 7 (its index 0), so its live entries are 5 and 6
+    pointer = np.array([[-1, -1, -1], [1, 0, -1]])
+    out = resolve_references(ids, pointer, refs, next_token, vocab_size=10)
+    assert out.tolist() == [[5, 6, 7], [6, 5, 9]]
     with pytest.raises(ValueError, match="missing reference"):
-        codec_k4.decode(blob, lse, np.array([60, 61, 62, 63, 64, 65]))
+        resolve_references(ids, np.array([[-1, -1, -1], [2, 0, -1]]), refs, next_token, vocab_size=10)
+    with pytest.raises(ValueError, match="missing reference"):  # row 0 has no reference rows at all
+        resolve_references(ids, np.array([[0, -1, -1], [-1, -1, -1]]), refs, next_token, vocab_size=10)
 
 
 # A layout-1 blob written by ddk-offline 0.1 (before layout 2 existed): L = 6, k = 4, vocab 50.

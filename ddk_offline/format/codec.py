@@ -206,7 +206,7 @@ class TopKCodec:
 
     def _integers(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.ndarray | None) -> dict:
         """The integer arrays the blob entropy-codes, in stream order (plus "shape": L, K, table size)."""
-        (L, K), n_ref, v = ids.shape, 1 + MAX_REFS * self.k, self.layout
+        (L, K), v = ids.shape, self.layout
         ids, codes, mass = self._values(ids, logits, lse)
         if v == 1:
             table, inv, counts = unique_ids(ids, self.vocab_size)
@@ -214,12 +214,14 @@ class TopKCodec:
             count_class = np.floor(np.log2(counts)).astype(np.int64)
             local = self._freq_rank(count_class)[inv.reshape(L, K)]
         else:
-            # Layout 2: the next input token takes slot 0; an id found in a reference row becomes a pointer
-            # (slot 1 + c * K + its stored position in reference c); the rest index the table of such misses.
+            # Layout 2: the next input token takes index 0; an id found in a reference row becomes a pointer
+            # (first 1 + c * K + its stored position in reference c, then renumbered over the live entries);
+            # the rest index the table of such misses, from n_ref = 1 + (reference rows) * K on.
             nxt = np.full(L, -1, np.int64)
             nxt[:-1] = input_ids[1:]
             is_next = ids == nxt[:, None]
             refs = reference_rows(input_ids)
+            n_ref = 1 + (refs >= 0).sum(1, keepdims=True) * K
             found, col = find_in_rows(ids, refs, self.vocab_size)
             hit = np.zeros((L, K), bool)
             ref_row, ref_col, local = (np.zeros((L, K), np.int64) for _ in range(3))
@@ -231,7 +233,7 @@ class TopKCodec:
             miss = ~hit & ~is_next
             table, inv, counts = unique_ids(ids[miss], self.vocab_size)
             count_class = np.floor(np.log2(counts)).astype(np.int64)
-            local[miss] = n_ref + self._freq_rank(count_class)[inv]
+            local[miss] = np.broadcast_to(n_ref, (L, K))[miss] + self._freq_rank(count_class)[inv]
             perm, local = stored_order(codes, local, hit, ref_row, ref_col)
             codes = np.take_along_axis(codes, perm, 1)
             # Pointers count only the live reference entries (first listing of an id, not the next token).
@@ -316,7 +318,7 @@ class TopKCodec:
             raise ValueError(f"top-k blob: malformed streams ({type(e).__name__}: {e})") from e
 
     def _decode_streams(self, view, version, n_streams, L, K, n_table, lse, input_ids):
-        cfg, n_ref = self.config, 1 + MAX_REFS * K
+        cfg = self.config
         lens = struct.unpack_from(f"<{n_streams}I", view, _HEADER.size)
         pos, chunks = _HEADER.size + 4 * n_streams, []
         for n in lens:
@@ -354,6 +356,8 @@ class TopKCodec:
         if version == 1:
             self._fill_by_rank(gap, ~starts, ints, version)
         else:  # per rank class, the gaps after a pointer and after a table index, each in column order
+            refs = reference_rows(input_ids)
+            n_ref = 1 + (refs >= 0).sum(1) * K  # per row: where the table indices start
             n_cont = [int((~starts[:, sl]).sum()) for _, sl in slices]
             split = [[ints(n, exact=False) for n in n_cont] for _ in range(2)]
             used = np.zeros((2, len(slices)), np.int64)
@@ -374,7 +378,8 @@ class TopKCodec:
             else:
                 c = next(i for i, (_, sl) in enumerate(slices) if sl.start <= j < sl.stop)
                 g = np.empty(cont.size, np.int64)
-                for region, sel in enumerate((prev < n_ref, prev >= n_ref)):
+                in_ref = prev < n_ref[cont]
+                for region, sel in enumerate((in_ref, ~in_ref)):
                     a = used[region, c]
                     g[sel] = split[region][c][a : a + int(sel.sum())]  # raises on a short stream (corrupt)
                     used[region, c] = a + int(sel.sum())
@@ -389,7 +394,7 @@ class TopKCodec:
         else:
             if any(int(u) != s.size for u, s in zip(used.ravel(), split[0] + split[1], strict=True)):
                 raise ValueError("top-k blob: gap streams hold more values than the tie bitmaps use (corrupt)")
-            ids = self._resolve(local, table, count_class, input_ids, n_ref)
+            ids = self._resolve(local, table, count_class, input_ids, refs, n_ref[:, None])
 
         d = _from_code(codes, cfg)
         mass = 1.0 / (1.0 + np.exp(-lam))
@@ -397,13 +402,13 @@ class TopKCodec:
         logits = (lse + lp0)[:, None] - d
         return ids, logits.astype(np.float32)
 
-    def _resolve(self, local, table, count_class, input_ids, n_ref) -> np.ndarray:
+    def _resolve(self, local, table, count_class, input_ids, refs, n_ref) -> np.ndarray:
         """Layout 2: local indices [L, K] -> ids (next-token slot, pointers into reference rows, table)."""
         L, K = local.shape
         rows = np.broadcast_to(np.arange(L)[:, None], (L, K))
         is_table, is_next = local >= n_ref, local == 0
         pointer = ~is_table & ~is_next
-        t_idx = local[is_table] - n_ref
+        t_idx = (local - n_ref)[is_table]
         if t_idx.size and (t_idx.max() >= table.size or table[-1] >= self.vocab_size):
             raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
         nxt = rows[is_next] + 1
@@ -414,7 +419,7 @@ class TopKCodec:
         base[is_next] = input_ids[nxt]
         next_token = np.append(input_ids[1:], -1)
         index = np.where(pointer, local - 1, -1)
-        return resolve_references(base, index, reference_rows(input_ids), next_token, self.vocab_size)
+        return resolve_references(base, index, refs, next_token, self.vocab_size)
 
     # -------------------------------------------------------------------------------------------- helpers
     @staticmethod
