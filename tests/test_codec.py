@@ -185,19 +185,19 @@ def test_single_position_and_neg_inf_logits(layout):
 
 
 def test_reference_rows():
-    """Bigram row, same-token row, previous row, the same-token row's own same-token row, n - 2; no repeats."""
+    """Bigram row, same-token row, previous row, then the same-token chain; each row listed once."""
     tokens = np.array([5, 6, 5, 7, 5, 6, 5, 5])
     refs = reference_rows(tokens)
     assert refs.shape == (8, MAX_REFS)
     want = {
         0: [],
-        1: [0],  # previous only (n - 2 does not exist)
-        2: [0, 1],  # same token 0 (= n - 2, listed once), previous 1
-        3: [2, 1],  # a new token: previous, n - 2
-        4: [2, 3, 0],  # (7, 5) is new; same token 2 (= n - 2), previous 3, same token's same token 0
-        5: [1, 4, 3],  # (5, 6) last ended at row 1, which is also the same-token row: listed once
-        6: [2, 4, 5],  # (6, 5) ended at row 2; same token 4 (= n - 2); previous 5; 4's same token is 2 again
-        7: [6, 4, 5],  # (5, 5) is new; same token 6 (= previous); 6's same token 4; n - 2
+        1: [0],  # previous only
+        2: [0, 1],  # same token 0, previous 1
+        3: [2],  # a new token: previous only
+        4: [2, 3, 0],  # (7, 5) is new; same token 2, previous 3, 2's same token 0
+        5: [1, 4],  # (5, 6) last ended at row 1, which is also the same-token row: listed once; previous 4
+        6: [2, 4, 5, 0],  # (6, 5) ended at row 2; same token 4; previous 5; 4's same token is 2 again, then 0
+        7: [6, 4, 2],  # (5, 5) is new; same token 6 (= previous); then the chain 4, 2
     }
     for n, rows in want.items():
         assert refs[n].tolist() == rows + [-1] * (MAX_REFS - len(rows)), (n, refs[n])
