@@ -74,7 +74,7 @@ class CodecConfig:
 
     step_top: float = 0.045
     step_max: float = 0.5
-    mass_step: float = 1.0 / 16
+    mass_step: float = 1.0 / 32
     eg_precision: int = 2
     zstd_level: int = 3
     zstd_level_small: int = 19
