@@ -2,10 +2,10 @@
 
 A row's top-k set is mostly determined by the text. Both sides of the codec know the row's ``input_ids`` (stored
 in the same Parquet row) and every earlier row, so layout 2 gives each row n a short list of *reference rows*
-and codes a top-k id that also occurs in a reference row as a pointer to it (see docs/CODEC.md, "Layout 2"):
+and codes a top-k id that also occurs in a reference row as a pointer to it (docs/CODEC.md, "Ids (layout 2)"):
 
-1. the last earlier row whose two input tokens ending at it match those ending at n (bigram context), when it
-   is not the next one;
+1. the last earlier row whose two input tokens ending at it match those ending at n (bigram context), unless it
+   is also the same-token row below;
 2. the last earlier row m with the same input token as n (``input_ids[m] == input_ids[n]``);
 3. the previous row n - 1;
 4. - 5. m's own last same-token row, and that row's (the same-token chain, up to 3 deep).
