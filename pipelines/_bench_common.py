@@ -15,6 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddk_offline.format.codec import CodecConfig, _to_code  # noqa: E402
+from ddk_offline.format.codec_context import MAX_REFS, find_in_rows, reference_rows  # noqa: E402
 
 
 def default_gguf() -> str:
@@ -173,6 +174,25 @@ def order0_floor(cap: dict, k: int, cfg: CodecConfig, value_bits: float) -> dict
     out["total_bits"] = sum(out.values())
     out["bytes_per_entry"] = out["total_bits"] / 8
     return out
+
+
+def context_shares(cap: dict, k: int) -> dict[str, float]:
+    """Share of top-k entries that layout 2 codes as the next input token, as a pointer into its c-th listed
+    reference row (first match wins, as in the codec), or through the per-sequence table (misses)."""
+    ids_all, tok_all = cap["topk_ids"][..., :k].astype(np.int64), cap["input_ids"].astype(np.int64)
+    counts = np.zeros(MAX_REFS + 2)
+    for ids, tok in zip(ids_all, tok_all, strict=True):
+        nxt = np.append(tok[1:], -1)
+        taken = ids == nxt[:, None]
+        counts[0] += taken.sum()
+        found, _ = find_in_rows(ids, reference_rows(tok), int(cap["vocab_size"]))
+        for c in range(MAX_REFS):
+            new = found[c] & ~taken
+            counts[1 + c] += new.sum()
+            taken |= new
+        counts[-1] += (~taken).sum()
+    names = ["next token", *[f"reference {c + 1}" for c in range(MAX_REFS)], "table"]
+    return dict(zip(names, (counts / ids_all.size).tolist(), strict=True))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Sections (expected on a 2-core CPU with the default 16k tokens: ~2 min capture on first run, cached after;
 ~1 min for the compression table; ~20 MB of /tmp):
   1. capture  run the teacher over real text shipped with Python and its packages; cache top-k/lse/nll
-  2. compress raw fp32+int64, Parquet-zstd fp16+int32, and the ddk-topk codec (plus a small config sweep):
+  2. compress raw fp32+int64, Parquet-zstd fp16+int32, and the ddk-topk codec, layout 2 (default) and layout 1
+              (plus a small config sweep of layout 2):
               bytes/entry, bytes/token of the whole row, KL errors, encode/decode throughput
   3. speed    the full dump (`run_dump`, as `dump-teacher` runs it) vs the teacher forward alone on the same
               batches of the same sequences: tokens/s of each and everything-but-the-forward's share of the loop
@@ -31,15 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import align_to, capture, default_gguf, kl_metrics, order0_floor  # noqa: E402
+from _bench_common import align_to, capture, context_shares, default_gguf, kl_metrics, order0_floor  # noqa: E402
 
 from ddk_offline.format.codec import CodecConfig, TopKCodec  # noqa: E402
 
-SWEEP = {  # alternatives measured next to the default codec config
+DEFAULT = "ddk-topk v2 (default)"
+SWEEP = {  # alternatives measured next to the default codec config (layout 2)
     "finer values": CodecConfig(step_top=0.03, step_max=0.5),
     "coarser tail": CodecConfig(step_top=0.035, step_max=0.8),
-    "zstd level 3 everywhere": CodecConfig(zstd_level_small=3),
-    "zstd level 19 everywhere": CodecConfig(zstd_level=19),
+    "mass step 1/16": CodecConfig(mass_step=1 / 16),
+    "mass step 1/8": CodecConfig(mass_step=1 / 8),
 }
 
 
@@ -82,9 +84,11 @@ def parquet_sizes(columns: dict[str, pa.Array], byte_stream_split: list[str], co
 
 
 def _timed(fn, *args):
-    t0 = time.perf_counter()
+    """(fn(*args), CPU seconds of this process): unlike wall time, not inflated by other jobs on the machine.
+    The codecs run single-threaded (numpy + zstandard), so tokens per CPU-second is their one-core rate."""
+    t0 = time.process_time()
     out = fn(*args)
-    return out, time.perf_counter() - t0
+    return out, time.process_time() - t0
 
 
 def bench_raw(cap: dict, k: int) -> dict:
@@ -140,11 +144,11 @@ def bench_fp16(cap: dict, k: int) -> dict:
     return {"topk_bytes": topk, "sizes": sizes, "enc_s": enc_s, "dec_s": dec_s, "decoded": decoded}
 
 
-def bench_codec(cap: dict, k: int, cfg: CodecConfig, vocab: int) -> dict:
-    ids, lg, lse = cap["topk_ids"][..., :k], cap["topk_logits"][..., :k], cap["lse"]
-    codec = TopKCodec(cfg, vocab_size=vocab, k=k)
-    blobs, enc_s = _timed(lambda: [codec.encode(ids[s], lg[s], lse[s]) for s in range(len(ids))])
-    dec, dec_s = _timed(lambda: [codec.decode(b, lse[s]) for s, b in enumerate(blobs)])
+def bench_codec(cap: dict, k: int, cfg: CodecConfig, vocab: int, layout: int = 2) -> dict:
+    ids, lg, lse, tok = cap["topk_ids"][..., :k], cap["topk_logits"][..., :k], cap["lse"], cap["input_ids"]
+    codec = TopKCodec(cfg, vocab_size=vocab, k=k, layout=layout)
+    blobs, enc_s = _timed(lambda: [codec.encode(ids[s], lg[s], lse[s], tok[s]) for s in range(len(ids))])
+    dec, dec_s = _timed(lambda: [codec.decode(b, lse[s], tok[s]) for s, b in enumerate(blobs)])
     dec_ids = np.stack([d[0] for d in dec])
     decoded = align_to(dec_ids, np.stack([d[1] for d in dec]), ids)
     cols = _row_columns(cap)
@@ -156,7 +160,7 @@ def bench_codec(cap: dict, k: int, cfg: CodecConfig, vocab: int) -> dict:
     )
     streams: dict[str, int] = {}
     for s in range(len(ids)):
-        for name, n in codec.stream_sizes(ids[s], lg[s], lse[s]).items():
+        for name, n in codec.stream_sizes(ids[s], lg[s], lse[s], tok[s]).items():
             streams[name] = streams.get(name, 0) + n
     return {
         "topk_bytes": sum(map(len, blobs)),
@@ -166,6 +170,7 @@ def bench_codec(cap: dict, k: int, cfg: CodecConfig, vocab: int) -> dict:
         "decoded": decoded,
         "streams_bits_per_entry": {n: 8 * b / ids.size for n, b in streams.items()},
         "config": cfg.to_dict(),
+        "layout": layout,
     }
 
 
@@ -292,10 +297,11 @@ def main() -> None:
         "raw fp32 + int64": bench_raw(cap, k),
         "Parquet-zstd fp16 + int32": bench_fp16(cap, k),
         "sorted-delta ids + 6-bit values, zstd-19": bench_sorted_delta(cap, k),
-        "ddk-topk (default)": bench_codec(cap, k, CodecConfig(), vocab),
+        DEFAULT: bench_codec(cap, k, CodecConfig(), vocab),
+        "ddk-topk v1 (layout 1)": bench_codec(cap, k, CodecConfig(), vocab, layout=1),
     }
     if not args.no_sweep:
-        runs.update({f"ddk-topk ({n})": bench_codec(cap, k, c, vocab) for n, c in SWEEP.items()})
+        runs.update({f"ddk-topk v2 ({n})": bench_codec(cap, k, c, vocab) for n, c in SWEEP.items()})
 
     rows = {}
     for name, r in runs.items():
@@ -313,11 +319,12 @@ def main() -> None:
             "encode_tokens_per_s": tokens / r["enc_s"],
             "decode_tokens_per_s": tokens / r["dec_s"] if r["dec_s"] == r["dec_s"] else None,
             **kl_metrics(cap["topk_logits"][..., :k], r["decoded"], cap["lse"]),
-            **{x: r[x] for x in ("streams_bits_per_entry", "config") if x in r},
+            **{x: r[x] for x in ("streams_bits_per_entry", "config", "layout") if x in r},
         }
-    streams = rows["ddk-topk (default)"]["streams_bits_per_entry"]
+    streams = rows[DEFAULT]["streams_bits_per_entry"]
     value_bits = sum(b for name, b in streams.items() if name.startswith(("starts", "rise", "mass")))
     floor = order0_floor(cap, k, CodecConfig(), value_bits)
+    floor["context_shares"] = context_shares(cap, k)
     speed = None if args.no_speed else speed_section(args)
     write_results(args, rows, floor, speed, tokens, vocab)
 
@@ -360,7 +367,7 @@ def write_results(args, rows: dict, floor: dict, speed: dict | None, tokens: int
         + ", ".join(f"{k} {info[k]}" for k in ("python", "numpy", "pyarrow", "zstandard", "torch", "transformers")),
         "",
         "| encoding | top-k B/entry | row B/token | KL renorm T=1 (mean / p99) | KL tail T=1 | KL renorm T=2 "
-        "| enc tok/s | dec tok/s |",
+        "| enc tok/CPU-s | dec tok/CPU-s |",
         "|---|---:|---:|---|---|---|---:|---:|",
     ]
     for name, r in rows.items():
@@ -370,8 +377,11 @@ def write_results(args, rows: dict, floor: dict, speed: dict | None, tokens: int
             f"{r['kl_renorm_T1']:.2e} / {r['kl_renorm_T1_p99']:.1e} | "
             f"{r['kl_tail_T1']:.2e} | {r['kl_renorm_T2']:.2e} | {r['encode_tokens_per_s']:,.0f} | {dec} |"
         )
-    default = rows["ddk-topk (default)"]
+    default = rows[DEFAULT]
     lines += [
+        "",
+        "Throughput: tokens per CPU-second of this process (time.process_time; one sequence at a time, single",
+        "thread), so other jobs sharing the machine do not skew it; Parquet rows may use more than one thread.",
         "",
         "Row B/token is the size of a Parquet file holding whole rows (input ids int32 zstd; teacher_lse and",
         "teacher_nll fp32 BYTE_STREAM_SPLIT + zstd; top-k as listed) divided by tokens. Side columns of the codec row:",
@@ -382,8 +392,13 @@ def write_results(args, rows: dict, floor: dict, speed: dict | None, tokens: int
         "",
         "Floor for any coder with per-sequence order-0 id statistics (bits/entry, this capture, default value grid; "
         "counts for free, ideal entropy coder): "
-        + ", ".join(f"{n} {b:.2f}" for n, b in floor.items() if n not in ("total_bits", "bytes_per_entry"))
-        + f" = {floor['total_bits']:.2f} bits = {floor['bytes_per_entry']:.3f} B/entry.",
+        + ", ".join(f"{n} {floor[n]:.2f}" for n in ("set", "ordering", "table", "values"))
+        + f" = {floor['total_bits']:.2f} bits = {floor['bytes_per_entry']:.3f} B/entry. Layout 2 conditions on the "
+        "text and goes below it.",
+        "",
+        "Layout 2, where the entries' ids come from (share of entries): "
+        + ", ".join(f"{n} {100 * v:.1f}%" for n, v in floor["context_shares"].items())
+        + ".",
         "",
     ]
     if speed:

@@ -30,7 +30,7 @@ def test_dump_then_info_end_to_end(cli, teacher_dir, corpus_jsonl, tmp_path):
     assert reader.tokenizer().eos_token_id == reader.manifest.tokenizer["eos_token_id"]
 
     text = cli("dumps", "info", str(out)).stdout
-    for needle in ("format v1, complete", "k 8, seq_len 32", "teacher loss", "bytes/token", "prose", "val"):
+    for needle in ("format v2, complete", "k 8, seq_len 32", "teacher loss", "bytes/token", "prose", "val"):
         assert needle in text
     info = json.loads(cli("dumps", "info", str(out), "--json").stdout)
     assert info["k"] == 8 and info["seq_len"] == 32 and info["complete"] is True

@@ -1,23 +1,25 @@
 """Top-k teacher codec: packs one sequence's top-k ids and logits into one compact, checked blob.
 
-The byte layout is specified in docs/CODEC.md (codec "ddk-topk", layout version 1). In short, per sequence
-(L positions, k entries each):
+The byte layouts are specified in docs/CODEC.md (codec "ddk-topk", layouts 1 and 2; encode writes 2, decode
+reads both, dispatching on the blob header). In short, per sequence (L positions, k entries each):
 
 - values: each row is sorted by logit; log-probabilities relative to the row's top entry, d = lp_0 - lp_i >= 0,
   are quantised on a companded grid whose step grows like exp(d / 2) (each entry then adds about the same KL
   whatever its probability: uniform steps in sqrt(p)) and is capped at ``step_max`` (so low-probability
   logits stay usable at T = 2). Rows store the code increments; a per-row code for the logit of the
   top-k mass restores the absolute level against the full-row logsumexp (tail mode stays exact to ~1/32).
-- ids: a per-sequence table (distinct ids, sorted, gap-coded, plus the bit length of each id's occurrence
-  count) maps ids to local indices ordered by frequency class. Entries with equal value codes form a tie
-  group whose order is free, so the group is stored sorted by index and coded as a first index plus gaps
+- ids (layout 1): a per-sequence table (distinct ids, sorted, gap-coded, plus the bit length of each id's
+  occurrence count) maps ids to local indices ordered by frequency class. Entries with equal value codes form a
+  tie group whose order is free, so the group is stored sorted by index and coded as a first index plus gaps
   (this is where part of the ordering information, log2(k!) bits per row, is saved).
+- ids (layout 2): the same, over a larger index space conditioned on the text (the row's input ids, which the
+  dump stores beside the blob): index 0 is the next input token, then pointers into up to five earlier rows that
+  share the row's context (codec_context.py), then the table, which now holds only the ids found nowhere else.
 - integers are Exp-Golomb split into an entropy-coded symbol byte (zstd, Huffman) and raw low bits.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 import zlib
 from dataclasses import asdict, dataclass
@@ -25,13 +27,35 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import zstandard
 
+from ddk_offline.format.codec_bits import (
+    _bit_windows,
+    _eg_join,
+    _eg_split,
+    _floor_log2,
+    _from_code,
+    _pack_bits,
+    _read_bits,
+    _to_code,
+)
+from ddk_offline.format.codec_context import (
+    MAX_REFS,
+    find_in_rows,
+    live_references,
+    reference_rows,
+    resolve_references,
+    stored_order,
+    unique_ids,
+)
+
 CODEC_NAME = "ddk-topk"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # what encode writes by default; decode reads every version in LAYOUTS
+LAYOUTS = (1, 2)
 _MAGIC = b"DKTK"
 _HEADER = struct.Struct("<4sBBIHI")  # magic, layout version, n_streams, L, k, table size
-_D_CAP = 80.0  # nats below the top entry; beyond, an entry's probability is < e^-80 and only its rank matters
 _LAMBDA_CAP = 40.0  # |logit of top-k mass| clamp (fp32 rows can report mass 1 exactly)
-_RANK_CLASSES = (1, 4, 16, 32)  # context split of the id streams by rank position in the row
+# Context split of the per-entry streams by rank position in the row, per layout (layout 2 codes fewer ids
+# through the table, and each stream costs a Huffman table: fewer classes pay).
+_RANK_CLASSES = {1: (1, 4, 16, 32), 2: (1, 4, 16)}
 _GAP_RICE_BITS = 6  # in-group gaps after a member with index >= 2^(6 + s) send their s low bits raw
 
 
@@ -80,85 +104,6 @@ class CodecConfig:
         return cls(**d)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Companded value grid: step(d) = min(step_top * exp(d / 2), step_max).
-def _grid_knee(cfg: CodecConfig) -> tuple[float, float]:
-    d_knee = 2.0 * math.log(cfg.step_max / cfg.step_top)
-    return d_knee, (2.0 / cfg.step_top) * (1.0 - math.exp(-d_knee / 2.0))
-
-
-def _to_code(d: np.ndarray, cfg: CodecConfig) -> np.ndarray:
-    d_knee, u_knee = _grid_knee(cfg)
-    d = np.minimum(d, _D_CAP)
-    u = (2.0 / cfg.step_top) * (1.0 - np.exp(-np.minimum(d, d_knee) / 2.0)) + np.maximum(d - d_knee, 0) / cfg.step_max
-    return np.rint(u).astype(np.int64)
-
-
-def _from_code(c: np.ndarray, cfg: CodecConfig) -> np.ndarray:
-    d_knee, u_knee = _grid_knee(cfg)
-    c = c.astype(np.float64)
-    low = -2.0 * np.log(np.maximum(1.0 - np.minimum(c, u_knee) * cfg.step_top / 2.0, 1e-300))
-    return np.where(c <= u_knee, low, d_knee + (c - u_knee) * cfg.step_max)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exp-Golomb split: x >= 0 -> (symbol byte, raw low bits). Symbols carry the bit length and the top
-# `h` mantissa bits, so zstd's Huffman stage models the distribution; the rest is near-uniform and stored raw.
-def _floor_log2(v: np.ndarray) -> np.ndarray:
-    """floor(log2(v)) of integers 1 <= v < 2^53 (exact: frexp reads the float exponent)."""
-    return np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1
-
-
-def _eg_split(x: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    v = x.astype(np.uint64) + np.uint64(1)
-    nbits = _floor_log2(v)
-    width = np.maximum(nbits - h, 0)
-    top = (v >> width.astype(np.uint64)).astype(np.int64)
-    sym = np.where(width == 0, top, (1 << (h + 1)) + (width - 1) * (1 << h) + top - (1 << h))
-    raw = v & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
-    return sym.astype(np.uint8), width, raw
-
-
-def _eg_join(sym: np.ndarray, raw_bits: np.ndarray, h: int) -> np.ndarray:
-    s = sym.astype(np.int64)
-    direct = s < (1 << (h + 1))
-    width = np.where(direct, 0, (s - (1 << (h + 1))) // (1 << h) + 1)
-    top = np.where(direct, s, (s - (1 << (h + 1))) % (1 << h) + (1 << h))
-    raw = _read_bits(_bit_windows(raw_bits), width)
-    return ((top.astype(np.uint64) << width.astype(np.uint64)) | raw) - np.uint64(1)
-
-
-def _pack_bits(raw: np.ndarray, width: np.ndarray) -> bytes:
-    total = int(width.sum())
-    if total == 0:
-        return b""
-    owner = np.repeat(np.arange(raw.size), width)
-    pos = np.arange(total) - np.repeat(np.cumsum(width) - width, width)
-    shift = (width[owner] - 1 - pos).astype(np.uint64)
-    return np.packbits(((raw[owner] >> shift) & np.uint64(1)).astype(np.uint8)).tobytes()
-
-
-def _bit_windows(buf: np.ndarray) -> np.ndarray:
-    """[n_bytes, 8] view: row i holds bytes i..i+7 of buf (zero-padded), for ``_read_bits``."""
-    return np.lib.stride_tricks.sliding_window_view(np.concatenate([buf, np.zeros(8, np.uint8)]), 8)
-
-
-def _read_bits(windows: np.ndarray, width: np.ndarray, start: int = 0) -> np.ndarray:
-    """Unsigned integers from consecutive MSB-first bit fields (widths <= 56) starting at bit ``start``."""
-    width = width.astype(np.int64)
-    if (len(windows) - 1) * 8 < start + int(width.sum()):  # windows has n_bytes + 1 rows
-        raise ValueError("top-k blob: raw bit stream is shorter than its symbols say (corrupt or truncated)")
-    if width.size == 0:
-        return np.zeros(0, np.uint64)
-    if width.max() > 56:
-        raise ValueError("top-k blob: a raw bit field is wider than 56 bits (corrupt)")
-    off = start + np.cumsum(width) - width
-    # A big-endian 8-byte word at each field's first byte, shifted down and masked to the field.
-    word = np.ascontiguousarray(windows[off >> 3]).view(">u8").ravel().astype(np.uint64)
-    shift = (64 - (off & 7) - width).astype(np.uint64)
-    return (word >> shift) & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
-
-
 class TopKCodec:
     """Encode/decode one sequence's teacher top-k (ids + logits) to one self-delimiting blob.
 
@@ -166,17 +111,23 @@ class TopKCodec:
         config: quantisation and entropy-coding knobs (defaults: ``CodecConfig()``).
         vocab_size: teacher vocabulary size V (ids must satisfy 0 <= id < V; V <= 2^32).
         k: entries per position K.
+        layout: byte layout that ``encode`` writes (2, the default, needs the row's ``input_ids``; 1 does not).
+            ``decode`` reads every layout in ``LAYOUTS`` whatever this says.
 
     An instance reuses its zstd contexts and is not thread-safe: give each writer/reader thread its own.
     """
 
-    def __init__(self, config: CodecConfig | None = None, *, vocab_size: int, k: int) -> None:
+    def __init__(
+        self, config: CodecConfig | None = None, *, vocab_size: int, k: int, layout: int = LAYOUT_VERSION
+    ) -> None:
         if not 1 <= vocab_size <= 2**32:
             raise ValueError(f"TopKCodec: vocab_size must be in [1, 2^32], got {vocab_size}")
         if not 1 <= k <= min(vocab_size, 65535):
             raise ValueError(f"TopKCodec: k must be in [1, min(vocab_size, 65535)], got {k}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"TopKCodec: layout must be one of {LAYOUTS}, got {layout}")
         self.config = config or CodecConfig()
-        self.vocab_size, self.k = int(vocab_size), int(k)
+        self.vocab_size, self.k, self.layout = int(vocab_size), int(k), int(layout)
         self._cctx = zstandard.ZstdCompressor(level=self.config.zstd_level)
         self._cctx_small = zstandard.ZstdCompressor(level=self.config.zstd_level_small)
         self._dctx = zstandard.ZstdDecompressor()
@@ -184,39 +135,44 @@ class TopKCodec:
     # -------------------------------------------------------------------------------------------- manifest
     def describe(self) -> dict:
         """What the dump manifest records to rebuild this codec (name, layout version, config)."""
-        return {"name": CODEC_NAME, "version": LAYOUT_VERSION, "config": self.config.to_dict()}
+        return {"name": CODEC_NAME, "version": self.layout, "config": self.config.to_dict()}
 
     @classmethod
     def from_description(cls, d: dict, *, vocab_size: int, k: int) -> TopKCodec:
-        if d.get("name") != CODEC_NAME or d.get("version") != LAYOUT_VERSION:
+        if d.get("name") != CODEC_NAME or d.get("version") not in LAYOUTS:
             raise ValueError(
-                f"manifest codec {d.get('name')!r} v{d.get('version')} is not {CODEC_NAME!r} v{LAYOUT_VERSION}: "
+                f"manifest codec {d.get('name')!r} v{d.get('version')} is not {CODEC_NAME!r} v{LAYOUTS}: "
                 "read this dump with the ddk-offline version that wrote it"
             )
-        return cls(CodecConfig.from_dict(d["config"]), vocab_size=vocab_size, k=k)
+        return cls(CodecConfig.from_dict(d["config"]), vocab_size=vocab_size, k=k, layout=d["version"])
 
     # -------------------------------------------------------------------------------------------- encode
-    def encode(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray) -> bytes:
+    def encode(
+        self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.ndarray | None = None
+    ) -> bytes:
         """Pack one sequence.
 
         Args:
             ids: [L, K] integer ids, any order, distinct within a row, 0 <= id < vocab_size.
             logits: [L, K] raw teacher logits (float), aligned with ``ids``.
             lse: [L] logsumexp of each full logit row (float32).
+            input_ids: [L] the sequence's input token ids (required by layout 2, ignored by layout 1).
 
         Returns:
             One blob (bytes) that ``decode`` turns back into ids and logits in descending-logit order.
         """
-        ints = self._integers(*self._check_inputs(ids, logits, lse))
+        ints = self._integers(*self._check_inputs(ids, logits, lse, input_ids))
         L, K, n_table = ints.pop("shape")
         streams = [s for pair in self._streams(ints).values() for s in pair]
-        head = _HEADER.pack(_MAGIC, LAYOUT_VERSION, len(streams), L, K, n_table)
+        head = _HEADER.pack(_MAGIC, self.layout, len(streams), L, K, n_table)
         body = head + struct.pack(f"<{len(streams)}I", *map(len, streams)) + b"".join(streams)
         return body + struct.pack("<I", zlib.crc32(body))
 
-    def stream_sizes(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray) -> dict[str, int]:
+    def stream_sizes(
+        self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.ndarray | None = None
+    ) -> dict[str, int]:
         """Bytes per stream (symbols + raw bits) of ``encode``'s blob, for benchmarks; headers excluded."""
-        ints = self._integers(*self._check_inputs(ids, logits, lse))
+        ints = self._integers(*self._check_inputs(ids, logits, lse, input_ids))
         ints.pop("shape")
         return {name: len(a) + len(b) for name, (a, b) in self._streams(ints).items()}
 
@@ -234,9 +190,9 @@ class TopKCodec:
             out[name] = (cctx.compress(sym.tobytes()), _pack_bits(raw, width))
         return out
 
-    def _integers(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray) -> dict:
-        """The integer arrays the blob entropy-codes, in stream order (plus "shape": L, K, table size)."""
-        cfg, (L, K) = self.config, ids.shape
+    def _values(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray):
+        """Rows sorted by logit: ids [L, K], value codes [L, K] (non-decreasing), zig-zag mass codes [L]."""
+        cfg = self.config
         lg = logits.astype(np.float64)
         order = np.argsort(-lg, axis=1, kind="stable")
         lg, ids = np.take_along_axis(lg, order, 1), np.take_along_axis(ids, order, 1)
@@ -246,11 +202,46 @@ class TopKCodec:
         mass = np.exp(lp).sum(1)
         lam = np.log(mass) - np.log(np.maximum(1.0 - mass, 1e-300))
         lam_code = np.rint(np.clip(lam, -_LAMBDA_CAP, _LAMBDA_CAP) / cfg.mass_step).astype(np.int64)
+        return ids, codes, np.where(lam_code < 0, -2 * lam_code - 1, 2 * lam_code)  # zig-zag
 
-        table, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
-        # Only the bit length of each count is stored: ordering by it costs < 0.002 B/entry more than exact counts.
-        count_class = np.floor(np.log2(counts)).astype(np.int64)
-        local = self._freq_rank(count_class)[inv.reshape(L, K)]
+    def _integers(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.ndarray | None) -> dict:
+        """The integer arrays the blob entropy-codes, in stream order (plus "shape": L, K, table size)."""
+        (L, K), v = ids.shape, self.layout
+        ids, codes, mass = self._values(ids, logits, lse)
+        if v == 1:
+            table, inv, counts = unique_ids(ids, self.vocab_size)
+            # Only the bit length of each count is stored: ordering by it costs < 0.002 B/entry more than exact.
+            count_class = np.floor(np.log2(counts)).astype(np.int64)
+            local = self._freq_rank(count_class)[inv.reshape(L, K)]
+        else:
+            # Layout 2: the next input token takes index 0; an id found in a reference row becomes a pointer
+            # (first 1 + c * K + its stored position in reference c, then renumbered over the live entries);
+            # the rest index the table of such misses, from n_ref = 1 + (reference rows) * K on.
+            nxt = np.full(L, -1, np.int64)
+            nxt[:-1] = input_ids[1:]
+            is_next = ids == nxt[:, None]
+            refs = reference_rows(input_ids)
+            n_ref = 1 + (refs >= 0).sum(1, keepdims=True) * K
+            found, col = find_in_rows(ids, refs, self.vocab_size)
+            hit = np.zeros((L, K), bool)
+            ref_row, ref_col, local = (np.zeros((L, K), np.int64) for _ in range(3))
+            for c in range(MAX_REFS):
+                new = found[c] & ~hit & ~is_next
+                hit |= new
+                ref_row[new] = np.broadcast_to(refs[:, c : c + 1], (L, K))[new]
+                ref_col[new], local[new] = col[c][new], 1 + c * K
+            miss = ~hit & ~is_next
+            table, inv, counts = unique_ids(ids[miss], self.vocab_size)
+            count_class = np.floor(np.log2(counts)).astype(np.int64)
+            local[miss] = np.broadcast_to(n_ref, (L, K))[miss] + self._freq_rank(count_class)[inv]
+            perm, local = stored_order(codes, local, hit, ref_row, ref_col)
+            codes = np.take_along_axis(codes, perm, 1)
+            # Pointers count only the live reference entries (first listing of an id, not the next token).
+            stored_ids = np.take_along_axis(ids, perm, 1)
+            ref_ids = np.where((refs >= 0)[:, :, None], stored_ids[np.maximum(refs, 0)], -1).reshape(L, -1)
+            live_rank = np.cumsum(live_references(ref_ids, nxt), axis=1) - 1
+            at = np.nonzero((local >= 1) & (local < n_ref))
+            local[at] = 1 + live_rank[at[0], local[at] - 1]
         # Inside a tie group (equal value codes) the order is free: sort by local index to save its entropy.
         tie = np.lexsort((local, codes), axis=1)
         codes, local = np.take_along_axis(codes, tie, 1), np.take_along_axis(local, tie, 1)
@@ -258,40 +249,46 @@ class TopKCodec:
         starts[:, 1:] = np.diff(codes, axis=1) > 0
         gaps = np.diff(local, axis=1, prepend=-1) - 1
 
-        ints: dict = {
-            "table": np.diff(table, prepend=-1) - 1,
-            "count_class": count_class,
-            "mass": np.where(lam_code < 0, -2 * lam_code - 1, 2 * lam_code),  # zig-zag
-        }
+        ints: dict = {"table": np.diff(table, prepend=-1) - 1, "count_class": count_class, "mass": mass}
         # Value codes: which entries open a new code (bitmap, rank-major) and by how much the code rises there.
         everywhere = np.ones((L, K), bool)
-        for name, arr in self._by_rank(starts, everywhere, start=1).items():
+        for name, arr in self._by_rank(starts, everywhere, v, start=1).items():
             ints[f"starts{name}"] = arr
         rise = np.zeros((L, K), np.int64)
         rise[:, 1:] = codes[:, 1:] - codes[:, :-1] - 1
-        for name, arr in self._by_rank(rise, starts, start=1).items():
+        for name, arr in self._by_rank(rise, starts, v, start=1).items():
             ints[f"rise{name}"] = arr
-        for name, arr in self._by_rank(local, starts).items():
+        for name, arr in self._by_rank(local, starts, v).items():
             ints[f"first{name}"] = arr
         # In-group gaps scale with the previous member's index (Zipf-like table order): their low
         # `shift` bits are near-uniform, so they go raw (rank-major) and only the quotient is entropy-coded.
         shift = np.zeros((L, K), np.int64)
         shift[:, 1:] = np.maximum(_floor_log2(local[:, :-1] + 1) - _GAP_RICE_BITS, 0)
         shift[starts] = 0
-        for name, arr in self._by_rank(gaps >> shift, ~starts).items():
-            ints[f"gap{name}"] = arr
+        if v == 1:
+            for name, arr in self._by_rank(gaps >> shift, ~starts, v).items():
+                ints[f"gap{name}"] = arr
+        else:  # gaps among pointers (small) and among table indices (large) get separate streams
+            in_ref = np.zeros((L, K), bool)
+            in_ref[:, 1:] = local[:, :-1] < n_ref
+            for region, mask in (("ref", in_ref), ("table", ~in_ref)):
+                for name, arr in self._by_rank(gaps >> shift, ~starts & mask, v).items():
+                    ints[f"gap_{region}{name}"] = arr
         low = (gaps & ((1 << shift) - 1)).T[(~starts).T]
         ints["gap_low"] = (low.astype(np.uint64), shift.T[(~starts).T])
         ints["shape"] = (L, K, table.size)
         return ints
 
     # -------------------------------------------------------------------------------------------- decode
-    def decode(self, blob: bytes, lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def decode(
+        self, blob: bytes, lse: np.ndarray, input_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Unpack one sequence.
 
         Args:
-            blob: bytes from ``encode``.
+            blob: bytes from ``encode`` (any layout in ``LAYOUTS``; the blob's header says which).
             lse: [L] float32 logsumexp of each full logit row (as stored beside the blob).
+            input_ids: [L] the sequence's input token ids (required for layout-2 blobs).
 
         Returns:
             ids [L, K] int64 and logits [L, K] float32 (raw logit scale, logits = lse + log p), each row in
@@ -301,19 +298,26 @@ class TopKCodec:
         if len(view) < _HEADER.size + 4 or zlib.crc32(view[:-4]) != struct.unpack("<I", view[-4:])[0]:
             raise ValueError(f"top-k blob of {len(view)} bytes fails its CRC32 check (corrupt or truncated)")
         magic, version, n_streams, L, K, n_table = _HEADER.unpack_from(view)
-        if magic != _MAGIC or version != LAYOUT_VERSION:
-            raise ValueError(f"top-k blob: magic {magic!r} v{version}, expected {_MAGIC!r} v{LAYOUT_VERSION}")
+        if magic != _MAGIC or version not in LAYOUTS:
+            raise ValueError(f"top-k blob: magic {magic!r} v{version}, expected {_MAGIC!r} v{LAYOUTS}")
         if K != self.k:
             raise ValueError(f"top-k blob holds k={K} but the codec was built with k={self.k} (manifest mismatch)")
         lse = np.asarray(lse, np.float64).reshape(-1)
         if lse.shape != (L,):
             raise ValueError(f"decode: lse has {lse.size} values, the blob holds L={L} positions")
+        if version >= 2:
+            if input_ids is None:
+                raise ValueError("decode: a layout-2 top-k blob needs the row's input_ids (pass input_ids=...)")
+            input_ids = np.asarray(input_ids).reshape(-1)
+            if input_ids.shape != (L,) or not np.issubdtype(input_ids.dtype, np.integer):
+                raise ValueError(f"decode: input_ids must be [L={L}] integers, got {input_ids.dtype} {input_ids.shape}")
+            input_ids = input_ids.astype(np.int64)
         try:
-            return self._decode_streams(view, n_streams, L, K, n_table, lse)
+            return self._decode_streams(view, version, n_streams, L, K, n_table, lse, input_ids)
         except (zstandard.ZstdError, StopIteration, struct.error, IndexError) as e:
             raise ValueError(f"top-k blob: malformed streams ({type(e).__name__}: {e})") from e
 
-    def _decode_streams(self, view: memoryview, n_streams: int, L: int, K: int, n_table: int, lse: np.ndarray):
+    def _decode_streams(self, view, version, n_streams, L, K, n_table, lse, input_ids):
         cfg = self.config
         lens = struct.unpack_from(f"<{n_streams}I", view, _HEADER.size)
         pos, chunks = _HEADER.size + 4 * n_streams, []
@@ -324,9 +328,9 @@ class TopKCodec:
             raise ValueError("top-k blob: stream lengths do not add up to the blob size (corrupt)")
         it = iter(chunks)
 
-        def ints(n: int) -> np.ndarray:
+        def ints(n: int, exact: bool = True) -> np.ndarray:
             sym = np.frombuffer(self._dctx.decompress(next(it), max_output_size=n), np.uint8)
-            if sym.size != n:
+            if sym.size > n or (exact and sym.size != n):
                 raise ValueError(f"top-k blob: stream holds {sym.size} symbols, expected {n} (corrupt)")
             return _eg_join(sym, np.frombuffer(next(it), np.uint8), cfg.eg_precision).astype(np.int64)
 
@@ -342,17 +346,25 @@ class TopKCodec:
             return np.unpackbits(packed)[:n].astype(bool)
 
         starts = np.ones((L, K), bool)
-        self._fill_by_rank(starts, starts.copy(), bits, start=1)
+        self._fill_by_rank(starts, starts.copy(), bits, version, start=1)
         rise = np.zeros((L, K), np.int64)
-        self._fill_by_rank(rise, starts, ints, start=1)
+        self._fill_by_rank(rise, starts, ints, version, start=1)
         codes = np.cumsum(np.where(starts, rise + 1, 0), axis=1) - 1
         first, gap = np.zeros((L, K), np.int64), np.zeros((L, K), np.int64)
-        self._fill_by_rank(first, starts, ints)
-        self._fill_by_rank(gap, ~starts, ints)
+        self._fill_by_rank(first, starts, ints, version)
+        slices = self._rank_slices(0, version)
+        if version == 1:
+            self._fill_by_rank(gap, ~starts, ints, version)
+        else:  # per rank class, the gaps after a pointer and after a table index, each in column order
+            refs = reference_rows(input_ids)
+            n_ref = 1 + (refs >= 0).sum(1) * K  # per row: where the table indices start
+            n_cont = [int((~starts[:, sl]).sum()) for _, sl in slices]
+            split = [[ints(n, exact=False) for n in n_cont] for _ in range(2)]
+            used = np.zeros((2, len(slices)), np.int64)
         if len(next(it)):
             raise ValueError("top-k blob: the raw gap stream has a symbol part (corrupt)")
         low_bits, pos = _bit_windows(np.frombuffer(next(it), np.uint8)), 0
-        # Column by column: a member's raw-bit width depends on the previous member's index.
+        # Column by column: a member's raw-bit width (and in layout 2 its stream) depends on the previous member.
         local = np.empty((L, K), np.int64)
         local[:, 0] = first[:, 0]
         for j in range(1, K):
@@ -361,19 +373,53 @@ class TopKCodec:
             if cont.size == 0:
                 continue
             prev = local[cont, j - 1]
+            if version == 1:
+                g = gap[cont, j]
+            else:
+                c = next(i for i, (_, sl) in enumerate(slices) if sl.start <= j < sl.stop)
+                g = np.empty(cont.size, np.int64)
+                in_ref = prev < n_ref[cont]
+                for region, sel in enumerate((in_ref, ~in_ref)):
+                    a = used[region, c]
+                    g[sel] = split[region][c][a : a + int(sel.sum())]  # raises on a short stream (corrupt)
+                    used[region, c] = a + int(sel.sum())
             shift = np.maximum(_floor_log2(prev + 1) - _GAP_RICE_BITS, 0)
             low = _read_bits(low_bits, shift, pos).astype(np.int64)
             pos += int(shift.sum())
-            local[cont, j] = prev + ((gap[cont, j] << shift) | low) + 1
-        if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
-            raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
-        ids = table[np.argsort(self._freq_rank(count_class), kind="stable")][local]
+            local[cont, j] = prev + ((g << shift) | low) + 1
+        if version == 1:
+            if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
+                raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
+            ids = table[np.argsort(self._freq_rank(count_class), kind="stable")][local]
+        else:
+            if any(int(u) != s.size for u, s in zip(used.ravel(), split[0] + split[1], strict=True)):
+                raise ValueError("top-k blob: gap streams hold more values than the tie bitmaps use (corrupt)")
+            ids = self._resolve(local, table, count_class, input_ids, refs, n_ref[:, None])
 
         d = _from_code(codes, cfg)
         mass = 1.0 / (1.0 + np.exp(-lam))
         lp0 = np.log(mass) - np.log(np.exp(-d).sum(1))
         logits = (lse + lp0)[:, None] - d
         return ids, logits.astype(np.float32)
+
+    def _resolve(self, local, table, count_class, input_ids, refs, n_ref) -> np.ndarray:
+        """Layout 2: local indices [L, K] -> ids (next-token slot, pointers into reference rows, table)."""
+        L, K = local.shape
+        rows = np.broadcast_to(np.arange(L)[:, None], (L, K))
+        is_table, is_next = local >= n_ref, local == 0
+        pointer = ~is_table & ~is_next
+        t_idx = (local - n_ref)[is_table]
+        if t_idx.size and (t_idx.max() >= table.size or table[-1] >= self.vocab_size):
+            raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
+        nxt = rows[is_next] + 1
+        if nxt.size and (nxt.max() >= L or input_ids[nxt].max() >= self.vocab_size or input_ids[nxt].min() < 0):
+            raise ValueError("top-k blob: a next-token slot has no valid next input token (corrupt or wrong input_ids)")
+        base = np.zeros((L, K), np.int64)
+        base[is_table] = table[np.argsort(self._freq_rank(count_class), kind="stable")][t_idx]
+        base[is_next] = input_ids[nxt]
+        next_token = np.append(input_ids[1:], -1)
+        index = np.where(pointer, local - 1, -1)
+        return resolve_references(base, index, refs, next_token, self.vocab_size)
 
     # -------------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -384,26 +430,33 @@ class TopKCodec:
         rank[order] = np.arange(order.size)
         return rank
 
-    def _rank_slices(self, start: int) -> list[tuple[str, slice]]:
-        edges = [start, *[e for e in _RANK_CLASSES if start < e < self.k], self.k]
+    def _rank_slices(self, start: int, version: int) -> list[tuple[str, slice]]:
+        edges = [start, *[e for e in _RANK_CLASSES[version] if start < e < self.k], self.k]
         return [(f"@{a}", slice(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
-    def _by_rank(self, arr: np.ndarray, mask: np.ndarray, start: int = 0) -> dict[str, np.ndarray]:
+    def _by_rank(self, arr: np.ndarray, mask: np.ndarray, version: int, start: int = 0) -> dict[str, np.ndarray]:
         """Entries of arr [L, K] where mask, split into rank-position classes, each read rank-major.
 
         Separate streams per class are a cheap context model: the top entries' statistics differ from the tail's.
         """
-        return {name: arr[:, sl].T[mask[:, sl].T] for name, sl in self._rank_slices(start)}
+        return {name: arr[:, sl].T[mask[:, sl].T] for name, sl in self._rank_slices(start, version)}
 
-    def _fill_by_rank(self, out: np.ndarray, mask: np.ndarray, ints, start: int = 0) -> None:
+    def _fill_by_rank(self, out: np.ndarray, mask: np.ndarray, ints, version: int, start: int = 0) -> None:
         """Inverse of ``_by_rank``: fill out [L, K] where mask from the streams ``ints(n)`` returns in order."""
-        for _, sl in self._rank_slices(start):
+        for _, sl in self._rank_slices(start, version):
             keep = mask[:, sl].T
             view = out[:, sl].T
             view[keep] = ints(int(keep.sum()))
 
-    def _check_inputs(self, ids, logits, lse) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _check_inputs(self, ids, logits, lse, input_ids) -> tuple:
         ids, logits, lse = np.asarray(ids), np.asarray(logits), np.asarray(lse)
+        if self.layout >= 2:
+            if input_ids is None:
+                raise ValueError("encode: layout 2 needs the sequence's input_ids (pass input_ids=...)")
+            input_ids = np.asarray(input_ids)
+            if input_ids.shape != ids.shape[:1] or not np.issubdtype(input_ids.dtype, np.integer):
+                raise ValueError(f"encode: input_ids must be [L={ids.shape[0]}] integers, got {input_ids.shape}")
+            input_ids = input_ids.astype(np.int64)
         if ids.ndim != 2 or ids.shape[1] != self.k or logits.shape != ids.shape or lse.shape != ids.shape[:1]:
             raise ValueError(
                 f"encode: expected ids/logits [L, {self.k}] and lse [L], got {ids.shape}, {logits.shape}, {lse.shape}"
@@ -417,4 +470,4 @@ class TopKCodec:
             raise ValueError("encode: a row of topk_ids repeats an id; pass the teacher's distinct top-k ids")
         if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(lse).all():
             raise ValueError("encode: logits contain NaN/+inf or lse is not finite; check the teacher's outputs")
-        return ids, logits, lse
+        return ids, logits, lse, input_ids

@@ -167,7 +167,7 @@ class DumpReader:
         logits = np.empty((n, L, k), np.float32)
         for i, blob in enumerate(table.column("topk").to_pylist()):
             try:
-                ids[i], logits[i] = self.codec.decode(blob, out["teacher_lse"][i])
+                ids[i], logits[i] = self.codec.decode(blob, out["teacher_lse"][i], out["input_ids"][i])
             except ValueError as e:
                 f = self.shards(domain, split)[shard].file
                 raise ShardError(

@@ -6,9 +6,9 @@ import pyarrow as pa
 
 #: Bump on any change to the row layout, the manifest's meaning or the codec's byte layout, and record
 #: the bump in CHANGELOG.md: dumps outlive the code that wrote them.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the top-k codec's layout 2 (decoding a row's topk needs its input_ids)
 FORMAT_NAME = "ddk-offline-teacher-dump"
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)  # version-1 dumps hold layout-1 topk blobs, which every reader still decodes
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"

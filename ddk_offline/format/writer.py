@@ -165,7 +165,7 @@ class ShardWriter:
             self._error = e
 
     def _add(self, rec: SequenceRecord) -> None:
-        blob = self.codec.encode(rec.topk_ids, rec.topk_logits, rec.teacher_lse)
+        blob = self.codec.encode(rec.topk_ids, rec.topk_logits, rec.teacher_lse, rec.input_ids)
         # Keep only what the table needs: the [L, k] arrays are in the blob now. Without this a shard buffers
         # rows_per_shard * L * k * 12 bytes per open stream (hundreds of MB at k = 64, L = 512).
         rec = dataclasses.replace(rec, topk_ids=_NONE, topk_logits=_NONE)

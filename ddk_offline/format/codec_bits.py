@@ -1,0 +1,93 @@
+"""Integer and value primitives of the top-k codec (docs/CODEC.md): the companded value grid and the
+Exp-Golomb split of integers into entropy-coded symbol bytes and raw bit fields."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ddk_offline.format.codec import CodecConfig
+
+_D_CAP = 80.0  # nats below the top entry; beyond, an entry's probability is < e^-80 and only its rank matters
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Companded value grid: step(d) = min(step_top * exp(d / 2), step_max).
+def _grid_knee(cfg: CodecConfig) -> tuple[float, float]:
+    d_knee = 2.0 * math.log(cfg.step_max / cfg.step_top)
+    return d_knee, (2.0 / cfg.step_top) * (1.0 - math.exp(-d_knee / 2.0))
+
+
+def _to_code(d: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    d_knee, u_knee = _grid_knee(cfg)
+    d = np.minimum(d, _D_CAP)
+    u = (2.0 / cfg.step_top) * (1.0 - np.exp(-np.minimum(d, d_knee) / 2.0)) + np.maximum(d - d_knee, 0) / cfg.step_max
+    return np.rint(u).astype(np.int64)
+
+
+def _from_code(c: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    d_knee, u_knee = _grid_knee(cfg)
+    c = c.astype(np.float64)
+    low = -2.0 * np.log(np.maximum(1.0 - np.minimum(c, u_knee) * cfg.step_top / 2.0, 1e-300))
+    return np.where(c <= u_knee, low, d_knee + (c - u_knee) * cfg.step_max)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exp-Golomb split: x >= 0 -> (symbol byte, raw low bits). Symbols carry the bit length and the top
+# `h` mantissa bits, so zstd's Huffman stage models the distribution; the rest is near-uniform and stored raw.
+def _floor_log2(v: np.ndarray) -> np.ndarray:
+    """floor(log2(v)) of integers 1 <= v < 2^53 (exact: frexp reads the float exponent)."""
+    return np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1
+
+
+def _eg_split(x: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    v = x.astype(np.uint64) + np.uint64(1)
+    nbits = _floor_log2(v)
+    width = np.maximum(nbits - h, 0)
+    top = (v >> width.astype(np.uint64)).astype(np.int64)
+    sym = np.where(width == 0, top, (1 << (h + 1)) + (width - 1) * (1 << h) + top - (1 << h))
+    raw = v & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
+    return sym.astype(np.uint8), width, raw
+
+
+def _eg_join(sym: np.ndarray, raw_bits: np.ndarray, h: int) -> np.ndarray:
+    s = sym.astype(np.int64)
+    direct = s < (1 << (h + 1))
+    width = np.where(direct, 0, (s - (1 << (h + 1))) // (1 << h) + 1)
+    top = np.where(direct, s, (s - (1 << (h + 1))) % (1 << h) + (1 << h))
+    raw = _read_bits(_bit_windows(raw_bits), width)
+    return ((top.astype(np.uint64) << width.astype(np.uint64)) | raw) - np.uint64(1)
+
+
+def _pack_bits(raw: np.ndarray, width: np.ndarray) -> bytes:
+    total = int(width.sum())
+    if total == 0:
+        return b""
+    owner = np.repeat(np.arange(raw.size), width)
+    pos = np.arange(total) - np.repeat(np.cumsum(width) - width, width)
+    shift = (width[owner] - 1 - pos).astype(np.uint64)
+    return np.packbits(((raw[owner] >> shift) & np.uint64(1)).astype(np.uint8)).tobytes()
+
+
+def _bit_windows(buf: np.ndarray) -> np.ndarray:
+    """[n_bytes, 8] view: row i holds bytes i..i+7 of buf (zero-padded), for ``_read_bits``."""
+    return np.lib.stride_tricks.sliding_window_view(np.concatenate([buf, np.zeros(8, np.uint8)]), 8)
+
+
+def _read_bits(windows: np.ndarray, width: np.ndarray, start: int = 0) -> np.ndarray:
+    """Unsigned integers from consecutive MSB-first bit fields (widths <= 56) starting at bit ``start``."""
+    width = width.astype(np.int64)
+    if (len(windows) - 1) * 8 < start + int(width.sum()):  # windows has n_bytes + 1 rows
+        raise ValueError("top-k blob: raw bit stream is shorter than its symbols say (corrupt or truncated)")
+    if width.size == 0:
+        return np.zeros(0, np.uint64)
+    if width.max() > 56:
+        raise ValueError("top-k blob: a raw bit field is wider than 56 bits (corrupt)")
+    off = start + np.cumsum(width) - width
+    # A big-endian 8-byte word at each field's first byte, shifted down and masked to the field.
+    word = np.ascontiguousarray(windows[off >> 3]).view(">u8").ravel().astype(np.uint64)
+    shift = (64 - (off & 7) - width).astype(np.uint64)
+    return (word >> shift) & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
