@@ -120,6 +120,9 @@ class DistillConfig:
                             ("--eval-every", self.eval_every)):  # fmt: skip
             if not value >= 0:
                 raise UserError(f"{name} must be >= 0, got {value}")
+        if self.eval_max_sequences is not None and self.eval_max_sequences < 1:
+            # 0 would evaluate nothing: no val numbers, and --gap-source val would never leave the uniform mix.
+            raise UserError(f"--eval-max-sequences must be >= 1 (or left out for all), got {self.eval_max_sequences}")
         if self.ce_weight == 0 and self.kd_weight == 0:
             raise UserError("--ce-weight and --kd-weight are both 0: nothing to train; set at least one > 0")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):

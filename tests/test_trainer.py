@@ -112,6 +112,7 @@ def test_kd_weight_zero_trains_ce_only(dump, student_config, tmp_path):
         ({"max_steps": 5, "max_tokens": 100}, "not both"),
         ({"sampler": "fixed:code=1"}, "missing"),
         ({"gap_source": "held-out"}, "--gap-source"),
+        ({"gap_source": "val", "eval_max_sequences": 0}, "--eval-max-sequences must be >= 1"),
     ],
 )
 def test_refusals(dump, student_config, tmp_path, change, match):
