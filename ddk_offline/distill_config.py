@@ -40,7 +40,8 @@ class DistillConfig:
             (and the top-k reads): plain continued pre-training on the same data path.
         temperature, kd_mode: KD temperature T and the teacher-target mode (``renorm`` or ``tail``; ``tail`` at
             T != 1 needs the lse at T in the dump).
-        max_steps / max_tokens: run length (one of them; tokens round up to whole steps). Default 1000 steps.
+        max_steps / max_tokens: run length (one of them; tokens, counted over all processes, round up to whole
+            steps). Default 1000 steps.
         batch_size, grad_accum: sequences per micro-batch and micro-batches per optimiser step.
         lr, warmup_steps, weight_decay, grad_clip: AdamW with linear warm-up then cosine decay to 10% of ``lr``;
             warm-up defaults to 5% of the steps; ``grad_clip = 0`` disables clipping.
@@ -93,8 +94,12 @@ class DistillConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def resolve(self, *, seq_len: int, temperatures: list[float]) -> DistillConfig:
-        """Validate and fill the derived defaults. Raises :class:`UserError` naming the option and the fix."""
+    def resolve(self, *, seq_len: int, temperatures: list[float], world: int = 1) -> DistillConfig:
+        """Validate and fill the derived defaults. Raises :class:`UserError` naming the option and the fix.
+
+        ``world`` is the number of torchrun processes: ``batch_size`` is per process, so a step trains
+        ``batch_size * grad_accum * world * seq_len`` tokens and ``max_tokens`` counts all of them.
+        """
         sources = [f"--{n}" for n, v in (("student", self.student), ("student-config", self.student_config),
                    ("derive-from-teacher", self.derive_from_teacher)) if v]  # fmt: skip
         if len(sources) != 1:
@@ -115,6 +120,9 @@ class DistillConfig:
                             ("--eval-every", self.eval_every)):  # fmt: skip
             if not value >= 0:
                 raise UserError(f"{name} must be >= 0, got {value}")
+        if self.eval_max_sequences is not None and self.eval_max_sequences < 1:
+            # 0 would evaluate nothing: no val numbers, and --gap-source val would never leave the uniform mix.
+            raise UserError(f"--eval-max-sequences must be >= 1 (or left out for all), got {self.eval_max_sequences}")
         if self.ce_weight == 0 and self.kd_weight == 0:
             raise UserError("--ce-weight and --kd-weight are both 0: nothing to train; set at least one > 0")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -135,7 +143,7 @@ class DistillConfig:
             raise UserError("pass --max-steps or --max-tokens, not both")
         steps = self.max_steps
         if self.max_tokens is not None:
-            steps = math.ceil(self.max_tokens / (self.batch_size * self.grad_accum * seq_len))
+            steps = math.ceil(self.max_tokens / (self.batch_size * self.grad_accum * world * seq_len))
         steps = 1000 if steps is None else steps
         if steps < 1:
             raise UserError(f"the run has {steps} steps; --max-steps / --max-tokens must give at least one step")

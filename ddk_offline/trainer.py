@@ -177,7 +177,7 @@ class _Run:
         self.env = env = env or distributed.DistEnv()
         self.reader = open_dump(config.dump)
         m = self.reader.manifest
-        cfg = config.resolve(seq_len=m.seq_len, temperatures=list(m.temperatures))
+        cfg = config.resolve(seq_len=m.seq_len, temperatures=list(m.temperatures), world=env.world)
         self.out = Path(cfg.out)
         ckpt = None
         if cfg.resume:

@@ -110,6 +110,8 @@ def test_user_errors_exit_2(cli, e2e_dump, teacher_dir, tmp_path):
         assert match in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr
     proc = cli("eval", "--dump", str(tmp_path), "--model", str(teacher_dir), check=False)
     assert proc.returncode == 2 and "no manifest" in proc.stderr
+    proc = cli("eval", "--dump", str(e2e_dump), "--model", str(teacher_dir), "--max-sequences", "0", check=False)
+    assert proc.returncode == 2 and "--max-sequences must be >= 1" in proc.stderr
 
 
 def test_cli_defaults_match_distill_config():

@@ -87,3 +87,13 @@ def test_two_processes_resume_from_a_checkpoint(two, dump, student_config, tmp_p
     config.resume = True
     _spawn(config)
     _same_trajectory(_rows(two), _rows(out), rel=1e-6)
+
+
+def test_max_tokens_counts_every_process(dump, student_config, tmp_path):
+    # --batch-size is per process, so a 2-process step trains twice the tokens of a 1-process one.
+    out = tmp_path / "run"
+    seq_len = json.loads((dump / "manifest.json").read_text())["seq_len"]
+    tokens = 3 * 2 * 2 * 2 * seq_len  # 3 steps of 2 ranks x 2 sequences x 2 micro-batches
+    _spawn(_config(dump, student_config, out, batch_size=2, max_steps=None, max_tokens=tokens, save_every=0))
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 3
+    assert json.loads((out / "summary.json").read_text())["tokens"] == tokens

@@ -38,6 +38,10 @@ def test_dump_then_info_end_to_end(cli, teacher_dir, corpus_jsonl, tmp_path):
     assert info["total"]["tokens"] == 30 * 32 and info["total"]["bytes_per_token"] > 0
     assert info["domains"]["code"]["train"]["teacher_loss"] == pytest.approx(reader.teacher_loss("code"))
     assert "all 12 shards match" in cli("dumps", "verify", str(out)).stdout
+    url = out.resolve().as_uri()  # file:///...: a Path would fold it into file:/...
+    assert json.loads(cli("dumps", "info", url, "--json").stdout)["total"] == info["total"]
+    proc = cli("dumps", "verify", url, check=False)
+    assert proc.returncode == 2 and "checks local dumps only" in proc.stderr
     shard = out / reader.shards("prose", "val")[0].file
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -112,6 +112,7 @@ def test_kd_weight_zero_trains_ce_only(dump, student_config, tmp_path):
         ({"max_steps": 5, "max_tokens": 100}, "not both"),
         ({"sampler": "fixed:code=1"}, "missing"),
         ({"gap_source": "held-out"}, "--gap-source"),
+        ({"gap_source": "val", "eval_max_sequences": 0}, "--eval-max-sequences must be >= 1"),
     ],
 )
 def test_refusals(dump, student_config, tmp_path, change, match):
@@ -156,6 +157,8 @@ def test_config_resolution_defaults():
     assert (r.max_steps, r.ddk_interval, r.warmup_steps, r.save_every) == (1000, 50, 50, 100)
     r = replace(base, max_tokens=128 * 8 * 10 + 1).resolve(seq_len=128, temperatures=[1.0])
     assert (r.max_steps, r.max_tokens, r.ddk_interval, r.warmup_steps) == (11, None, 1, 0)  # tokens round up
+    r = replace(base, max_tokens=128 * 8 * 10 * 2).resolve(seq_len=128, temperatures=[1.0], world=2)
+    assert r.max_steps == 10  # --batch-size is per process: a step of 2 processes trains 2 x 128 x 8 tokens
     r = replace(base, kd_mode="tail", temperature=2.0).resolve(seq_len=128, temperatures=[1.0, 2.0])
     assert r.temperature == 2.0  # tail at a dumped T is fine
     r = replace(base, kd_mode="tail", temperature=3.0, kd_weight=0.0).resolve(seq_len=128, temperatures=[1.0])

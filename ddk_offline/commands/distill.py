@@ -40,7 +40,9 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(1.0, help="KD temperature T (the KL is scaled by T^2)."),
         kd_mode: str = typer.Option("renorm", help="Teacher target: renorm (top-k renormalised) | tail (exact)."),
         max_steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 1000)."),
-        max_tokens: Optional[int] = typer.Option(None, help="Train tokens instead of --max-steps (rounded up)."),
+        max_tokens: Optional[int] = typer.Option(
+            None, help="Train tokens instead of --max-steps (all processes together; rounded up)."
+        ),
         batch_size: int = typer.Option(8, help="Sequences per micro-batch (per process under torchrun)."),
         grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
         lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW; warm-up then cosine to 10%)."),

@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
     @dumps.command("info")
     @exit_on_user_error
     def info(
-        path: Annotated[Path, typer.Argument(help="The dump directory (holding manifest.json).")],
+        path: Annotated[str, typer.Argument(help="The dump directory (holding manifest.json) or an fsspec URL.")],
         as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")] = False,
     ) -> None:
         """Domains x splits (sequences, tokens, teacher loss, bytes/token) plus k, seq_len, teacher, tokenizer."""
@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
     @dumps.command("verify")
     @exit_on_user_error
     def verify_cmd(
-        path: Annotated[Path, typer.Argument(help="The dump directory (holding manifest.json).")],
+        path: Annotated[str, typer.Argument(help="The dump directory (holding manifest.json).")],
         sample_rows: Annotated[
             int, typer.Option(help="Rows per shard decoded through the top-k codec (0: every row).")
         ] = 4,
@@ -130,9 +130,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Check every shard against the manifest (checksum, rows, schema, a decoded sample); exit 1 naming each
         broken file. With --repair, recompute only the broken shards and verify again."""
+        from ddk_offline.format.storage import is_url
         from ddk_offline.verify import verify_dump
 
-        if not path.is_dir():
+        if is_url(path):
+            raise fail(f"{path}: dumps verify checks local dumps only; copy the dump to a local folder and verify it")
+        if not Path(path).is_dir():
             raise fail(f"{path}: no such folder; pass the dump directory (the one holding manifest.json)")
         if not repair and (data or teacher or gguf_file):
             raise fail("--data, --teacher and --gguf-file only apply with --repair")

@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--split {split!r}: choose val or train")
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        if max_sequences is not None and max_sequences < 1:
+            raise UserError(f"--max-sequences must be >= 1 (or left out for all), got {max_sequences}")
         import transformers
 
         transformers.logging.set_verbosity_error()
