@@ -13,7 +13,8 @@ Accepted ``--data`` sources (see docs/FORMAT.md, "Corpus"):
 
 Order is deterministic: files sorted by path (domain folders by name), rows in file order. A ``.txt`` file
 given directly (not in the domain-folder layout) is one document whose domain is its parent folder's name.
-Text is decoded as strict UTF-8; a file that is not UTF-8 is an error naming the file and the line.
+Text is decoded as strict UTF-8; a file that is not UTF-8 is an error naming the file and the line. A UTF-8
+byte-order mark at the start of a file (Excel's "CSV UTF-8" and Notepad write one) is not part of the text.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ STRUCTURED = {
     ".tsv": "tsv",
 }
 TEXT_SUFFIXES = {".txt", ".md"}
+_BOM = b"\xef\xbb\xbf"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 
 
@@ -246,7 +248,13 @@ def _read_utf8(path: Path) -> str:
         raise CorpusError(
             f"{path}: looks like a binary file (NUL byte at offset {nul}), not text; remove it from the corpus"
         )
-    return _decode(raw, str(path))
+    return _decode(raw.removeprefix(_BOM), str(path))
+
+
+def _lines(f) -> Iterator[tuple[int, bytes]]:
+    """A binary file's raw lines numbered from 1, without a leading byte-order mark (else it joins the first field)."""
+    for n, raw in enumerate(f, start=1):
+        yield n, raw.removeprefix(_BOM) if n == 1 else raw
 
 
 def _first_char(path: Path) -> str:
@@ -257,7 +265,7 @@ def _first_char(path: Path) -> str:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        for n, raw in _lines(f):
             where = f"{path}:{n}"
             line = _decode(raw, where).strip()
             if not line:
@@ -282,7 +290,7 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
 def _csv_rows(path: Path, delimiter: str, needed: list[str], corpus: Corpus) -> Iterator[tuple[str, Any]]:
     csv.field_size_limit(sys.maxsize)
     with open(path, "rb") as raw:
-        lines = (_decode(b, f"{path}:{n}") for n, b in enumerate(raw, start=1))
+        lines = (_decode(b, f"{path}:{n}") for n, b in _lines(raw))
         reader = csv.DictReader(lines, delimiter=delimiter)
         corpus._check_columns(reader.fieldnames or [], str(path), needed)
         for i, row in enumerate(reader):

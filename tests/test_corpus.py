@@ -60,6 +60,28 @@ def test_other_formats_agree(tmp_path, corpus_rows, fmt):
     assert _by_domain(open_corpus(str(path))) == _expected(corpus_rows)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json-array", "txt"])
+def test_a_leading_utf8_byte_order_mark_is_not_text(tmp_path, corpus_rows, fmt):
+    """Excel's "CSV UTF-8" and Notepad start files with a BOM; it must not hide the first column or join the text."""
+    rows = corpus_rows[:6]
+    if fmt == "csv":
+        path = tmp_path / "c.csv"
+        with open(path, "w", newline="", encoding="utf-8-sig") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "domain", "id"])
+            w.writeheader()
+            w.writerows(rows)
+    elif fmt == "txt":
+        for n, r in enumerate(rows):
+            (tmp_path / "c" / r["domain"]).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "c" / r["domain"] / f"{n}.txt").write_text(r["text"], encoding="utf-8-sig")
+        path = tmp_path / "c"
+    else:
+        path = tmp_path / ("c.jsonl" if fmt == "jsonl" else "c.json")
+        body = "".join(json.dumps(r) + "\n" for r in rows) if fmt == "jsonl" else json.dumps(rows)
+        path.write_text(body, encoding="utf-8-sig")
+    assert _by_domain(open_corpus(str(path))) == _expected(rows)
+
+
 def test_missing_text_column_names_file_and_flag(corpus_jsonl):
     with pytest.raises(CorpusError, match=r"corpus\.jsonl:1: no field 'body'.*--text-column"):
         list(open_corpus(str(corpus_jsonl), text_column="body").documents())
