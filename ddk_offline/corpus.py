@@ -4,9 +4,9 @@ Accepted ``--data`` sources (see docs/FORMAT.md, "Corpus"):
 
 - a file, a glob, or a folder of data files: ``.jsonl``/``.ndjson``, ``.json`` (JSON Lines or one JSON array),
   ``.parquet``, ``.csv``, ``.tsv``; every row needs the text column and the domain column;
-- a folder with one sub-folder per domain (the *domain-folder layout*): the domain is the sub-folder's name;
-  each ``.txt``/``.md`` file under it (searched recursively) is ONE document, and structured files (jsonl,
-  parquet, ...) inside it contribute one document per row (their domain column is not needed);
+- a folder with one sub-folder per domain and no files beside them (the *domain-folder layout*): the domain is
+  the sub-folder's name; each ``.txt``/``.md`` file under it (searched recursively) is ONE document, and
+  structured files (jsonl, parquet, ...) inside it contribute one document per row (no domain column needed);
 - a dataset saved with ``datasets.Dataset.save_to_disk`` (memory-mapped Arrow; the ``train`` split of a
   ``DatasetDict``, or its only split);
 - anything else that is not a local path is tried as a Hub dataset name (streaming; needs network, untested).
@@ -201,6 +201,13 @@ def open_corpus(data: str, *, text_column: str = "text", domain_column: str = "d
         entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
         top_files = [p for p in entries if p.is_file()]
         subdirs = [p for p in entries if p.is_dir()]
+        if top_files and subdirs:
+            # Either reading would silently drop the other half (e.g. a README beside the domain sub-folders).
+            raise CorpusError(
+                f"--data {data}: the folder holds both files ({_names(top_files)}) and sub-folders "
+                f"({_names(subdirs)}); for one sub-folder per domain move the files out of it, otherwise point "
+                "--data at the files (a glob works)"
+            )
         if top_files:
             corpus.files = [(None, _checked(p)) for p in top_files]
         elif subdirs:
@@ -219,6 +226,11 @@ def open_corpus(data: str, *, text_column: str = "text", domain_column: str = "d
     else:
         corpus.layout = "hub"
     return corpus
+
+
+def _names(paths: list[Path], most: int = 3) -> str:
+    shown = ", ".join(p.name for p in paths[:most])
+    return shown + (f", ... ({len(paths)} in all)" if len(paths) > most else "")
 
 
 def _checked(path: Path) -> Path:

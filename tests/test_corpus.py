@@ -102,6 +102,13 @@ def test_non_utf8_file_is_named(tmp_path, corpus_rows):
         list(open_corpus(str(tmp_path / "c")).documents())
 
 
+def test_files_beside_domain_folders_are_refused(corpus_folders):
+    # Reading either half would silently drop the other: here the README would become the whole corpus.
+    (corpus_folders / "README.md").write_text("three domains, one sub-folder each", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"both files \(README\.md\) and sub-folders \(code, numbers, prose\).*glob"):
+        open_corpus(str(corpus_folders))
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(CorpusError, match="not a file, folder or glob that exists"):
         open_corpus(str(tmp_path / "nope.jsonl"))
