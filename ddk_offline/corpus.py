@@ -4,16 +4,17 @@ Accepted ``--data`` sources (see docs/FORMAT.md, "Corpus"):
 
 - a file, a glob, or a folder of data files: ``.jsonl``/``.ndjson``, ``.json`` (JSON Lines or one JSON array),
   ``.parquet``, ``.csv``, ``.tsv``; every row needs the text column and the domain column;
-- a folder with one sub-folder per domain (the *domain-folder layout*): the domain is the sub-folder's name;
-  each ``.txt``/``.md`` file under it (searched recursively) is ONE document, and structured files (jsonl,
-  parquet, ...) inside it contribute one document per row (their domain column is not needed);
+- a folder with one sub-folder per domain and no files beside them (the *domain-folder layout*): the domain is
+  the sub-folder's name; each ``.txt``/``.md`` file under it (searched recursively) is ONE document, and
+  structured files (jsonl, parquet, ...) inside it contribute one document per row (no domain column needed);
 - a dataset saved with ``datasets.Dataset.save_to_disk`` (memory-mapped Arrow; the ``train`` split of a
   ``DatasetDict``, or its only split);
 - anything else that is not a local path is tried as a Hub dataset name (streaming; needs network, untested).
 
 Order is deterministic: files sorted by path (domain folders by name), rows in file order. A ``.txt`` file
 given directly (not in the domain-folder layout) is one document whose domain is its parent folder's name.
-Text is decoded as strict UTF-8; a file that is not UTF-8 is an error naming the file and the line.
+Text is decoded as strict UTF-8; a file that is not UTF-8 is an error naming the file and the line. A UTF-8
+byte-order mark at the start of a file (Excel's "CSV UTF-8" and Notepad write one) is not part of the text.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ STRUCTURED = {
     ".tsv": "tsv",
 }
 TEXT_SUFFIXES = {".txt", ".md"}
+_BOM = b"\xef\xbb\xbf"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 
 
@@ -199,6 +201,13 @@ def open_corpus(data: str, *, text_column: str = "text", domain_column: str = "d
         entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
         top_files = [p for p in entries if p.is_file()]
         subdirs = [p for p in entries if p.is_dir()]
+        if top_files and subdirs:
+            # Either reading would silently drop the other half (e.g. a README beside the domain sub-folders).
+            raise CorpusError(
+                f"--data {data}: the folder holds both files ({_names(top_files)}) and sub-folders "
+                f"({_names(subdirs)}); for one sub-folder per domain move the files out of it, otherwise point "
+                "--data at the files (a glob works)"
+            )
         if top_files:
             corpus.files = [(None, _checked(p)) for p in top_files]
         elif subdirs:
@@ -217,6 +226,11 @@ def open_corpus(data: str, *, text_column: str = "text", domain_column: str = "d
     else:
         corpus.layout = "hub"
     return corpus
+
+
+def _names(paths: list[Path], most: int = 3) -> str:
+    shown = ", ".join(p.name for p in paths[:most])
+    return shown + (f", ... ({len(paths)} in all)" if len(paths) > most else "")
 
 
 def _checked(path: Path) -> Path:
@@ -246,7 +260,13 @@ def _read_utf8(path: Path) -> str:
         raise CorpusError(
             f"{path}: looks like a binary file (NUL byte at offset {nul}), not text; remove it from the corpus"
         )
-    return _decode(raw, str(path))
+    return _decode(raw.removeprefix(_BOM), str(path))
+
+
+def _lines(f) -> Iterator[tuple[int, bytes]]:
+    """A binary file's raw lines numbered from 1, without a leading byte-order mark (else it joins the first field)."""
+    for n, raw in enumerate(f, start=1):
+        yield n, raw.removeprefix(_BOM) if n == 1 else raw
 
 
 def _first_char(path: Path) -> str:
@@ -257,7 +277,7 @@ def _first_char(path: Path) -> str:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        for n, raw in _lines(f):
             where = f"{path}:{n}"
             line = _decode(raw, where).strip()
             if not line:
@@ -282,7 +302,7 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
 def _csv_rows(path: Path, delimiter: str, needed: list[str], corpus: Corpus) -> Iterator[tuple[str, Any]]:
     csv.field_size_limit(sys.maxsize)
     with open(path, "rb") as raw:
-        lines = (_decode(b, f"{path}:{n}") for n, b in enumerate(raw, start=1))
+        lines = (_decode(b, f"{path}:{n}") for n, b in _lines(raw))
         reader = csv.DictReader(lines, delimiter=delimiter)
         corpus._check_columns(reader.fieldnames or [], str(path), needed)
         for i, row in enumerate(reader):

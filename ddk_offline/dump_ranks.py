@@ -87,6 +87,12 @@ def sum_stats(per_rank: list):
     return total
 
 
+def _unusable_out(out: Storage, e: OSError) -> dumpdir.DumpDirError:
+    return dumpdir.DumpDirError(
+        f"--out {out}: cannot create the folder ({e.strerror}: {e.filename}); choose another --out"
+    )
+
+
 def prepare_out(
     out: Storage, wanted: Manifest, tokenizer, held: contextlib.ExitStack, redo: frozenset[str] = frozenset()
 ) -> tuple[Manifest, bool]:
@@ -100,12 +106,16 @@ def prepare_out(
     if existing is not None:
         dumpdir.compare(existing, wanted, out)
     if out.local is not None:
-        out.local.parent.mkdir(parents=True, exist_ok=True)
         try:
+            out.local.parent.mkdir(parents=True, exist_ok=True)
             out.local.mkdir()
             created = True
-        except FileExistsError:
+        except FileExistsError as e:
+            if e.filename != str(out.local):  # a file where one of the parent folders should be
+                raise _unusable_out(out, e) from None
             created = False
+        except (NotADirectoryError, PermissionError) as e:
+            raise _unusable_out(out, e) from None
     else:
         created = not out.exists()
         out.makedirs()

@@ -106,6 +106,13 @@ def load_tokenizer(source: TeacherSource, *, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(_local_dir(source), **source.kwargs(trust_remote_code))
     except (OSError, ValueError) as e:
         raise _load_error(source, "cannot load its tokenizer", e) from None
+    if not set(tok.get_vocab()) - set(tok.all_special_tokens):
+        # transformers builds an empty tokenizer from config.json alone when the folder has no tokenizer files;
+        # every document would then tokenise to nothing and the dump would hold only EOS tokens.
+        raise TeacherError(
+            f"--teacher {source.name}: the tokenizer has no tokens besides special ones (no tokenizer files in the "
+            "model folder?); save the teacher's tokenizer there with tokenizer.save_pretrained(folder)"
+        )
     if tok.eos_token_id is None:
         raise TeacherError(
             f"--teacher {source.name}: the tokenizer has no EOS token, needed to separate packed documents; "

@@ -74,6 +74,16 @@ def _corpus(case: str, root, rows):
         return tiny.write_jsonl(rows, data), {"top_k": 385}
     if case == "missing-teacher":
         return tiny.write_jsonl(rows, data), {"teacher": str(root / "no-teacher")}
+    if case == "teacher-without-tokenizer":
+        # A GPT-2 config and no tokenizer files: transformers builds an empty GPT2Tokenizer instead of failing, so
+        # every document would tokenise to nothing and the dump would hold only EOS tokens.
+        from transformers import GPT2Config
+
+        GPT2Config(vocab_size=384, n_embd=16, n_layer=1, n_head=2).save_pretrained(root / "teacher")
+        return tiny.write_jsonl(rows, data), {"teacher": str(root / "teacher")}
+    if case == "out-below-a-file":
+        (root / "taken").write_text("a file, not a folder")
+        return tiny.write_jsonl(rows, data), {"out": str(root / "taken" / "dump")}
     raise AssertionError(case)
 
 
@@ -93,13 +103,15 @@ DUMP_CASES = {
     "seq-len-above-max-positions": ("above the teacher's max_position_embeddings", "--seq-len 1024", "lower --seq-len"),
     "top-k-above-vocab": (r"above the teacher's vocabulary \(384", "--top-k 385", "lower --top-k"),
     "missing-teacher": ("no such file or folder", r"--teacher \S*no-teacher", "check the path"),
+    "teacher-without-tokenizer": ("no tokens besides special ones", r"--teacher \S*teacher", "save_pretrained"),
+    "out-below-a-file": ("cannot create the folder", r"--out \S*taken/dump", "choose another --out"),
 }
 
 
 @pytest.mark.parametrize("case", list(DUMP_CASES))
 def test_dump_bad_input(teacher_dir, corpus_rows, tmp_path, case):
     data, kw = _corpus(case, tmp_path, corpus_rows[:30])
-    out = tmp_path / "dump"
+    out = Path(kw.pop("out", tmp_path / "dump"))
     with pytest.raises(UserError) as info:
         run_dump(_config(kw.pop("teacher", teacher_dir), data, out, **kw))
     message = " ".join(str(info.value).split())

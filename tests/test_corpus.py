@@ -60,6 +60,28 @@ def test_other_formats_agree(tmp_path, corpus_rows, fmt):
     assert _by_domain(open_corpus(str(path))) == _expected(corpus_rows)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json-array", "txt"])
+def test_a_leading_utf8_byte_order_mark_is_not_text(tmp_path, corpus_rows, fmt):
+    """Excel's "CSV UTF-8" and Notepad start files with a BOM; it must not hide the first column or join the text."""
+    rows = corpus_rows[:6]
+    if fmt == "csv":
+        path = tmp_path / "c.csv"
+        with open(path, "w", newline="", encoding="utf-8-sig") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "domain", "id"])
+            w.writeheader()
+            w.writerows(rows)
+    elif fmt == "txt":
+        for n, r in enumerate(rows):
+            (tmp_path / "c" / r["domain"]).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "c" / r["domain"] / f"{n}.txt").write_text(r["text"], encoding="utf-8-sig")
+        path = tmp_path / "c"
+    else:
+        path = tmp_path / ("c.jsonl" if fmt == "jsonl" else "c.json")
+        body = "".join(json.dumps(r) + "\n" for r in rows) if fmt == "jsonl" else json.dumps(rows)
+        path.write_text(body, encoding="utf-8-sig")
+    assert _by_domain(open_corpus(str(path))) == _expected(rows)
+
+
 def test_missing_text_column_names_file_and_flag(corpus_jsonl):
     with pytest.raises(CorpusError, match=r"corpus\.jsonl:1: no field 'body'.*--text-column"):
         list(open_corpus(str(corpus_jsonl), text_column="body").documents())
@@ -78,6 +100,13 @@ def test_non_utf8_file_is_named(tmp_path, corpus_rows):
     (tmp_path / "c" / "prose" / "b.txt").write_bytes("caf\u00e9".encode("latin-1"))
     with pytest.raises(CorpusError, match=r"b\.txt: not valid UTF-8.*re-encode"):
         list(open_corpus(str(tmp_path / "c")).documents())
+
+
+def test_files_beside_domain_folders_are_refused(corpus_folders):
+    # Reading either half would silently drop the other: here the README would become the whole corpus.
+    (corpus_folders / "README.md").write_text("three domains, one sub-folder each", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"both files \(README\.md\) and sub-folders \(code, numbers, prose\).*glob"):
+        open_corpus(str(corpus_folders))
 
 
 def test_bad_sources(tmp_path):

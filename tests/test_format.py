@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -158,3 +160,33 @@ def test_writer_thread_error_surfaces_in_the_producer(tmp_path):
         with ShardWriter(tmp_path, codec=codec, rows_per_shard=1, on_shard=boom, domain_dirs={"a": "a"}) as w:
             for i in range(5):
                 w.put(_record("a", "train", i, 4, rng))
+
+
+def test_a_failed_writer_never_blocks_the_producer_on_its_full_queue(tmp_path):
+    """The producer fills the queue before it sees the failure (a full disk mid-dump); leaving the context must
+    still return and raise instead of waiting forever to queue its "drop" command."""
+    codec = TopKCodec(vocab_size=V, k=4)
+    rng = np.random.default_rng(0)
+    records = [_record("a", "train", i, 4, rng) for i in range(8)]
+
+    def boom(*_):
+        time.sleep(0.2)  # the producer fills the queue meanwhile
+        raise OSError(28, "No space left on device")
+
+    raised: list[BaseException] = []
+
+    def produce():
+        try:
+            with ShardWriter(
+                tmp_path, codec=codec, rows_per_shard=1, on_shard=boom, domain_dirs={"a": "a"}, queue_size=2
+            ) as w:
+                for rec in records:
+                    w.put(rec)
+        except OSError as e:
+            raised.append(e)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    producer.join(timeout=20)
+    assert not producer.is_alive(), "leaving the ShardWriter context hung on the dead writer's full queue"
+    assert raised and "No space left" in str(raised[0])

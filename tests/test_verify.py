@@ -194,3 +194,16 @@ def test_an_untrusted_manifest_is_reported_and_not_repaired(dump):
     assert "Undo the edit or restore manifest.json from a backup" in report.problems[0].what
     with pytest.raises(RepairError, match="needs a trustworthy manifest"):
         repair_dump(out)
+
+
+def test_the_cli_never_suggests_rerunning_over_an_untrusted_manifest(cli, dump):
+    _, out = dump
+    path = out / "manifest.json"
+    d = json.loads(path.read_text())
+    d["k"] = 4
+    path.write_text(json.dumps(d))
+    for repair in ([], ["--repair"]):
+        proc = cli("dumps", "verify", str(out), *repair, check=False)
+        assert proc.returncode != 0 and "checksum mismatch" in proc.stderr
+        # the manifest's own problem says how to fix it; the summary must not contradict it
+        assert "rerun dump-teacher" not in proc.stderr and "repairing:" not in proc.stdout

@@ -144,7 +144,8 @@ def register(app: typer.Typer) -> None:
         if repair and not report.ok:
             from ddk_offline.repair import repair_dump
 
-            typer.echo(f"repairing: recomputing {len(report.broken_shards)} broken shard(s) and any missing ones")
+            if report.manifest is not None:  # without one, repair_dump refuses and says why
+                typer.echo(f"repairing: recomputing {len(report.broken_shards)} broken shard(s) and any missing ones")
             result = repair_dump(
                 path, data=data, teacher=teacher, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
                 sample_rows=sample_rows,
@@ -166,11 +167,12 @@ def _print_report(report) -> None:
         )
     else:
         bad = len(report.broken_shards)
-        fix = (
-            "`ddk-offline dumps verify --repair` recomputes them"
-            if bad
-            else "rerun dump-teacher with the same arguments, or `dumps verify --repair`, to finish it"
-        )
+        if report.manifest is None:  # nothing can be checked, finished or repaired without a trusted manifest
+            fix = "the manifest cannot be used; fix it as the line above says"
+        elif bad:
+            fix = "`ddk-offline dumps verify --repair` recomputes them"
+        else:
+            fix = "rerun dump-teacher with the same arguments, or `dumps verify --repair`, to finish it"
         typer.secho(
             f"{report.path}: {len(report.problems)} problem(s), {bad} of {report.shards} shards broken; {fix}",
             fg=typer.colors.RED,

@@ -131,7 +131,15 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # On success flush the partial last shards; on failure drop them (they are redone on resume).
-        self._queue.put("flush" if exc_type is None else "drop")
+        # A writer thread that failed has stopped reading the queue, which the producer may have filled before
+        # it saw the failure: a plain blocking put would then wait forever (e.g. on a full disk).
+        command = "flush" if exc_type is None else "drop"
+        while self._thread.is_alive():
+            try:
+                self._queue.put(command, timeout=0.5)
+                break
+            except queue.Full:
+                continue
         self._thread.join()
         if self.store.local is None:
             shutil.rmtree(self._scratch, ignore_errors=True)  # the local staging folder of a remote dump
