@@ -125,7 +125,10 @@ class Corpus:
             )
         text = row[self.text_column]
         if text is not None and not isinstance(text, str):
-            raise CorpusError(f"{where}: field {self.text_column!r} must be a string, got {type(text).__name__}")
+            raise CorpusError(
+                f"{where}: field {self.text_column!r} must be a string, got {type(text).__name__}; store the text as "
+                "a string, or pass --text-column NAME if another field holds it"
+            )
         if domain is None:
             if self.domain_column not in row:
                 raise CorpusError(
@@ -136,7 +139,10 @@ class Corpus:
             if isinstance(domain, int) and not isinstance(domain, bool):
                 domain = str(domain)
             if not isinstance(domain, str) or not domain.strip():
-                raise CorpusError(f"{where}: field {self.domain_column!r} must be a non-empty string, got {domain!r}")
+                raise CorpusError(
+                    f"{where}: field {self.domain_column!r} must be a non-empty string, got {domain!r}; give every "
+                    "row a domain name, or pass --domain-column NAME if another field holds it"
+                )
         return Document(domain, text or "", where)
 
     def _saved_dataset(self) -> Iterator[Document]:

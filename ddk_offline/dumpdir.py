@@ -122,10 +122,12 @@ def compare(existing: Manifest, wanted: Manifest, out: Path) -> None:
         f"{key}: {have.get(key)!r} in the dump vs {want.get(key)!r} now" for key in want if have.get(key) != want[key]
     ]
     if diffs:
+        # A changed corpus is the one difference a user can undo to resume the dump they already paid for.
+        corpus_changed = any(d.startswith("corpus") for d in diffs)
+        restore = " To resume it, restore the corpus it was made from." if corpus_changed else ""
         raise DumpMismatchError(
-            f"{out / MANIFEST_NAME}: this folder holds a different dump ("
-            + "; ".join(diffs)
-            + f"). Use another --out, or delete {out} to start over",
+            f"{out / MANIFEST_NAME}: this folder holds a different dump ({'; '.join(diffs)}).{restore} "
+            f"Use another --out, or delete {out} to start over",
             diffs,
         )
 

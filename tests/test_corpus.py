@@ -94,6 +94,21 @@ def test_missing_domain_column_names_file_and_flag(tmp_path):
         list(open_corpus(str(path)).documents())
 
 
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"text": 7, "domain": "a"}, r"c\.jsonl:1: field 'text' must be a string, got int; .*--text-column"),
+        ({"text": "x", "domain": None}, r"c\.jsonl:1: field 'domain' must be a non-empty string.*--domain-column"),
+        ({"text": "x", "domain": "  "}, r"c\.jsonl:1: field 'domain' must be a non-empty string.*give every row"),
+    ],
+)
+def test_bad_field_values_name_the_row_and_the_fix(tmp_path, row, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=message):
+        list(open_corpus(str(path)).documents())
+
+
 def test_non_utf8_file_is_named(tmp_path, corpus_rows):
     (tmp_path / "c" / "prose").mkdir(parents=True)
     (tmp_path / "c" / "prose" / "a.txt").write_text("fine", encoding="utf-8")

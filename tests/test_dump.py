@@ -229,3 +229,10 @@ def test_empty_documents_are_skipped_and_counted(teacher_dir, corpus_rows, tmp_p
     assert result.manifest.corpus["domains"]["prose"]["empty_documents"] == 1
     assert result.manifest.corpus["domains"]["code"]["empty_documents"] == 1
     assert math.isfinite(open_dump(tmp_path / "dump").teacher_loss("prose"))
+
+
+def test_a_changed_corpus_says_how_to_resume(reference, teacher_dir, tmp_path):
+    _, out = reference
+    changed = tiny.write_jsonl(tiny.make_corpus(30, seed=5), tmp_path / "corpus.jsonl")
+    with pytest.raises(DumpDirError, match=r"corpus\.sha256.*restore the corpus it was made from.*another --out"):
+        run_dump(_config(teacher_dir, changed, out))
