@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ddk_offline.commands._errors import exit_on_user_error
+from ddk_offline.commands._quiet import quiet_libraries
 
 # typer needs Optional[...] (not X | None) on Python 3.10.
 # ruff: noqa: UP045
@@ -76,12 +77,13 @@ def register(app: typer.Typer) -> None:
             eval_max_sequences=eval_max_sequences, save_every=save_every, seed=seed, device=device, resume=resume,
             log_every=log_every,
         )  # fmt: skip
-        _quiet_libraries()
+        quiet_libraries()
         from ddk_offline.distributed import env_rank
 
         if quiet or env_rank() != 0:  # under torchrun only rank 0 shows progress and the summary
             summary = run(config)
-            typer.echo(f"final model: {summary.final_model}")
+            if env_rank() == 0:
+                typer.echo(f"final model: {summary.final_model}")
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -113,10 +115,3 @@ def print_summary(console, summary) -> None:
             f"({summary.eval['worst_domain']})"
         )
     console.print(f"final model: {summary.final_model}")
-
-
-def _quiet_libraries() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ddk_offline.commands._errors import exit_on_user_error, fail
+from ddk_offline.commands._quiet import quiet_libraries
 
 
 def register(app: typer.Typer) -> None:
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
             max_tokens_per_domain=max_tokens_per_domain, dtype=dtype, device=device, shard_tokens=shard_tokens,
             extra_temperatures=temps, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
         )  # fmt: skip
-        _quiet_libraries()
+        quiet_libraries()
         from ddk_offline.distributed import env_rank
 
         quiet = quiet or env_rank() != 0  # under torchrun only rank 0 draws progress and prints the summary
@@ -73,14 +74,6 @@ def register(app: typer.Typer) -> None:
 
             print_info(result.manifest, out)
             _print_stats(result.stats, config.seq_len)
-
-
-def _quiet_libraries() -> None:
-    """transformers' per-file progress bars and warnings would interleave with our progress bar."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
 
 
 class _RichProgress:

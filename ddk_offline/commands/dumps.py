@@ -142,7 +142,10 @@ def register(app: typer.Typer) -> None:
         report = verify_dump(path, sample_rows=sample_rows)
         _print_report(report)
         if repair and not report.ok:
+            from ddk_offline.commands._quiet import quiet_libraries
             from ddk_offline.repair import repair_dump
+
+            quiet_libraries()
 
             if report.manifest is not None:  # without one, repair_dump refuses and says why
                 typer.echo(f"repairing: recomputing {len(report.broken_shards)} broken shard(s) and any missing ones")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ddk_offline.commands._errors import exit_on_user_error
+from ddk_offline.commands._quiet import quiet_libraries
 
 # ruff: noqa: UP045 - typer needs Optional on 3.10
 
@@ -36,9 +37,7 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         if max_sequences is not None and max_sequences < 1:
             raise UserError(f"--max-sequences must be >= 1 (or left out for all), got {max_sequences}")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
+        quiet_libraries()
         results = evaluate(dump, model, split=split, batch_size=batch_size, device=device, max_sequences=max_sequences)
         payload = [r.to_dict() for r in results]
         if as_json:
