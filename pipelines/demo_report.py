@@ -42,8 +42,7 @@ def load_demo(demo: Path) -> dict:
     eval_path = demo / "eval.json"
     if not eval_path.is_file():
         raise SystemExit(f"{eval_path} is missing: run pipelines/demo.sh first (step 4 writes it)")
-    evals = json.loads(eval_path.read_text(encoding="utf-8"))
-    evals = evals if isinstance(evals, list) else [evals]
+    evals = json.loads(eval_path.read_text(encoding="utf-8"))  # `eval --json`: one object per --model
     by_student: dict[str, dict] = {}
     for result in evals:
         name = Path(result["model"]).parent.name  # .../students/NAME/final

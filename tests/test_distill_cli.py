@@ -43,7 +43,7 @@ def test_dump_distill_eval_via_cli(cli, e2e_dump, teacher_dir, tmp_path):
 
     result = json.loads(cli("eval", "--dump", str(e2e_dump), "--model", str(out / "final"), "--model",
                             str(teacher_dir), "--json", "--device", "cpu").stdout)  # fmt: skip
-    student, teacher = result
+    student, teacher = result  # one object per --model, in order
     # (the random-init tiny teacher is a weak LM: a student trained on the data may beat it, ratio < 1)
     assert sorted(student["domains"]) == DOMAINS and student["worst_ratio"] >= student["mean_ratio"] > 0
     # The teacher evaluated now reproduces its stored loss on the same positions.
@@ -51,6 +51,9 @@ def test_dump_distill_eval_via_cli(cli, e2e_dump, teacher_dir, tmp_path):
         assert d["ratio"] == pytest.approx(1.0, abs=1e-4) and d["positions"] > 0
     table = cli("eval", "--dump", str(e2e_dump), "--model", str(out / "final"), "--device", "cpu").stdout
     assert "worst" in table and "prose" in table
+    one = json.loads(cli("eval", "--dump", str(e2e_dump), "--model", str(out / "final"), "--json", "--device", "cpu",
+                         "--max-sequences", "1").stdout)  # fmt: skip
+    assert isinstance(one, list) and len(one) == 1 and sorted(one[0]["domains"]) == DOMAINS  # same shape for one model
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

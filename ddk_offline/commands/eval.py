@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         model: list[str] = typer.Option(  # noqa: B008 - typer declares options in defaults
             ..., help="Model to evaluate (save_pretrained folder or .gguf); repeatable."
         ),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON (a list, one object per --model)."),
         batch_size: int = typer.Option(8, help="Sequences per forward."),
         device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
         max_sequences: Optional[int] = typer.Option(None, help="Val sequences per domain (default: all)."),
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         results = evaluate(dump, model, split=split, batch_size=batch_size, device=device, max_sequences=max_sequences)
         payload = [r.to_dict() for r in results]
         if as_json:
-            typer.echo(json.dumps(payload if len(payload) > 1 else payload[0], indent=2, allow_nan=True))
+            typer.echo(json.dumps(payload, indent=2, allow_nan=True))  # a list, one object per --model, always
             return
         _print_tables(payload)
 
