@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,9 @@ def setup(device_type: str = "cpu", timeout: datetime.timedelta = DEFAULT_TIMEOU
 def teardown(env: DistEnv) -> None:
     """Destroy the process group if :func:`setup` created it."""
     if env.owner and dist.is_initialized():
+        # Objects still holding the group (a DDP reducer in a reference cycle) would otherwise be freed during
+        # interpreter shutdown, where gloo's threads can abort the process after all the work is done.
+        gc.collect()
         dist.destroy_process_group()
 
 

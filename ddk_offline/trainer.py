@@ -419,6 +419,8 @@ def distill(config: DistillConfig, *, progress=None) -> DistillSummary:
             if fresh and env.is_main:  # a refused run (bad student, bad options) leaves no half-made output folder
                 shutil.rmtree(out, ignore_errors=True)
             raise
-        return run.run(progress)
+        summary = run.run(progress)
+        del run  # its DDP reducer holds the process group: drop it before teardown destroys the group
+        return summary
     finally:
         distributed.teardown(env)

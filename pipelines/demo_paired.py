@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STUDENTS = ("ddk", "uniform", "ce-only")
+try:  # imported as pipelines.demo_paired (tests) or run as a script
+    from .demo_report import STUDENTS  # the demo's student folders, DDK first
+except ImportError:
+    from demo_report import STUDENTS
 BOOTSTRAP = 2000
 
 
@@ -50,7 +53,7 @@ def paired(demo: Path, *, seed: int = 0) -> dict:
     for domain in reader.domains:
         ce = {n: [sequence_ce(m, s["input_ids"]) for s in reader.sequences(domain, "val")] for n, m in models.items()}
         out[domain] = {}
-        for other in STUDENTS[1:]:
+        for other in list(STUDENTS)[1:]:
             per_seq = np.array([(a - b).mean() for a, b in zip(ce["ddk"], ce[other], strict=True)])
             tokens = np.concatenate(ce["ddk"]) - np.concatenate(ce[other])
             draws = rng.integers(0, len(per_seq), (BOOTSTRAP, len(per_seq)))
@@ -74,7 +77,7 @@ def render(result: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     for domain, row in result.items():
-        cells = [f"{row[o]['mean_diff_nats']:+.3f} ± {row[o]['bootstrap_se_nats']:.3f}" for o in STUDENTS[1:]]
+        cells = [f"{row[o]['mean_diff_nats']:+.3f} ± {row[o]['bootstrap_se_nats']:.3f}" for o in list(STUDENTS)[1:]]
         lines.append(f"| {domain} | {row['uniform']['sequences']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
