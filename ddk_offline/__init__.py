@@ -21,14 +21,14 @@ __version__ = "0.1.0"
 # name -> module that defines it. Lazy re-exports keep `import ddk_offline` (and so the CLI's --help) fast:
 # torch, transformers and pyarrow are only imported when the API that needs them is touched.
 _EXPORTS: dict[str, str] = {
-    "DumpConfig": "ddk_offline.dump",
-    "dump_teacher": "ddk_offline.dump",
+    "DumpConfig": "ddk_offline.dump.config",
+    "dump_teacher": "ddk_offline.dump.run",
     "open_dump": "ddk_offline.format.reader",
-    "make_sampler": "ddk_offline.sampler",
+    "make_sampler": "ddk_offline.distillation.samplers",
     "fused_kd_loss": "ddk_kernels",
-    "DistillConfig": "ddk_offline.distill_config",
-    "distill": "ddk_offline.trainer",
-    "evaluate": "ddk_offline.evaluation",
+    "DistillConfig": "ddk_offline.distillation.config",
+    "distill": "ddk_offline.distillation.trainer",
+    "evaluate": "ddk_offline.distillation.evaluation",
 }
 
 __all__ = ["__version__", *_EXPORTS]

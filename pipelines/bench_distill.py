@@ -2,7 +2,7 @@
 
     python pipelines/bench_distill.py [--dump DIR] [--steps 20] [--batch-size 8] [--out benchmarks/results]
 
-Both runs go through the trainer's own step (`_Run.train_step`: sampler draws, loss via fused_kd_loss, AdamW) with
+Both runs go through the trainer's own step (`Trainer.train_step`: sampler draws, loss via fused_kd_loss, AdamW) with
 the same seed, so they compute exactly the same thing; only where the batch comes from differs:
 
 - ``shards``: the real path, BatchLoader planning on the main thread and decoding Parquet/zstd/top-k on its
@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddk_offline.distill_config import DistillConfig
+from ddk_offline.distillation.config import DistillConfig
+from ddk_offline.distillation.setup import RunParts, build_loader
+from ddk_offline.distillation.trainer import Trainer
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import DomainInfo, Manifest
 from ddk_offline.format.writer import SequenceRecord, ShardWriter
-from ddk_offline.trainer import _Run
 
 
 def synthetic_dump(root: Path, *, vocab: int, seq_len: int, k: int, rows: int, seed: int = 0) -> Path:
@@ -61,6 +62,20 @@ def synthetic_dump(root: Path, *, vocab: int, seq_len: int, k: int, rows: int, s
     return root
 
 
+class _RecordingLoader:
+    """The real loader, keeping every batch it hands out."""
+
+    def __init__(self, inner, store: list):
+        self.inner, self.store = inner, store
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def next(self):
+        self.store.append(self.inner.next())
+        return self.store[-1]
+
+
 class _MemoryLoader:
     """Stands in for BatchLoader: hands out pre-recorded batches in order (plans are ignored)."""
 
@@ -85,7 +100,7 @@ class _MemoryLoader:
         pass
 
 
-def timed_steps(run: _Run, steps: int, warmup: int) -> list[float]:
+def timed_steps(run: Trainer, steps: int, warmup: int) -> list[float]:
     times = []
     for s in range(warmup + steps):
         t0 = time.perf_counter()
@@ -140,10 +155,8 @@ def main() -> None:
                              sampler="ddk", ddk_interval=5)  # fmt: skip
 
     # Record pass: the exact batches the timed runs will see.
-    rec = _Run(config("record"))
     recorded = []
-    inner = rec.loader.next
-    rec.loader.next = lambda: recorded.append(inner()) or recorded[-1]
+    rec = Trainer(config("record"), parts=RunParts(loader=lambda *a: _RecordingLoader(build_loader(*a), recorded)))
     for _ in range(total_steps):
         rec.train_step()
     rec.loader.close()
@@ -151,10 +164,8 @@ def main() -> None:
     results: dict[str, list[float]] = {"shards": [], "memory": []}
     for r in range(args.rounds):
         for mode in ("shards", "memory"):
-            run = _Run(config(f"{mode}{r}"))
-            if mode == "memory":
-                run.loader.close()
-                run.loader = _MemoryLoader(recorded)
+            parts = RunParts(loader=lambda *a: _MemoryLoader(recorded)) if mode == "memory" else None
+            run = Trainer(config(f"{mode}{r}"), parts=parts)
             results[mode] += timed_steps(run, args.steps, args.warmup)
 
     tokens = args.batch_size * reader.seq_len

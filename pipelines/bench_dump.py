@@ -220,8 +220,9 @@ def speed_section(args: argparse.Namespace) -> dict:
     from _bench_common import real_text_sources
 
     from ddk_offline.dump import DumpConfig, run_dump
+    from ddk_offline.dump.teachers.hf import load_model, resolve_teacher
     from ddk_offline.format.reader import open_dump
-    from ddk_offline.teacher import load_model, resolve_device, resolve_dtype, resolve_teacher
+    from ddk_offline.runtime.device import resolve_device, resolve_dtype
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"

@@ -60,13 +60,13 @@ def dump_rank_dies(rank: int, world: int, port: int, config, die_on_rank: int) -
 def distill_rank(rank: int, world: int, port: int, config, stop_after: int | None) -> None:
     """Run ``distill(config)`` as ``rank``; with ``stop_after`` the process ends abruptly after that many steps."""
     _as_rank(rank, world, port)
-    from ddk_offline import distributed
-    from ddk_offline.trainer import _Run, distill
+    from ddk_offline.distillation.trainer import Trainer, distill
+    from ddk_offline.runtime import distributed
 
     if stop_after is None:
         distill(config)
         return
-    run = _Run(config, distributed.setup("cpu"))
+    run = Trainer(config, distributed.setup("cpu"))
     for _ in range(stop_after):
         run.train_step()
     os._exit(0)  # like a kill: no final save, no teardown

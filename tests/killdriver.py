@@ -47,22 +47,24 @@ def _wrap(owner, name: str, hit, *, before: bool, when=lambda *a, **k: True) -> 
     setattr(owner, name, wrapper)
 
 
-def dump_points(point: str, n: int) -> dict:
+def dump_points(point: str, n: int, config) -> dict:
     """Install a dump kill point; returns extra ``run_dump`` keyword arguments."""
-    import ddk_offline.dump as dump
-    import ddk_offline.format.manifest as manifest
     import ddk_offline.format.storage as storage
     import ddk_offline.format.writer as writer
+    import ddk_offline.runtime.files as files
+    from ddk_offline.dump.teachers import open_teacher
 
     hit = _countdown(n)
     if point == "forward":  # inside the N-th teacher forward: earlier rows of the shard are only in memory
-        _wrap(dump, "compute_targets", hit, before=True)
+        teacher = open_teacher(config.teacher_backend, config.teacher, gguf_file=config.gguf_file)
+        _wrap(teacher, "targets", hit, before=True)  # the backend is handed to run_dump, not patched in the library
+        return {"teacher": teacher}
     elif point == "shard-written":  # the N-th shard is complete in .tmp/, not yet renamed
-        _wrap(writer, "_sha256_fsync", hit, before=False)
+        _wrap(writer, "sha256_file", hit, before=False)
     elif point == "shard-renamed":  # the N-th shard has its final name but is not yet in the manifest
         _wrap(storage, "fsync_dir", hit, before=True, when=lambda folder: Path(folder).name in ("train", "val"))
     elif point == "manifest-tmp":  # the N-th manifest write is in its temp file, not yet renamed (N = 1: the first)
-        _wrap(manifest.os, "replace", hit, before=True, when=lambda src, dst: str(dst).endswith("manifest.json"))
+        _wrap(files.os, "replace", hit, before=True, when=lambda src, dst: str(dst).endswith("manifest.json"))
     elif point == "after-shard":  # the N-th shard is durable and listed
         return {"after_shard": lambda *a: hit() and _die()}
     else:
@@ -72,7 +74,7 @@ def dump_points(point: str, n: int) -> dict:
 
 def distill_points(point: str, n: int) -> None:
     """Install a kill point inside the N-th checkpoint save."""
-    import ddk_offline.checkpoint as ckpt
+    import ddk_offline.distillation.checkpoint as ckpt
 
     hit = _countdown(n)
     if point == "save-weights-written":  # model.safetensors written in .tmp-step-*, tensors.pt not yet
@@ -92,13 +94,13 @@ def main() -> None:
     if spec["job"] == "dump":
         from ddk_offline.dump import DumpConfig, run_dump
 
-        extra = dump_points(spec["point"], spec["n"])
         cfg = spec["config"]
         cfg["extra_temperatures"] = tuple(cfg.get("extra_temperatures", ()))
-        run_dump(DumpConfig(**cfg), **extra)
+        config = DumpConfig(**cfg)
+        run_dump(config, **dump_points(spec["point"], spec["n"], config))
     else:
-        from ddk_offline.distill_config import DistillConfig
-        from ddk_offline.trainer import distill
+        from ddk_offline.distillation.config import DistillConfig
+        from ddk_offline.distillation.trainer import distill
 
         distill_points(spec["point"], spec["n"])
         distill(DistillConfig(**spec["config"]))

@@ -14,14 +14,14 @@ import pytest
 import tiny
 from synthdump import write_synth_dump
 
-from ddk_offline.distill_config import DistillConfig
+from ddk_offline.distillation.config import DistillConfig
+from ddk_offline.distillation.trainer import distill
 from ddk_offline.dump import DumpConfig, run_dump
-from ddk_offline.dumpdir import DiskFullError
+from ddk_offline.dump.outdir import DiskFullError
+from ddk_offline.dump.verify import verify_dump
 from ddk_offline.errors import UserError
 from ddk_offline.format.manifest import Manifest, ManifestError
 from ddk_offline.format.reader import ShardError, open_dump
-from ddk_offline.trainer import distill
-from ddk_offline.verify import verify_dump
 
 SEQ = 32
 
@@ -151,8 +151,8 @@ def test_a_dump_from_another_teacher_in_out_is_refused_untouched(small_dump, tmp
 # --- the disk fills up mid-dump ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("where, n", [("shard", 5), ("manifest", 6), ("manifest", 1)])
 def test_disk_full_fails_cleanly_and_the_rerun_resumes(small_dump, tmp_path, monkeypatch, where, n):
-    import ddk_offline.format.storage as storage_mod
     import ddk_offline.format.writer as writer_mod
+    import ddk_offline.runtime.files as files_mod
 
     config, reference = small_dump
     out = tmp_path / "dump"
@@ -175,7 +175,7 @@ def test_disk_full_fails_cleanly_and_the_rerun_resumes(small_dump, tmp_path, mon
                 full(path)
             return open(path, mode, *a, **kw)
 
-        monkeypatch.setattr(storage_mod, "open", fake_open, raising=False)  # Storage.write_bytes_atomic
+        monkeypatch.setattr(files_mod, "open", fake_open, raising=False)  # write_bytes_atomic (the manifest)
     with pytest.raises(DiskFullError) as info:
         run_dump(_config(config.teacher, config.data, out))
     msg = str(info.value)
@@ -268,24 +268,22 @@ def test_reader_and_verify_agree_on_a_good_dump(synth):
     assert verify_dump(dump).ok
 
 
-def test_a_corpus_changed_mid_dump_is_detected(small_dump, tmp_path, monkeypatch):
-    import ddk_offline.dump as dump_mod
+def test_a_corpus_changed_mid_dump_is_detected(small_dump, tmp_path):
+    from ddk_offline.dump.teachers import HFTeacher
 
     config, reference = small_dump
     data = tmp_path / "corpus.jsonl"
     shutil.copy(config.data, data)
     original = data.read_text(encoding="utf-8")
-    real_load = dump_mod.load_model
 
-    def edit_then_load(*args, **kwargs):  # between the pre-pass and the dump loop, someone edits a prose document
-        data.write_text(original.replace("Of his winter", "Of her winter", 1), encoding="utf-8")
-        return real_load(*args, **kwargs)
+    class EditingTeacher(HFTeacher):
+        def load(self, **kwargs):  # between the pre-pass and the dump loop, someone edits a prose document
+            data.write_text(original.replace("Of his winter", "Of her winter", 1), encoding="utf-8")
+            super().load(**kwargs)
 
-    monkeypatch.setattr(dump_mod, "load_model", edit_then_load)
     out = tmp_path / "dump"
     with pytest.raises(UserError, match=r"the corpus changed while the dump was running \(domains \['prose'\]\)"):
-        run_dump(_config(config.teacher, data, out))
-    monkeypatch.undo()
+        run_dump(_config(config.teacher, data, out), teacher=EditingTeacher(str(config.teacher)))
     m = Manifest.load(out)
     assert not m.domains["prose"].splits["train"].shards and m.domains["code"].splits["train"].shards
     assert not verify_dump(out, sample_rows=0).broken_shards

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
-from ddk_offline.bench_kernels import BenchConfig, run_benchmarks
+from ddk_offline.bench.kernels import BenchConfig, run_benchmarks
 
 
 def test_bench_writes_results_with_ratios(tmp_path):

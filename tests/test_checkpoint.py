@@ -9,8 +9,8 @@ import pytest
 import tiny
 import torch
 
-import ddk_offline.checkpoint as ckpt_mod
-from ddk_offline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+import ddk_offline.distillation.checkpoint as ckpt_mod
+from ddk_offline.distillation.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def _model(seed: int):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ddk_offline.corpus import CorpusError, open_corpus
+from ddk_offline.dump.corpus import CorpusError, open_corpus
 
 
 def _by_domain(corpus) -> dict[str, list[str]]:

@@ -7,7 +7,7 @@ import pytest
 import tiny
 from synthdump import write_synth_dump
 
-from ddk_offline.data import IGNORE_INDEX, UNIT_ROWS, BatchLoader, DomainStream
+from ddk_offline.distillation.data import IGNORE_INDEX, UNIT_ROWS, BatchLoader, DomainStream
 from ddk_offline.format.reader import open_dump
 
 

@@ -9,7 +9,7 @@ import pytest
 import tiny
 from conftest import run_cli
 
-from ddk_offline.distill_config import DistillConfig
+from ddk_offline.distillation.config import DistillConfig
 
 DOMAINS = ["code", "numbers", "prose"]
 TRAIN = ["--max-steps", "20", "--batch-size", "2", "--log-every", "5", "--device", "cpu", "--lr", "3e-3"]
@@ -77,8 +77,8 @@ def test_dump_distill_eval_via_cli(cli, e2e_dump, teacher_dir, tmp_path):
 )
 def test_dump_distill_eval_in_process(e2e_dump, tmp_path, extra):
     """The other samplers and the CE-only baseline, on the same dump, through the library (no process start-up)."""
-    from ddk_offline.evaluation import evaluate
-    from ddk_offline.trainer import distill
+    from ddk_offline.distillation.evaluation import evaluate
+    from ddk_offline.distillation.trainer import distill
 
     config = DistillConfig(dump=str(e2e_dump), out=str(tmp_path), derive_from_teacher="layers=1", max_steps=20,
                            batch_size=2, log_every=5, device="cpu", lr=3e-3, **extra)  # fmt: skip
@@ -126,7 +126,7 @@ def test_cli_defaults_match_distill_config():
     distill_cmd.register(app)
     params = {p.name: p.default for p in typer.main.get_command(app).params}
     for f in dataclasses.fields(DistillConfig):
-        if f.default is not dataclasses.MISSING and f.name != "progress":
+        if f.default is not dataclasses.MISSING:
             assert params[f.name] == f.default, f.name
 
 

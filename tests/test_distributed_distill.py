@@ -11,8 +11,8 @@ import tiny
 import torch.multiprocessing as mp
 from synthdump import write_synth_dump
 
-from ddk_offline.distill_config import DistillConfig
-from ddk_offline.trainer import distill
+from ddk_offline.distillation.config import DistillConfig
+from ddk_offline.distillation.trainer import distill
 
 pytestmark = pytest.mark.slow
 

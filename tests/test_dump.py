@@ -14,7 +14,7 @@ import torch
 from asserts import assert_close
 
 from ddk_offline.dump import DumpConfig, run_dump
-from ddk_offline.dumpdir import DumpDirError, DumpLock
+from ddk_offline.dump.outdir import DumpDirError, DumpLock
 from ddk_offline.errors import UserError
 from ddk_offline.format.reader import open_dump
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from synthdump import write_synth_dump
 
-from ddk_offline.evaluation import evaluate_model, summarise
+from ddk_offline.distillation.evaluation import evaluate_model, summarise
+from ddk_offline.distillation.plots import write_plots
 from ddk_offline.format.reader import open_dump
-from ddk_offline.plots import write_plots
 
 
 def test_summarise_by_hand():

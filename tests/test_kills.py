@@ -21,11 +21,11 @@ import torch
 from conftest import ROOT
 from synthdump import write_synth_dump
 
-from ddk_offline.checkpoint import latest_checkpoint, load_checkpoint
-from ddk_offline.distill_config import DistillConfig
+from ddk_offline.distillation.checkpoint import latest_checkpoint, load_checkpoint
+from ddk_offline.distillation.config import DistillConfig
+from ddk_offline.distillation.trainer import distill
 from ddk_offline.dump import DumpConfig, run_dump
-from ddk_offline.trainer import distill
-from ddk_offline.verify import verify_dump
+from ddk_offline.dump.verify import verify_dump
 
 DRIVER = ROOT / "tests" / "killdriver.py"
 SEQ = 32

@@ -29,7 +29,7 @@ def test_kernels_folder_does_not_register_as_hub_kernels_package():
 
 def test_public_api_names_resolve():
     import ddk_offline
-    import ddk_offline.evaluation  # noqa: F401  (a submodule import must not shadow an exported name)
+    import ddk_offline.distillation.evaluation  # noqa: F401  (a submodule import must not shadow an exported name)
 
     for name in ddk_offline.__all__[1:]:
         assert callable(getattr(ddk_offline, name)), name

@@ -8,8 +8,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from ddk_offline.corpus import Document
-from ddk_offline.packing import Packer, is_val
+from ddk_offline.dump.corpus import Document
+from ddk_offline.dump.packing import Packer, is_val
 
 
 @pytest.mark.parametrize("f", [0.0, 0.05, 0.1, 0.2, 1 / 3, 0.5, 0.9])

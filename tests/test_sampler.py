@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddk_offline.sampler import (
+from ddk_offline.distillation.samplers import (
     LOG_GAP_CAP,
     DDKSampler,
     GapStats,

@@ -10,12 +10,12 @@ import torch
 from conftest import ROOT
 from synthdump import write_synth_dump
 
-from ddk_offline.checkpoint import load_checkpoint
+from ddk_offline.distillation.checkpoint import load_checkpoint
 from ddk_offline.dump import DumpConfig, run_dump
+from ddk_offline.dump.verify import verify_dump
 from ddk_offline.errors import UserError
 from ddk_offline.format.manifest import Manifest, ManifestError
 from ddk_offline.format.reader import open_dump
-from ddk_offline.verify import verify_dump
 
 SOURCES = [p for d in ("ddk_offline", "kernels", "pipelines") for p in sorted((ROOT / d).rglob("*.py"))]
 

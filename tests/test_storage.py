@@ -11,11 +11,11 @@ import pytest
 import tiny
 from synthdump import write_synth_dump
 
-from ddk_offline.distill_config import DistillConfig
+from ddk_offline.distillation.config import DistillConfig
+from ddk_offline.distillation.trainer import distill
 from ddk_offline.dump import DumpConfig, run_dump
 from ddk_offline.format.reader import open_dump
 from ddk_offline.format.storage import Storage
-from ddk_offline.trainer import distill
 
 SEQ, K = 32, 8
 

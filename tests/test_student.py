@@ -9,7 +9,7 @@ import torch
 from asserts import assert_close
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ddk_offline.student import (
+from ddk_offline.distillation.student import (
     VocabMismatchError,
     check_vocab,
     derive_student,

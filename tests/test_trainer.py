@@ -10,9 +10,10 @@ import tiny
 import torch
 from synthdump import write_synth_dump
 
-from ddk_offline.distill_config import DistillConfig
+from ddk_offline.distillation.config import DistillConfig
+from ddk_offline.distillation.setup import lr_factor
+from ddk_offline.distillation.trainer import distill
 from ddk_offline.errors import UserError
-from ddk_offline.trainer import distill, lr_factor
 
 DOMAINS = ["code", "numbers", "prose"]
 

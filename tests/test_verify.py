@@ -10,9 +10,9 @@ import pytest
 import tiny
 
 from ddk_offline.dump import DumpConfig, run_dump
+from ddk_offline.dump.repair import RepairError, repair_dump
+from ddk_offline.dump.verify import verify_dump
 from ddk_offline.format.manifest import Manifest
-from ddk_offline.repair import RepairError, repair_dump
-from ddk_offline.verify import verify_dump
 
 SEQ = 32
 

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         cpu_reps: int = typer.Option(5, min=1, help="Timed repetitions per measurement on CPU (median reported)."),
     ) -> None:
         """Benchmark fused_kd_loss: median ms, peak memory, GB/s against the 2·N·V·bytes floor."""
-        from ddk_offline.bench_kernels import MODES, PROVIDERS, BenchConfig, run_benchmarks
+        from ddk_offline.bench.kernels import MODES, PROVIDERS, BenchConfig, run_benchmarks
 
         if shapes not in ("quick", "full"):
             raise typer.BadParameter(f"--shapes: {shapes!r}; choose quick or full")

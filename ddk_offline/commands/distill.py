@@ -1,4 +1,4 @@
-"""`ddk-offline distill`: phase two. Parses options into a DistillConfig and calls ddk_offline.trainer.distill."""
+"""`ddk-offline distill`: phase two. Parses options into a DistillConfig and calls ddk_offline.distillation.trainer.distill."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def register(app: typer.Typer) -> None:
         Under `torchrun --nproc_per_node N -m ddk_offline distill ...` the student trains with DDP; --batch-size is
         per process.
         """
-        from ddk_offline.distill_config import DistillConfig
-        from ddk_offline.trainer import distill as run
+        from ddk_offline.distillation.config import DistillConfig
+        from ddk_offline.distillation.trainer import distill as run
 
         config = DistillConfig(
             dump=dump, out=out, student=student, student_config=student_config,
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
             log_every=log_every,
         )  # fmt: skip
         quiet_libraries()
-        from ddk_offline.distributed import env_rank
+        from ddk_offline.runtime.distributed import env_rank
 
         if quiet or env_rank() != 0:  # under torchrun only rank 0 shows progress and the summary
             summary = run(config)

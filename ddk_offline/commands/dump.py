@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         gguf_file: Optional[str] = typer.Option(  # noqa: UP045
             None, help="GGUF file inside the --teacher folder (or pass the .gguf path as --teacher)."
         ),
+        teacher_backend: str = typer.Option("hf", help="How the teacher runs: hf (transformers)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
     ) -> None:
         """Run the teacher over a corpus and store its top-k logits, logsumexp and loss per position.
@@ -58,9 +59,10 @@ def register(app: typer.Typer) -> None:
             seq_len=seq_len, top_k=top_k, batch_size=batch_size, val_fraction=val_fraction,
             max_tokens_per_domain=max_tokens_per_domain, dtype=dtype, device=device, shard_tokens=shard_tokens,
             extra_temperatures=temps, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
+            teacher_backend=teacher_backend,
         )  # fmt: skip
         quiet_libraries()
-        from ddk_offline.distributed import env_rank
+        from ddk_offline.runtime.distributed import env_rank
 
         quiet = quiet or env_rank() != 0  # under torchrun only rank 0 draws progress and prints the summary
         progress = None if quiet else _RichProgress()

@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
         """Check every shard against the manifest (checksum, rows, schema, a decoded sample); exit 1 naming each
         broken file. With --repair, recompute only the broken shards and verify again."""
         from ddk_offline.format.storage import is_url
-        from ddk_offline.verify import verify_dump
+        from ddk_offline.dump.verify import verify_dump
 
         if is_url(path):
             raise fail(f"{path}: dumps verify checks local dumps only; copy the dump to a local folder and verify it")
@@ -143,7 +143,7 @@ def register(app: typer.Typer) -> None:
         _print_report(report)
         if repair and not report.ok:
             from ddk_offline.commands._quiet import quiet_libraries
-            from ddk_offline.repair import repair_dump
+            from ddk_offline.dump.repair import repair_dump
 
             quiet_libraries()
 

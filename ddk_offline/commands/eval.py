@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-domain loss, perplexity and student/teacher ratio; mean and worst-domain ratio per model."""
         from ddk_offline.errors import UserError
-        from ddk_offline.evaluation import evaluate
+        from ddk_offline.distillation.evaluation import evaluate
 
         if split not in ("val", "train"):
             raise UserError(f"--split {split!r}: choose val or train")

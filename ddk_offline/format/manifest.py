@@ -17,7 +17,7 @@ from typing import Any
 
 from ddk_offline.format.schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, SUPPORTED_VERSIONS
 from ddk_offline.format.storage import Storage, as_storage
-from ddk_offline.format.storage import fsync_dir as fsync_dir  # re-exported: writers import it from here
+from ddk_offline.runtime.files import json_bytes
 
 
 class ManifestError(ValueError):
@@ -101,9 +101,48 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
+    # --- typed accessors: readers use these, never dict paths into the JSON ------------------------
     @property
     def vocab_size(self) -> int:
+        """The teacher's logit width V (the range of the stored top-k ids)."""
         return int(self.tokenizer["vocab_size"])
+
+    @property
+    def tokenizer_tokens(self) -> int:
+        """``len(tokenizer)`` of the dump's tokenizer (added tokens included); V for dumps that did not record it."""
+        return int(self.tokenizer.get("tokens", self.vocab_size))
+
+    @property
+    def teacher_name(self) -> str:
+        """The teacher as ``--teacher`` named it (a path or a Hub name)."""
+        return str(self.teacher.get("name", ""))
+
+    @property
+    def teacher_gguf_file(self) -> str | None:
+        """The GGUF file inside the teacher folder, if the teacher was a GGUF."""
+        return self.teacher.get("gguf_file") or None
+
+    def local_teacher(self) -> str | None:
+        """The teacher on this machine: its folder, or the ``.gguf`` file in it; None when the path is not here."""
+        path = Path(self.teacher_name).expanduser()
+        if not self.teacher_name or not path.exists():
+            return None
+        if self.teacher_gguf_file and path.is_dir():
+            path = path / self.teacher_gguf_file
+        return str(path)
+
+    @property
+    def has_plan(self) -> bool:
+        """Whether the corpus record holds the planned sequence counts (dumps written by ``dump-teacher`` do)."""
+        return isinstance(self.corpus.get("domains"), dict)
+
+    def planned_sequences(self, domain: str, split: str) -> int:
+        """Sequences the dump's pre-pass planned for (domain, split): what a complete dump holds."""
+        return int(self.corpus["domains"].get(domain, {}).get("sequences", {}).get(split, 0))
+
+    def planned_hashes(self) -> dict[str, str]:
+        """Content hash of each domain's documents, as the pre-pass computed it (domain -> sha256)."""
+        return {name: d["sha256"] for name, d in self.corpus["domains"].items()}
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -183,16 +222,6 @@ class Manifest:
                 f"{path}: not valid JSON ({e}); restore it from a backup, or delete the dump folder and re-dump"
             ) from None
         return cls.from_dict(d, source=str(path))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temp file in the same directory, fsync, rename, fsync the directory."""
-    Storage(Path(path).parent).write_bytes_atomic(Path(path).name, json_bytes(obj))
-
-
-def json_bytes(obj: Any) -> bytes:
-    """The JSON text of manifests and other small state files (indented, NaN allowed, trailing newline)."""
-    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=True).encode("utf-8") + b"\n"
 
 
 def _content_checksum(d: dict[str, Any]) -> str:

@@ -19,8 +19,22 @@ import pyarrow.parquet as pq
 
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import Manifest, ManifestError, ShardInfo
-from ddk_offline.format.schema import FORMAT_NAME, MANIFEST_NAME, SPLITS, TOKENIZER_DIR, lse_column
+from ddk_offline.format.schema import (
+    FORMAT_NAME,
+    INPUT_IDS,
+    MANIFEST_NAME,
+    SEQ_INDEX,
+    SPLITS,
+    TEACHER_LSE,
+    TEACHER_NLL,
+    TOKENIZER_DIR,
+    TOPK_BLOB,
+    TOPK_IDS,
+    TOPK_LOGITS,
+    lse_column,
+)
 from ddk_offline.format.storage import Storage, as_storage
+from ddk_offline.runtime.files import hash_stream
 
 
 class ShardError(ValueError):
@@ -105,7 +119,7 @@ class DumpReader:
             pf = self._open(domain, split, s)
             for rg in range(pf.num_row_groups):
                 batch = self._decode(pf.read_row_group(rg), domain, split, s)
-                for i in range(len(batch["input_ids"])):
+                for i in range(len(batch[INPUT_IDS])):
                     yield {key: value[i] for key, value in batch.items()}
 
     def read_rows(self, domain: str, split: str, shard: int, rows: Sequence[int]) -> dict[str, np.ndarray]:
@@ -156,26 +170,26 @@ class DumpReader:
         L, k = self.manifest.seq_len, self.manifest.k
         n = table.num_rows
         out = {
-            "input_ids": _flat(table, "input_ids", n, L).astype(np.int64),
-            "teacher_lse": _flat(table, "teacher_lse", n, L).astype(np.float32),
-            "teacher_nll": _flat(table, "teacher_nll", n, L).astype(np.float32),
+            INPUT_IDS: _flat(table, INPUT_IDS, n, L).astype(np.int64),
+            TEACHER_LSE: _flat(table, TEACHER_LSE, n, L).astype(np.float32),
+            TEACHER_NLL: _flat(table, TEACHER_NLL, n, L).astype(np.float32),
         }
         for t in self.manifest.temperatures:
             if t != 1.0:
                 out[lse_column(t)] = _flat(table, lse_column(t), n, L).astype(np.float32)
         ids = np.empty((n, L, k), np.int64)
         logits = np.empty((n, L, k), np.float32)
-        for i, blob in enumerate(table.column("topk").to_pylist()):
+        for i, blob in enumerate(table.column(TOPK_BLOB).to_pylist()):
             try:
-                ids[i], logits[i] = self.codec.decode(blob, out["teacher_lse"][i], out["input_ids"][i])
+                ids[i], logits[i] = self.codec.decode(blob, out[TEACHER_LSE][i], out[INPUT_IDS][i])
             except ValueError as e:
                 f = self.shards(domain, split)[shard].file
                 raise ShardError(
                     f"{self.store.where(f)}: row {i}: top-k blob cannot be decoded ({e}); "
                     f"run `ddk-offline dumps verify {self.path}`"
                 ) from None
-        out["topk_ids"], out["topk_logits"] = ids, logits
-        out["seq_index"] = table.column("seq_index").to_numpy()
+        out[TOPK_IDS], out[TOPK_LOGITS] = ids, logits
+        out[SEQ_INDEX] = table.column(SEQ_INDEX).to_numpy()
         return out
 
 
@@ -185,8 +199,7 @@ def _sha256(store: Storage, rel: str) -> str | None:
     try:
         src = store.open_input(rel)
         with open(src, "rb") if isinstance(src, str) else src as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+            hash_stream(h, f)
     except OSError:
         return None
     return h.hexdigest()

@@ -17,6 +17,15 @@ TMP_DIR = ".tmp"
 
 SPLITS = ("train", "val")
 
+# Column names of a shard (stored) and keys of a decoded row (what the reader returns): the only spelling of them.
+SEQ_INDEX = "seq_index"
+INPUT_IDS = "input_ids"
+TOPK_BLOB = "topk"
+TEACHER_LSE = "teacher_lse"
+TEACHER_NLL = "teacher_nll"
+TOPK_IDS = "topk_ids"  # decoded from the blob
+TOPK_LOGITS = "topk_logits"  # decoded from the blob
+
 #: Rows per Parquet row group: small enough for cheap random access by the trainer.
 ROW_GROUP_ROWS = 32
 
@@ -38,11 +47,11 @@ def shard_schema(extra_temperatures: tuple[float, ...] = ()) -> pa.Schema:
         teacher_lse_t<T>: list<float32> [L], one per extra temperature (logsumexp of logits / T).
     """
     fields = [
-        pa.field("seq_index", pa.int64(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk", pa.binary(), nullable=False),
-        pa.field("teacher_lse", pa.list_(pa.float32()), nullable=False),
-        pa.field("teacher_nll", pa.list_(pa.float32()), nullable=False),
+        pa.field(SEQ_INDEX, pa.int64(), nullable=False),
+        pa.field(INPUT_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field(TOPK_BLOB, pa.binary(), nullable=False),
+        pa.field(TEACHER_LSE, pa.list_(pa.float32()), nullable=False),
+        pa.field(TEACHER_NLL, pa.list_(pa.float32()), nullable=False),
     ]
     fields += [pa.field(lse_column(t), pa.list_(pa.float32()), nullable=False) for t in extra_temperatures]
     return pa.schema(
@@ -52,4 +61,4 @@ def shard_schema(extra_temperatures: tuple[float, ...] = ()) -> pa.Schema:
 
 def float_columns(extra_temperatures: tuple[float, ...] = ()) -> list[str]:
     """Columns written with BYTE_STREAM_SPLIT: fp32 byte planes compress far better under zstd."""
-    return ["teacher_lse", "teacher_nll"] + [lse_column(t) for t in extra_temperatures]
+    return [TEACHER_LSE, TEACHER_NLL] + [lse_column(t) for t in extra_temperatures]

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from ddk_offline.runtime.files import fsync_dir, write_bytes_atomic
+
 
 def is_url(location: str | os.PathLike) -> bool:
     return isinstance(location, str) and "://" in location
@@ -123,18 +125,7 @@ class Storage:
                 self.makedirs(parent)
             self.fs.pipe_file(self._p(rel), data)
             return
-        path = self.local / rel
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # e.g. a full disk: the old file stays, no stray temp file
-            raise
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        write_bytes_atomic(self.local / rel, data)
 
     def scratch(self) -> Path:
         """A local folder for files being built before :meth:`commit` (inside the dump when it is local)."""
@@ -179,20 +170,6 @@ class Storage:
             return
         if self.fs.exists(self._p(rel)):
             self.fs.rm(self._p(rel), recursive=True)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def posix_name(path: str) -> str:

@@ -11,7 +11,6 @@ On a remote filesystem (an fsspec URL) the shard is built in a local temp folder
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import queue
 import shutil
@@ -26,8 +25,19 @@ import pyarrow.parquet as pq
 
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import ShardInfo
-from ddk_offline.format.schema import ROW_GROUP_ROWS, float_columns, lse_column, shard_schema
+from ddk_offline.format.schema import (
+    INPUT_IDS,
+    ROW_GROUP_ROWS,
+    SEQ_INDEX,
+    TEACHER_LSE,
+    TEACHER_NLL,
+    TOPK_BLOB,
+    float_columns,
+    lse_column,
+    shard_schema,
+)
 from ddk_offline.format.storage import Storage, as_storage
+from ddk_offline.runtime.files import sha256_file
 
 
 @dataclass
@@ -203,7 +213,7 @@ class ShardWriter:
                 use_byte_stream_split=float_columns(self.extra_temperatures),
                 write_statistics=False,
             )
-            digest, size = _sha256_fsync(tmp)
+            digest, size = sha256_file(tmp, fsync=True)
         except BaseException:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back, leave no partial file
             raise
@@ -226,11 +236,11 @@ class ShardWriter:
     def _table(self, rows: list[tuple[SequenceRecord, bytes]]) -> pa.Table:
         recs = [r for r, _ in rows]
         cols = {
-            "seq_index": pa.array([r.seq_index for r in recs], pa.int64()),
-            "input_ids": _list_column([r.input_ids.astype(np.int32) for r in recs], pa.int32()),
-            "topk": pa.array([b for _, b in rows], pa.binary()),
-            "teacher_lse": _list_column([r.teacher_lse.astype(np.float32) for r in recs], pa.float32()),
-            "teacher_nll": _list_column([r.teacher_nll.astype(np.float32) for r in recs], pa.float32()),
+            SEQ_INDEX: pa.array([r.seq_index for r in recs], pa.int64()),
+            INPUT_IDS: _list_column([r.input_ids.astype(np.int32) for r in recs], pa.int32()),
+            TOPK_BLOB: pa.array([b for _, b in rows], pa.binary()),
+            TEACHER_LSE: _list_column([r.teacher_lse.astype(np.float32) for r in recs], pa.float32()),
+            TEACHER_NLL: _list_column([r.teacher_nll.astype(np.float32) for r in recs], pa.float32()),
         }
         for t in self.extra_temperatures:
             cols[lse_column(t)] = _list_column([r.extra_lse[t].astype(np.float32) for r in recs], pa.float32())
@@ -241,14 +251,3 @@ def _list_column(arrays: list[np.ndarray], typ: pa.DataType) -> pa.Array:
     lengths = np.array([len(a) for a in arrays], np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays), typ))
-
-
-def _sha256_fsync(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb+") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
-        os.fsync(f.fileno())
-    return h.hexdigest(), size

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ddk_offline.sampler import GapStats
+from ddk_offline.distillation.samplers.stats import GapStats
 
 logger = logging.getLogger(__name__)
 

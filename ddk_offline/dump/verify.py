@@ -13,7 +13,6 @@ a file that fails it, and catch a dump written by a codec this version cannot re
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,21 @@ import pyarrow.parquet as pq
 
 from ddk_offline.format.manifest import Manifest, ManifestError, ShardInfo
 from ddk_offline.format.reader import DumpReader
-from ddk_offline.format.schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_DIR, shard_schema
+from ddk_offline.format.schema import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INPUT_IDS,
+    MANIFEST_NAME,
+    SEQ_INDEX,
+    SPLITS,
+    TEACHER_LSE,
+    TEACHER_NLL,
+    TOKENIZER_DIR,
+    TOPK_IDS,
+    TOPK_LOGITS,
+    shard_schema,
+)
+from ddk_offline.runtime.files import sha256_file
 
 
 @dataclass
@@ -128,7 +141,7 @@ def _check_shard(
     size = file.stat().st_size
     if size != shard.bytes:
         reasons.append(f"size {size} bytes, the manifest says {shard.bytes} (truncated or overwritten)")
-    if _sha256(file) != shard.sha256:
+    if sha256_file(file)[0] != shard.sha256:
         reasons.append("sha256 differs from the manifest")
     try:
         pf = pq.ParquetFile(file)
@@ -156,16 +169,16 @@ def _check_shard(
 def _check_columns(pf: pq.ParquetFile, shard: ShardInfo, seq_len: int) -> list[str]:
     """Cheap whole-shard checks on the small columns: seq_index run, list lengths, the NLL sum."""
     reasons = []
-    table = pf.read(columns=["seq_index", "input_ids", "teacher_nll"])
-    seq = table.column("seq_index").to_numpy()
+    table = pf.read(columns=[SEQ_INDEX, INPUT_IDS, TEACHER_NLL])
+    seq = table.column(SEQ_INDEX).to_numpy()
     if not np.array_equal(seq, np.arange(shard.first_seq, shard.first_seq + shard.rows)):
         reasons.append(f"seq_index is not {shard.first_seq}..{shard.first_seq + shard.rows - 1} in order")
-    for col in ("input_ids", "teacher_nll"):
+    for col in (INPUT_IDS, TEACHER_NLL):
         lengths = pc.list_value_length(table.column(col)).to_numpy()
         if (lengths != seq_len).any():
             reasons.append(f"column {col!r} has rows of {sorted(set(lengths.tolist()))} values, not {seq_len}")
             return reasons
-    nll = table.column("teacher_nll").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    nll = table.column(TEACHER_NLL).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     finite = np.isfinite(nll)
     total = float(nll[finite].astype(np.float64).sum())
     if int(finite.sum()) != shard.labelled or not math.isclose(
@@ -187,14 +200,14 @@ def _sample(rows: int, n: int) -> list[int]:
 def _check_values(got: dict[str, np.ndarray], vocab: int, rows: list[int]) -> list[str]:
     """Decoded rows: ids in [0, V), finite logits and lse, NaN NLL exactly at each row's last position."""
     reasons = []
-    for key in ("input_ids", "topk_ids"):
+    for key in (INPUT_IDS, TOPK_IDS):
         a = got[key]
         if a.size and (a.min() < 0 or a.max() >= vocab):
             reasons.append(f"sampled rows {rows}: {key} outside [0, {vocab})")
-    for key in ("topk_logits", "teacher_lse"):
+    for key in (TOPK_LOGITS, TEACHER_LSE):
         if not np.isfinite(got[key]).all():
             reasons.append(f"sampled rows {rows}: non-finite {key}")
-    nll = got["teacher_nll"]
+    nll = got[TEACHER_NLL]
     if not (np.isfinite(nll[:, :-1]).all() and np.isnan(nll[:, -1]).all()):
         reasons.append(f"sampled rows {rows}: teacher_nll must be finite except NaN at each row's last position")
     return reasons
@@ -202,13 +215,12 @@ def _check_values(got: dict[str, np.ndarray], vocab: int, rows: list[int]) -> li
 
 def _check_coverage(m: Manifest, root: Path) -> list[Problem]:
     """Every planned sequence in a listed shard, shards consecutive (only with a dump-teacher corpus record)."""
-    planned = m.corpus.get("domains")
-    if not isinstance(planned, dict):
+    if not m.has_plan:
         return []  # a dump written by other tools (e.g. tests' synthetic dumps) records no plan
     problems = []
     for name, info in sorted(m.domains.items()):
         for split in SPLITS:
-            want = planned.get(name, {}).get("sequences", {}).get(split, 0)
+            want = m.planned_sequences(name, split)
             shards = info.splits.get(split, _NO_SHARDS).shards
             starts = [s.first_seq for s in shards]
             ends = [s.first_seq + s.rows for s in shards]
@@ -237,7 +249,7 @@ def _check_tokenizer(m: Manifest, root: Path) -> list[Problem]:
         return []
     from transformers import AutoTokenizer
 
-    from ddk_offline.teacher import tokenizer_identity
+    from ddk_offline.dump.teachers.base import tokenizer_identity
 
     try:
         have = tokenizer_identity(AutoTokenizer.from_pretrained(folder), m.vocab_size)["vocab_sha256"]
@@ -246,11 +258,3 @@ def _check_tokenizer(m: Manifest, root: Path) -> list[Problem]:
     if have != want:
         return [Problem(folder, "its vocabulary hash differs from the manifest's tokenizer.vocab_sha256")]
     return []
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()

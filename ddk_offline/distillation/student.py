@@ -51,7 +51,11 @@ _FUSED_NAMES = ("qkv_proj", "c_attn", "gate_up_proj", "query_key_value", "W_pack
 _LAYER_RE = re.compile(r"^(.*?\.(?:layers|h|blocks|block)\.)(\d+)(\..*)$")
 
 
-class VocabMismatchError(ValueError):
+class StudentMismatchError(ValueError):
+    """The student cannot be trained or evaluated on the dump; the message says what differs and the fix."""
+
+
+class VocabMismatchError(StudentMismatchError):
     """The student cannot be trained on the dump: its vocabulary differs from the teacher's."""
 
 
@@ -285,4 +289,24 @@ def check_vocab(
             f"Student vocabulary does not match the teacher dump {dump_path}: " + "; ".join(problems) + ". "
             f"Fix: derive the student from the teacher (a derive spec such as 'layers=8'), or pass a student "
             f"config with vocab_size={expected} (and train with the dump's tokenizer)."
+        )
+
+
+def check_fits(student: torch.nn.Module, manifest: Any, dump_path: str | Path) -> None:
+    """Refuse a student that cannot read the dump's rows: its vocabulary (:func:`check_vocab`) and its context.
+
+    Args:
+        student: the model.
+        manifest: the dump's :class:`~ddk_offline.format.manifest.Manifest`.
+        dump_path: the dump, named in the message.
+
+    Raises:
+        StudentMismatchError: what differs, and the fix.
+    """
+    check_vocab(student, manifest.tokenizer_tokens, dump_path, manifest.vocab_size)
+    max_pos = getattr(student.config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and max_pos < manifest.seq_len:
+        raise StudentMismatchError(
+            f"the student's max_position_embeddings is {max_pos} but the dump's sequences have {manifest.seq_len} "
+            "tokens; use a student config with max_position_embeddings >= seq_len"
         )

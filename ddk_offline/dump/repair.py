@@ -14,12 +14,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddk_offline.dump import DumpConfig, DumpProgress, DumpStats, run_dump
-from ddk_offline.dumpdir import DumpMismatchError
+from ddk_offline.dump.config import DumpConfig, DumpProgress, DumpStats
+from ddk_offline.dump.outdir import DumpMismatchError
+from ddk_offline.dump.run import run_dump
+from ddk_offline.dump.verify import VerifyReport, verify_dump
 from ddk_offline.errors import UserError
 from ddk_offline.format.manifest import Manifest
 from ddk_offline.format.schema import MANIFEST_NAME
-from ddk_offline.verify import VerifyReport, verify_dump
 
 
 class RepairError(UserError):
@@ -51,7 +52,7 @@ def config_from_manifest(
         RepairError: the recorded corpus or teacher is not on this machine and no override was given.
     """
     where = Path(path) / MANIFEST_NAME
-    corpus, t, settings = manifest.corpus, manifest.teacher, manifest.settings
+    corpus, settings = manifest.corpus, manifest.settings
     if data is None:
         data = corpus.get("data")
         if not data or (corpus.get("layout") != "hub" and not _exists(str(data))):
@@ -61,14 +62,14 @@ def config_from_manifest(
             )
     name = teacher
     if name is None:
-        name = t.get("name")
-        if not name or not Path(str(name)).expanduser().exists():
+        name = manifest.teacher_name
+        if manifest.local_teacher() is None:
             raise RepairError(
                 f"{where}: field 'teacher.name' = {name!r} is not a path on this machine; pass --teacher PATH or "
                 "Hub name (the same teacher: its config and weight hashes are checked)"
             )
     if gguf_file is None and (teacher is None or Path(teacher).expanduser().is_dir()):
-        gguf_file = t.get("gguf_file")  # a moved folder still holds the same .gguf file
+        gguf_file = manifest.teacher_gguf_file  # a moved folder still holds the same .gguf file
     return DumpConfig(
         teacher=str(name),
         data=str(data),
@@ -86,6 +87,7 @@ def config_from_manifest(
         extra_temperatures=tuple(manifest.temperatures[1:]),
         trust_remote_code=trust_remote_code,
         gguf_file=gguf_file,
+        teacher_backend=str(manifest.teacher.get("backend", "hf")),
     )
 
 

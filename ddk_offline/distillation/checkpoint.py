@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ddk_offline.errors import UserError
-from ddk_offline.format.manifest import fsync_dir, write_json_atomic
+from ddk_offline.runtime.files import fsync_dir, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"

@@ -24,7 +24,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ddk_offline.corpus import Document
+from ddk_offline.dump.corpus import Document
 
 _DOC_BATCH = 64  # documents tokenised per call: amortises the tokenizer's per-call cost
 

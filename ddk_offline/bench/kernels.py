@@ -259,7 +259,7 @@ def _cpu_child_run(provider, shape, cfg: BenchConfig, dtype: str, what: str, ext
     env = {**os.environ, **extra_env}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "kernels"), env.get("PYTHONPATH", "")])
-    code = "import sys, json; from ddk_offline.bench_kernels import _child; _child(json.loads(sys.argv[1]))"
+    code = "import sys, json; from ddk_offline.bench.kernels import _child; _child(json.loads(sys.argv[1]))"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or len(lines) != len(cfg.modes):

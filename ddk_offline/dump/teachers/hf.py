@@ -1,4 +1,4 @@
-"""Load a teacher (local folder, Hub name or ``.gguf`` file) and its tokenizer; identity hashes; per-position targets.
+"""The ``hf`` teacher backend: any ``transformers`` causal LM from a local folder, a Hub name or a ``.gguf`` file.
 
 Identity (recorded in the manifest, compared on resume):
 
@@ -7,23 +7,22 @@ Identity (recorded in the manifest, compared on resume):
   file, streamed in 4 MiB blocks). Streaming the files costs one sequential read of the weights per run (seconds
   for a 1B model, minutes for a 70B one): negligible next to the dump, and unlike a hash of the loaded state dict it
   does not depend on the dtype or device the model is loaded to.
-- tokenizer: ``vocab_size`` (the teacher's logit width V, the range of the stored top-k ids), ``tokens``
-  (``len(tokenizer)``), ``vocab_sha256`` (the sorted token -> id map) and the EOS token that separates documents.
+- tokenizer: see :func:`ddk_offline.dump.teachers.base.tokenizer_identity`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from ddk_offline.dump.teachers.base import Targets, reduce_logits, sha256_json
 from ddk_offline.errors import UserError
+from ddk_offline.runtime.files import hash_stream
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash"}
@@ -134,30 +133,6 @@ def load_model(source: TeacherSource, *, dtype: torch.dtype, device: torch.devic
     return model.to(device).eval()
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise TeacherError(f"--device {device!r}: not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TeacherError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 on CPU; else float32 | bfloat16 | float16."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    table |= {"float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise TeacherError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    return table[dtype]
-
-
 def vocab_size_of(config) -> int:
     """The teacher's logit width V."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -186,99 +161,73 @@ def teacher_identity(source: TeacherSource, config) -> dict[str, Any]:
     for p in files:
         h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
         with open(p, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 22), b""):
-                h.update(block)
+            hash_stream(h, f)
     return {
         "name": source.name,
         "gguf_file": source.gguf_file,
         "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
-        "config_sha256": _sha256_json(cfg),
+        "config_sha256": sha256_json(cfg),
         "weights_sha256": h.hexdigest(),
         "weight_files": [p.name for p in files],
     }
 
 
-def tokenizer_identity(tokenizer, vocab_size: int) -> dict[str, Any]:
-    """Vocab size (logit width), tokenizer length, vocab hash and EOS token."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    return {
-        "vocab_size": vocab_size,
-        "tokens": len(tokenizer),
-        "vocab_sha256": _sha256_json(vocab),
-        "eos_token": tokenizer.eos_token,
-        "eos_token_id": int(tokenizer.eos_token_id),
-        "class": type(tokenizer).__name__,
-    }
+class HFTeacher:
+    """The ``hf`` backend (see :class:`~ddk_offline.dump.teachers.base.TeacherBackend`).
 
-
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-@dataclass
-class Targets:
-    """The teacher's stored outputs for a batch of B sequences of L tokens (numpy, on the host).
-
-    Attributes:
-        topk_ids: [B, L, K] int64, ids of the K largest logits, descending.
-        topk_logits: [B, L, K] float32 raw logits at those ids (T = 1).
-        lse: [B, L] float32 logsumexp of the full logit row.
-        nll: [B, L] float32 loss on the next token ``input_ids[:, n + 1]``; NaN at n = L - 1.
-        extra_lse: {T: [B, L] float32 logsumexp(logits / T)}.
-        forward_s: seconds spent in the model's forward (device-synchronised).
+    Args:
+        teacher: ``--teacher``: a local folder, a ``.gguf`` file, or a Hub name.
+        gguf_file: the GGUF file inside ``teacher`` when it is a folder.
+        trust_remote_code: allow the model's own Python code (off unless the user turns it on).
     """
 
-    topk_ids: np.ndarray
-    topk_logits: np.ndarray
-    lse: np.ndarray
-    nll: np.ndarray
-    extra_lse: dict[float, np.ndarray] = field(default_factory=dict)
-    forward_s: float = 0.0
+    backend = "hf"
+
+    def __init__(self, teacher: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
+        self.source = resolve_teacher(teacher, gguf_file)
+        self.name = self.source.name
+        self.trust_remote_code = trust_remote_code
+        self._config = None
+        self._tokenizer = None
+        self.model = None
+
+    @property
+    def config(self):
+        if self._config is None:
+            self._config = load_config(self.source, trust_remote_code=self.trust_remote_code)
+        return self._config
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.source, trust_remote_code=self.trust_remote_code)
+        return self._tokenizer
+
+    def vocab_size(self) -> int:
+        return vocab_size_of(self.config)
+
+    def max_positions(self) -> int | None:
+        return max_positions_of(self.config)
+
+    def identity(self) -> dict[str, Any]:
+        return {**teacher_identity(self.source, self.config), "backend": self.backend}
+
+    def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = load_model(self.source, dtype=dtype, device=device, trust_remote_code=self.trust_remote_code)
+
+    @torch.inference_mode()
+    def targets(self, input_ids: torch.Tensor, *, k: int, extra_temperatures: tuple[float, ...] = ()) -> Targets:
+        return compute_targets(self.model, input_ids, k=k, extra_temperatures=extra_temperatures)
 
 
 @torch.inference_mode()
-def compute_targets(
-    model, input_ids: torch.Tensor, *, k: int, extra_temperatures: tuple[float, ...] = (), chunk_elements: int = 1 << 24
-) -> Targets:
-    """Run the teacher on ``input_ids`` [B, L] and reduce its logits [B, L, V] to the stored targets.
-
-    The fp32 upcast, logsumexp and top-k run over ``chunk_elements // V`` rows at a time, so the extra memory
-    beyond the model's own logits is bounded (64 MiB of fp32 per chunk by default) whatever B, L and V are.
-    """
+def compute_targets(model, input_ids: torch.Tensor, *, k: int, extra_temperatures: tuple[float, ...] = ()) -> Targets:
+    """Run a loaded ``transformers`` model on ``input_ids`` [B, L] and reduce its logits (timing the forward)."""
     device = next(model.parameters()).device
-    ids = input_ids.to(device)
     start = time.perf_counter()
-    logits = model(input_ids=ids, use_cache=False).logits
+    logits = model(input_ids=input_ids.to(device), use_cache=False).logits
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     forward_s = time.perf_counter() - start
-    B, L, V = logits.shape
-    flat = logits.reshape(B * L, V)
-    labels = torch.full((B, L), -1, dtype=torch.long, device=device)
-    labels[:, :-1] = ids[:, 1:]
-    labels = labels.reshape(-1)
-    N = B * L
-    out_ids = torch.empty((N, k), dtype=torch.long, device=device)
-    out_vals = torch.empty((N, k), dtype=torch.float32, device=device)
-    lse = torch.empty(N, dtype=torch.float32, device=device)
-    nll = torch.empty(N, dtype=torch.float32, device=device)
-    extra = {t: torch.empty(N, dtype=torch.float32, device=device) for t in extra_temperatures}
-    rows = max(1, chunk_elements // V)
-    for s in range(0, N, rows):
-        x = flat[s : s + rows].float()
-        lse[s : s + rows] = row_lse = torch.logsumexp(x, dim=-1)
-        out_vals[s : s + rows], out_ids[s : s + rows] = torch.topk(x, k, dim=-1, sorted=True)
-        lab = labels[s : s + rows]
-        picked = x.gather(1, lab.clamp_min(0)[:, None])[:, 0]
-        nll[s : s + rows] = torch.where(lab >= 0, row_lse - picked, torch.full_like(picked, float("nan")))
-        for t in extra_temperatures:
-            extra[t][s : s + rows] = torch.logsumexp(x / t, dim=-1)
-    host = lambda t: t.cpu().numpy()
-    return Targets(
-        topk_ids=host(out_ids).reshape(B, L, k),
-        topk_logits=host(out_vals).reshape(B, L, k),
-        lse=host(lse).reshape(B, L),
-        nll=host(nll).reshape(B, L),
-        extra_lse={t: host(v).reshape(B, L) for t, v in extra.items()},
-        forward_s=forward_s,
-    )
+    targets = reduce_logits(logits, input_ids, k=k, extra_temperatures=extra_temperatures)
+    targets.forward_s = forward_s
+    return targets

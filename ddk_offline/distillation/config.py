@@ -11,11 +11,15 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from ddk_offline.distillation.loss import KD_MODES
+from ddk_offline.distillation.samplers import SIGNALS, parse_spec
 from ddk_offline.errors import UserError
 
-SAMPLERS = "ddk | uniform | proportional | fixed:NAME=W,..."
+#: Where the per-domain gaps come from (``--gap-source``) and how a batch's domain mix is drawn (``--draw``).
+GAP_SOURCES = ("train", "val")
+DRAWS = ("quota", "sample")
 #: Fields a resumed run may change; everything else must match the checkpoint or the run would not reproduce.
-RESUMABLE_CHANGES = frozenset({"resume", "log_every", "save_every", "eval_every", "device", "progress"})
+RESUMABLE_CHANGES = frozenset({"resume", "log_every", "save_every", "eval_every", "device"})
 
 
 @dataclass
@@ -28,7 +32,7 @@ class DistillConfig:
         student / student_config / derive_from_teacher: exactly one student source: a checkpoint (folder or .gguf),
             a transformers config JSON (random init), or a derive spec such as ``layers=8,hidden=384``.
         teacher: the teacher for ``derive_from_teacher`` (default: the dump manifest's ``teacher`` entry).
-        sampler: ``ddk``, ``uniform``, ``proportional`` or ``fixed:NAME=W,...``.
+        sampler: ``ddk``, ``uniform``, ``proportional``, ``fixed:NAME=W,...`` (any name in the sampler registry).
         ddk_interval: K, steps between sampler updates (default ``max(1, max_steps // 20)``: the paper's K = 1000
             was ~1/20-1/50 of its runs, and its ablation shows both much smaller and much larger K hurt).
         ddk_alpha: DDK smoothing; every domain keeps at least (1 - alpha) / N of the data.
@@ -50,7 +54,6 @@ class DistillConfig:
         seed: seeds init, shuffling and draws. device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         resume: continue from ``OUT``'s latest checkpoint.
         log_every: a metrics row every N steps (plus step 0 and the last step).
-        progress: show a progress bar.
     """
 
     dump: str
@@ -84,7 +87,6 @@ class DistillConfig:
     device: str = "auto"
     resume: bool = False
     log_every: int = 10
-    progress: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,10 +109,14 @@ class DistillConfig:
                 "pass exactly one student source: --student PATH, --student-config JSON or --derive-from-teacher "
                 f"SPEC (got {', '.join(sources) if sources else 'none'})"
             )
-        _choice("--ddk-signal", self.ddk_signal, ("ppl-ratio", "loss-ratio"))
-        _choice("--gap-source", self.gap_source, ("train", "val"))
-        _choice("--kd-mode", self.kd_mode, ("renorm", "tail"))
-        _choice("--draw", self.draw, ("quota", "sample"))
+        try:
+            parse_spec(self.sampler)  # the name and the KEY=VALUE syntax; domain weights are checked on the dump
+        except ValueError as e:
+            raise UserError(f"--sampler {self.sampler}: {e}") from None
+        _choice("--ddk-signal", self.ddk_signal, SIGNALS)
+        _choice("--gap-source", self.gap_source, GAP_SOURCES)
+        _choice("--kd-mode", self.kd_mode, KD_MODES)
+        _choice("--draw", self.draw, DRAWS)
         for name, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
                             ("--log-every", self.log_every)):  # fmt: skip
             if value < 1:

@@ -8,7 +8,6 @@ student matches the teacher there. The summary is the mean over domains and the 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,8 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddk_offline.data import IGNORE_INDEX, collate
+from ddk_offline.distillation.data import IGNORE_INDEX, collate
 from ddk_offline.format.reader import DumpReader
+from ddk_offline.format.schema import INPUT_IDS, TEACHER_LSE, TEACHER_NLL
+from ddk_offline.runtime.device import autocast, resolve_device
 
 
 @dataclass
@@ -70,12 +71,6 @@ class EvalResult:
         }
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def domain_sums(
     model: torch.nn.Module,
@@ -116,9 +111,9 @@ def domain_sums(
 
 
 def _batch_sums(model: torch.nn.Module, rows: list[dict[str, np.ndarray]], device: torch.device) -> np.ndarray:
-    stacked = {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "teacher_lse", "teacher_nll")}
-    batch = collate(stacked, np.zeros(len(rows), np.int64), lse_key="teacher_lse", with_topk=False).to(device)
-    with _autocast(device):
+    stacked = {k: np.stack([r[k] for r in rows]) for k in (INPUT_IDS, TEACHER_LSE, TEACHER_NLL)}
+    batch = collate(stacked, np.zeros(len(rows), np.int64), lse_key=TEACHER_LSE, with_topk=False).to(device)
+    with autocast(device):
         logits = model(input_ids=batch.input_ids).logits
     flat = logits.float().reshape(-1, logits.shape[-1])
     ce = F.cross_entropy(flat, batch.labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -186,9 +181,9 @@ def evaluate(
     Raises:
         UserError: no sequences in ``split``, or a model whose vocabulary does not fit the dump.
     """
+    from ddk_offline.distillation.student import StudentMismatchError, check_fits, load_student
     from ddk_offline.errors import UserError
     from ddk_offline.format.reader import open_dump
-    from ddk_offline.student import VocabMismatchError, check_vocab, load_student
 
     reader = open_dump(dump)
     if not any(reader.num_sequences(d, split) for d in reader.domains):
@@ -201,9 +196,8 @@ def evaluate(
         except (OSError, ValueError) as e:
             raise UserError(f"--model {path}: cannot load it as a causal LM ({e})") from None
         try:
-            check_vocab(model, int(reader.manifest.tokenizer.get("tokens", reader.manifest.vocab_size)), dump,
-                        reader.manifest.vocab_size)  # fmt: skip
-        except VocabMismatchError as e:
+            check_fits(model, reader.manifest, dump)
+        except StudentMismatchError as e:
             raise UserError(f"--model {path}: {e}") from None
         model.to(dev)
         results.append(
@@ -219,18 +213,3 @@ def evaluate(
         )
         del model
     return results
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; refuses CUDA on a machine without it."""
-    from ddk_offline.errors import UserError
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r}: not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev

@@ -261,9 +261,8 @@ def missing_shards(manifest: Manifest, rows_per_shard: int) -> dict[tuple[str, s
     """Shard indices still missing per (domain, split): the work items of this run."""
     todo = {}
     for name, info in manifest.domains.items():
-        planned = manifest.corpus["domains"][name]["sequences"]
         for split in SPLITS:
-            n_shards = math.ceil(planned[split] / rows_per_shard)
+            n_shards = math.ceil(manifest.planned_sequences(name, split) / rows_per_shard)
             have = {s.first_seq // rows_per_shard for s in info.splits[split].shards}
             todo[(name, split)] = set(range(n_shards)) - have
     return todo
@@ -273,7 +272,7 @@ def check_finished(manifest: Manifest, out: Path | Storage) -> None:
     """Every planned sequence is in a listed shard (guards the loop's bookkeeping before ``complete = true``)."""
     for name, info in manifest.domains.items():
         for split in SPLITS:
-            want = manifest.corpus["domains"][name]["sequences"][split]
+            want = manifest.planned_sequences(name, split)
             have = info.splits[split].sequences
             if have != want:
                 raise RuntimeError(f"internal: {out}: {name}/{split} holds {have} sequences, planned {want}")

@@ -30,7 +30,15 @@ import numpy as np
 import torch
 
 from ddk_offline.format.reader import DumpReader
-from ddk_offline.format.schema import ROW_GROUP_ROWS, lse_column
+from ddk_offline.format.schema import (
+    INPUT_IDS,
+    ROW_GROUP_ROWS,
+    TEACHER_LSE,
+    TEACHER_NLL,
+    TOPK_IDS,
+    TOPK_LOGITS,
+    lse_column,
+)
 
 #: Rows per shuffle unit: one Parquet row group, so a unit is one contiguous read.
 UNIT_ROWS = ROW_GROUP_ROWS
@@ -140,13 +148,13 @@ class Batch:
 
 def collate(rows: dict[str, np.ndarray], domain: np.ndarray, *, lse_key: str, with_topk: bool) -> Batch:
     """Stacked reader arrays ([B, L], [B, L, k]) -> a :class:`Batch` with shifted labels."""
-    ids = np.ascontiguousarray(rows["input_ids"], dtype=np.int64)
+    ids = np.ascontiguousarray(rows[INPUT_IDS], dtype=np.int64)
     labels = np.full_like(ids, IGNORE_INDEX)
     labels[:, :-1] = ids[:, 1:]
-    nll = np.where(labels != IGNORE_INDEX, rows["teacher_nll"], 0.0).astype(np.float32)
+    nll = np.where(labels != IGNORE_INDEX, rows[TEACHER_NLL], 0.0).astype(np.float32)
     topk = (
-        (torch.from_numpy(np.ascontiguousarray(rows["topk_ids"])),
-         torch.from_numpy(np.ascontiguousarray(rows["topk_logits"], dtype=np.float32)))
+        (torch.from_numpy(np.ascontiguousarray(rows[TOPK_IDS])),
+         torch.from_numpy(np.ascontiguousarray(rows[TOPK_LOGITS], dtype=np.float32)))
         if with_topk else (None, None)
     )  # fmt: skip
     return Batch(
@@ -164,7 +172,7 @@ def lse_key_for(reader: DumpReader, temperature: float) -> str:
     """The reader column holding the teacher lse at ``temperature`` (falls back to T = 1 when it was not dumped)."""
     if float(temperature) != 1.0 and float(temperature) in [float(t) for t in reader.manifest.temperatures]:
         return lse_column(float(temperature))
-    return "teacher_lse"
+    return TEACHER_LSE
 
 
 class BatchLoader:
@@ -289,7 +297,7 @@ class BatchLoader:
         span = range(start, min(start + UNIT_ROWS, rows))
         data = self._worker_reader.read_rows(self.domains[d], "train", shard, span)
         if not self.with_topk:
-            data.pop("topk_ids"), data.pop("topk_logits")
+            data.pop(TOPK_IDS), data.pop(TOPK_LOGITS)
         cache[key] = data
         while len(cache) > self._capacity:
             cache.popitem(last=False)
@@ -297,7 +305,7 @@ class BatchLoader:
 
     def _build(self, plan: np.ndarray) -> Batch:
         with self._lock:  # one builder at a time, whether threaded or not
-            keys = ["input_ids", "teacher_nll", self.lse_key] + (["topk_ids", "topk_logits"] if self.with_topk else [])
+            keys = [INPUT_IDS, TEACHER_NLL, self.lse_key] + ([TOPK_IDS, TOPK_LOGITS] if self.with_topk else [])
             out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
             for d, shard, row in plan:
                 data = self._unit(int(d), int(shard), int(row) // UNIT_ROWS)

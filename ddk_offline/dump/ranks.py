@@ -17,10 +17,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ddk_offline import distributed, dumpdir
-from ddk_offline.format.manifest import Manifest, ShardInfo, json_bytes
+from ddk_offline.dump import outdir
+from ddk_offline.format.manifest import Manifest, ShardInfo
 from ddk_offline.format.schema import TMP_DIR
 from ddk_offline.format.storage import Storage, as_storage
+from ddk_offline.runtime import distributed
+from ddk_offline.runtime.files import json_bytes
 
 JOURNAL_DIR = f"{TMP_DIR}/journal"
 
@@ -87,8 +89,8 @@ def sum_stats(per_rank: list):
     return total
 
 
-def _unusable_out(out: Storage, e: OSError) -> dumpdir.DumpDirError:
-    return dumpdir.DumpDirError(
+def _unusable_out(out: Storage, e: OSError) -> outdir.DumpDirError:
+    return outdir.DumpDirError(
         f"--out {out}: cannot create the folder ({e.strerror}: {e.filename}); choose another --out"
     )
 
@@ -102,9 +104,9 @@ def prepare_out(
     Returns:
         The manifest (earlier shards kept, journalled shards merged) and whether this run created ``out``.
     """
-    existing = dumpdir.existing_manifest(out)
+    existing = outdir.existing_manifest(out)
     if existing is not None:
-        dumpdir.compare(existing, wanted, out)
+        outdir.compare(existing, wanted, out)
     if out.local is not None:
         try:
             out.local.parent.mkdir(parents=True, exist_ok=True)
@@ -120,14 +122,14 @@ def prepare_out(
         created = not out.exists()
         out.makedirs()
     try:
-        held.enter_context(dumpdir.DumpLock(out))  # a refused second writer never touches the folder
-        manifest = dumpdir.open_manifest(out, wanted)
+        held.enter_context(outdir.DumpLock(out))  # a refused second writer never touches the folder
+        manifest = outdir.open_manifest(out, wanted)
         merge(manifest, out)  # shards of ranks of an earlier run that stopped before its end
-        dumpdir.forget_shards(manifest, out, set(redo))
+        outdir.forget_shards(manifest, out, set(redo))
         manifest.complete = False
         manifest.write_atomic(out)
-        dumpdir.clean_tmp(out)
-        dumpdir.save_tokenizer(tokenizer, out)
+        outdir.clean_tmp(out)
+        outdir.save_tokenizer(tokenizer, out)
     except BaseException:
         if created:
             out.remove("")

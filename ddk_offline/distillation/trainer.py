@@ -1,6 +1,7 @@
 """Phase two: distil a student from a teacher dump, with DDK domain sampling. ``distill(config) -> summary``.
 
-Reads top to bottom: setup (dump, student, sampler, optimiser, data) -> loss step -> loop -> cleanup.
+Reads top to bottom: setup (dump, sampler, student, optimiser, data; the parts come from :mod:`.setup` or are handed
+in) -> loss step (:mod:`.loss`) -> loop -> cleanup.
 
 Step ``s`` (0-based) trains on a batch drawn with the weights in force at ``s``; the sampler updates at the start of
 every K-th step (and, with ``--gap-source val``, once before step 0). The next step's batch is planned and built in
@@ -17,7 +18,6 @@ same weights and rank 0 logs the global numbers; rank 0 alone writes logs, check
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -29,20 +29,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ddk_offline import distributed
-from ddk_offline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ddk_offline.data import IGNORE_INDEX, Batch, BatchLoader
-from ddk_offline.distill_config import DistillConfig
+from ddk_offline.distillation import setup
+from ddk_offline.distillation.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ddk_offline.distillation.config import DistillConfig
+from ddk_offline.distillation.evaluation import domain_sums, evaluate_model
+from ddk_offline.distillation.loss import LossSpec, loss_step
+from ddk_offline.distillation.runlog import MetricsWriter, Window
+from ddk_offline.distillation.samplers import GapStats
+from ddk_offline.distillation.setup import RunParts
 from ddk_offline.errors import UserError
-from ddk_offline.evaluation import domain_sums, evaluate_model, resolve_device
-from ddk_offline.format.manifest import write_json_atomic
-from ddk_offline.format.reader import DumpReader, open_dump
-from ddk_offline.runlog import MetricsWriter, Window
-from ddk_offline.sampler import GapStats, make_sampler
+from ddk_offline.format.reader import open_dump
+from ddk_offline.runtime import distributed
+from ddk_offline.runtime.device import resolve_device
+from ddk_offline.runtime.files import write_json_atomic
 
-__all__ = ["DistillConfig", "DistillSummary", "distill"]
+__all__ = ["DistillConfig", "DistillSummary", "RunParts", "Trainer", "distill"]
 
 
 @dataclass
@@ -61,146 +63,29 @@ class DistillSummary:
     plots: list[str] = field(default_factory=list)
 
 
-# --- setup ------------------------------------------------------------------------------------------------
-def build_student(cfg: DistillConfig, reader: DumpReader) -> torch.nn.Module:
-    """The student from exactly one source, refused if its vocabulary or context does not fit the dump."""
-    from ddk_offline.student import VocabMismatchError, check_vocab, load_student
+class Trainer:
+    """One run: setup in ``__init__``, one optimiser step per :meth:`train_step`, the whole run in :meth:`run`.
 
-    teacher = None
-    if cfg.derive_from_teacher:
-        teacher = cfg.teacher or _manifest_teacher(reader)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = load_student(
-                pretrained=cfg.student, config=cfg.student_config, derive=cfg.derive_from_teacher, teacher=teacher,
-                seed=cfg.seed,
-            )  # fmt: skip
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot build the student: {e}") from None
-    manifest = reader.manifest
-    try:
-        check_vocab(model, int(manifest.tokenizer.get("tokens", manifest.vocab_size)), reader.path, manifest.vocab_size)
-    except VocabMismatchError as e:
-        raise UserError(str(e)) from None
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and max_pos < reader.seq_len:
-        raise UserError(
-            f"the student's max_position_embeddings is {max_pos} but the dump's sequences have {reader.seq_len} "
-            "tokens; use a student config with max_position_embeddings >= seq_len"
-        )
-    return model.float()
-
-
-def _manifest_teacher(reader: DumpReader) -> str:
-    t = reader.manifest.teacher
-    name = str(t.get("name", ""))
-    path = Path(name)
-    if t.get("gguf_file") and path.is_dir():
-        path = path / t["gguf_file"]
-    if not path.exists():
-        raise UserError(
-            f"{reader.store.where('manifest.json')}: field 'teacher.name' = {name!r} is not a path on this machine; "
-            "pass --teacher PATH (the teacher the dump was made with) to derive the student"
-        )
-    return str(path)
-
-
-def _optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases, norms and other vectors (standard for transformers).
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to ``floor`` at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup - 1)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
-# --- loss step --------------------------------------------------------------------------------------------
-def loss_step(model: torch.nn.Module, batch: Batch, cfg: DistillConfig, positions: int, total: int) -> dict[str, Any]:
-    """Forward + backward of one micro-batch holding ``positions`` labelled positions of the step's ``total``.
-
-    The micro-batch loss (a mean over its positions) is scaled by ``positions / total``, so the accumulated gradient
-    is that of the mean over every position of the step, however the positions are split into micro-batches.
-
-    Returns:
-        Sums over the micro-batch's labelled positions (``loss``, ``ce``, ``kl``) and per-sequence CE / teacher NLL
-        sums and counts ([B] each, same positions) for the per-domain statistics.
+    Args:
+        config: the run's settings (resolved against the dump here).
+        env: the torch.distributed environment (default: a single process).
+        parts: components to use instead of the defaults built from ``config`` (see :class:`RunParts`).
     """
-    device = batch.input_ids.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
-        logits = model(input_ids=batch.input_ids).logits
-    B, L, V = logits.shape
-    flat, labels = logits.reshape(B * L, V), batch.labels.reshape(-1)
-    mask = batch.labels != IGNORE_INDEX
-    n = positions  # counted on the host: no device sync here
-    if cfg.kd_weight > 0:
-        from ddk_kernels import fused_kd_loss
 
-        k = batch.topk_ids.shape[-1]
-        loss, ce, kl = fused_kd_loss(
-            flat, labels, batch.topk_ids.reshape(-1, k), batch.topk_logits.reshape(-1, k),
-            batch.teacher_lse.reshape(-1), temperature=cfg.temperature, alpha=cfg.ce_weight, gamma=cfg.kd_weight,
-            mode=cfg.kd_mode, ignore_index=IGNORE_INDEX, return_per_row=True,
-        )  # fmt: skip
-        kl_sum = float(kl.sum())
-    else:
-        # CE only (continued pre-training): no top-k tensors, no KL pass.
-        ce = F.cross_entropy(flat.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        loss = cfg.ce_weight * ce.sum() / max(n, 1)
-        kl_sum = 0.0
-    (loss * (n / max(total, 1))).backward()
-    ce = ce.detach().float().reshape(B, L)
-    return {
-        "loss": float(loss.detach()) * n,
-        "ce": float(ce.sum()),
-        "kl": kl_sum,
-        "positions": n,
-        "row_ce": (ce * mask).sum(1),
-        "row_nll": batch.teacher_nll.double().sum(1),
-        "row_n": mask.sum(1),
-    }
-
-
-# --- the run ----------------------------------------------------------------------------------------------
-class _Run:
-    """The mutable state of one run (setup in __init__, the loop in ``run``)."""
-
-    def __init__(self, config: DistillConfig, env: distributed.DistEnv | None = None):
+    def __init__(self, config: DistillConfig, env: distributed.DistEnv | None = None, parts: RunParts | None = None):
         self.env = env = env or distributed.DistEnv()
+        parts = parts or RunParts()
         self.reader = open_dump(config.dump)
         m = self.reader.manifest
         cfg = config.resolve(seq_len=m.seq_len, temperatures=list(m.temperatures), world=env.world)
         self.out = Path(cfg.out)
-        ckpt = None
-        if cfg.resume:
-            path = latest_checkpoint(self.out)
-            if path is None:
-                raise UserError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; start without --resume")
-            ckpt = load_checkpoint(path)
-            cfg.check_resume(ckpt.state["config"], str(path))
-            saved_world = int(ckpt.state.get("world", 1))
-            if saved_world != env.world:
-                raise UserError(
-                    f"{path}: the run was checkpointed with {saved_world} process(es), this resume has {env.world}; "
-                    f"the global batch (--batch-size x --grad-accum x processes) would change. Resume with "
-                    f"{saved_world} process(es)"
-                )
-        elif (self.out / "checkpoints").exists() or (self.out / "metrics.jsonl").exists():
-            raise UserError(f"--out {self.out}: holds an earlier run; pass --resume to continue it, or another --out")
+        ckpt = self._checkpoint_to_resume(cfg)
         self.cfg, self.domains = cfg, self.reader.domains
-        empty = [d for d in self.domains if self.reader.num_sequences(d, "train") == 0]
-        if empty and not cfg.sampler.startswith("fixed"):
-            raise UserError(f"{cfg.dump}: domains {empty} have no train sequences; re-dump, or use --sampler fixed:")
-        if cfg.gap_source == "val" and not all(self.reader.num_sequences(d, "val") for d in self.domains):
-            raise UserError(f"--gap-source val: {cfg.dump} lacks val sequences for some domain; use --gap-source train")
+        self.loss_spec = LossSpec(alpha=cfg.ce_weight, gamma=cfg.kd_weight, temperature=cfg.temperature,
+                                  mode=cfg.kd_mode)  # fmt: skip
+        self._check_dump()
+        # Every option is checked before the student loads (which can take minutes): the sampler is built first.
+        self.sampler = (parts.sampler or setup.build_sampler)(cfg, self.reader)
         distributed.barrier(env)  # every rank has checked --out before rank 0 writes into it
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -212,28 +97,48 @@ class _Run:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        self.module = build_student(cfg, self.reader).to(self.device).train()
+        student = setup.checked_student(parts.student or setup.build_student, cfg, self.reader)
+        self.module = student.to(self.device).train()
         self.model = distributed.wrap_ddp(self.module, env, self.device)  # the module itself for one process
-        tokens = {d: float(self.reader.manifest.domains[d].splits["train"].tokens) for d in self.domains}
-        try:
-            self.sampler = make_sampler(cfg.sampler, self.domains, train_tokens=tokens, alpha=cfg.ddk_alpha,
-                                        signal=cfg.ddk_signal, update_every=cfg.ddk_interval)  # fmt: skip
-        except ValueError as e:
-            raise UserError(f"--sampler {cfg.sampler}: {e}") from None
         self.gap = GapStats(self.domains)
         self.window = Window(self.domains)
-        self.opt = _optimizer(self.module, cfg)
+        self.opt = setup.build_optimizer(self.module, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps)
+            self.opt, lambda s: setup.lr_factor(s, cfg.warmup_steps, cfg.max_steps)
         )
-        self.loader = BatchLoader(self.reader, seed=cfg.seed, temperature=cfg.temperature,
-                                  with_topk=cfg.kd_weight > 0, pin_memory=self.device.type == "cuda",
-                                  part=(env.rank, env.world))  # fmt: skip
+        self.loader = (parts.loader or setup.build_loader)(cfg, self.reader, env, self.device)
         self.draw_rng = np.random.default_rng([cfg.seed, 1])
         self.step, self.tokens_seen = 0, 0
         if ckpt is not None:
             self._restore(ckpt)
         self.log = MetricsWriter(self.out, resume_step=self.step if ckpt is not None else None) if env.is_main else None
+
+    def _checkpoint_to_resume(self, cfg: DistillConfig):
+        """The checkpoint ``--resume`` continues (refused if its settings or process count differ), else None."""
+        setup.check_out(self.out, cfg.resume)
+        if not cfg.resume:
+            return None
+        path = latest_checkpoint(self.out)
+        if path is None:
+            raise UserError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; start without --resume")
+        ckpt = load_checkpoint(path)
+        cfg.check_resume(ckpt.state["config"], str(path))
+        saved_world = int(ckpt.state.get("world", 1))
+        if saved_world != self.env.world:
+            raise UserError(
+                f"{path}: the run was checkpointed with {saved_world} process(es), this resume has {self.env.world}; "
+                f"the global batch (--batch-size x --grad-accum x processes) would change. Resume with "
+                f"{saved_world} process(es)"
+            )
+        return ckpt
+
+    def _check_dump(self) -> None:
+        cfg, reader = self.cfg, self.reader
+        empty = [d for d in self.domains if reader.num_sequences(d, "train") == 0]
+        if empty and not cfg.sampler.startswith("fixed"):
+            raise UserError(f"{cfg.dump}: domains {empty} have no train sequences; re-dump, or use --sampler fixed:")
+        if cfg.gap_source == "val" and not all(reader.num_sequences(d, "val") for d in self.domains):
+            raise UserError(f"--gap-source val: {cfg.dump} lacks val sequences for some domain; use --gap-source train")
 
     # --- state -------------------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -320,7 +225,7 @@ class _Run:
             n = b.labelled
             b = b.to(self.device, non_blocking=True)
             with distributed.no_sync(self.model, last=i == len(batches) - 1):  # one gradient all-reduce per step
-                r = loss_step(self.model, b, cfg, n, total)
+                r = loss_step(self.model, b, self.loss_spec, n, total)
             args = (b.domain, r["row_ce"], r["row_nll"], r["row_n"])
             if cfg.gap_source == "train":
                 self.gap.add_rows(*args)
@@ -374,7 +279,7 @@ class _Run:
 
     # --- cleanup -----------------------------------------------------------------------------------------
     def _finish(self, seconds: float, tokens: int, steps_run: int) -> DistillSummary:
-        from ddk_offline.plots import read_metrics, write_plots
+        from ddk_offline.distillation.plots import read_metrics, write_plots
 
         final = self.out / "final"
         self.module.save_pretrained(final)
@@ -398,12 +303,13 @@ class _Run:
         return summary
 
 
-def distill(config: DistillConfig, *, progress=None) -> DistillSummary:
+def distill(config: DistillConfig, *, progress=None, parts: RunParts | None = None) -> DistillSummary:
     """Run phase two end to end (see the module docstring).
 
     Args:
         config: the run's settings (resolved and saved to ``OUT/config.json``).
         progress: optional callback ``(step, max_steps)`` after each step (the CLI's progress bar).
+        parts: components to use instead of the defaults built from ``config`` (see :class:`RunParts`).
 
     Returns:
         A :class:`DistillSummary`; ``OUT`` holds ``final/`` (model + tokenizer), ``metrics.jsonl``, ``eval.jsonl``,
@@ -414,7 +320,7 @@ def distill(config: DistillConfig, *, progress=None) -> DistillSummary:
         out = Path(config.out)
         fresh = not out.exists()
         try:
-            run = _Run(config, env)
+            run = Trainer(config, env, parts)
         except BaseException:
             if fresh and env.is_main:  # a refused run (bad student, bad options) leaves no half-made output folder
                 shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,109 @@
+"""The training loss of one micro-batch: the student's forward, CE + γ·T²·KL against the sparse teacher, backward.
+
+The KL goes through :func:`ddk_kernels.fused_kd_loss` (Triton on CUDA, the chunked torch path on CPU), which also
+returns the per-row CE and KL from the same pass; the per-domain statistics DDK needs come from those rows. With
+``kd_weight = 0`` (plain continued pre-training) no top-k tensor is read and only the CE is computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ddk_offline.distillation.data import IGNORE_INDEX, Batch
+from ddk_offline.runtime.device import autocast
+
+#: The teacher-target modes (``--kd-mode``): how the mass outside the stored top-k is treated (DESIGN.md §3).
+KD_MODES = ("renorm", "tail")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """``alpha·CE + gamma·T²·KL`` with teacher targets in ``mode`` (see :func:`ddk_kernels.fused_kd_loss`)."""
+
+    alpha: float = 1.0
+    gamma: float = 0.2
+    temperature: float = 1.0
+    mode: str = "renorm"
+
+    @property
+    def uses_teacher(self) -> bool:
+        """False for CE-only training: the top-k targets are then neither read nor used."""
+        return self.gamma > 0
+
+
+@dataclass
+class KDTargets:
+    """The sparse teacher of N = B·L positions (rows flattened), in the run's target mode.
+
+    Attributes:
+        ids: [N, k] int64 top-k ids.
+        logits: [N, k] float32 raw logits at those ids (T = 1).
+        lse: [N] float32 logsumexp of the full teacher row at the run's temperature.
+        mode: ``renorm`` or ``tail`` (one of :data:`KD_MODES`).
+    """
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+    lse: torch.Tensor
+    mode: str
+
+    @classmethod
+    def from_batch(cls, batch: Batch, mode: str) -> KDTargets:
+        k = batch.topk_ids.shape[-1]
+        return cls(batch.topk_ids.reshape(-1, k), batch.topk_logits.reshape(-1, k), batch.teacher_lse.reshape(-1), mode)
+
+
+def kd_loss(
+    logits: torch.Tensor, labels: torch.Tensor, targets: KDTargets | None, spec: LossSpec, positions: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The mean loss over labelled rows, per-row CE [N] and the KL sum, from flat logits [N, V] and labels [N].
+
+    ``targets`` is None exactly when ``spec.uses_teacher`` is False (CE only). ``positions`` is the number of
+    labelled rows, counted on the host (no device sync).
+    """
+    if targets is not None:
+        from ddk_kernels import fused_kd_loss
+
+        loss, ce, kl = fused_kd_loss(
+            logits, labels, targets.ids, targets.logits, targets.lse, temperature=spec.temperature,
+            alpha=spec.alpha, gamma=spec.gamma, mode=targets.mode, ignore_index=IGNORE_INDEX, return_per_row=True,
+        )  # fmt: skip
+        return loss, ce, float(kl.sum())
+    # CE only (continued pre-training): no top-k tensors, no KL pass.
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return spec.alpha * ce.sum() / max(positions, 1), ce, 0.0
+
+
+def loss_step(model: torch.nn.Module, batch: Batch, spec: LossSpec, positions: int, total: int) -> dict[str, Any]:
+    """Forward + backward of one micro-batch holding ``positions`` labelled positions of the step's ``total``.
+
+    The micro-batch loss (a mean over its positions) is scaled by ``positions / total``, so the accumulated gradient
+    is that of the mean over every position of the step, however the positions are split into micro-batches.
+
+    Returns:
+        Sums over the micro-batch's labelled positions (``loss``, ``ce``, ``kl``) and per-sequence CE / teacher NLL
+        sums and counts ([B] each, same positions) for the per-domain statistics.
+    """
+    with autocast(batch.input_ids.device):
+        logits = model(input_ids=batch.input_ids).logits
+    B, L, V = logits.shape
+    flat, labels = logits.reshape(B * L, V), batch.labels.reshape(-1)
+    mask = batch.labels != IGNORE_INDEX
+    n = positions
+    targets = KDTargets.from_batch(batch, spec.mode) if spec.uses_teacher else None
+    loss, ce, kl_sum = kd_loss(flat, labels, targets, spec, n)
+    (loss * (n / max(total, 1))).backward()
+    ce = ce.detach().float().reshape(B, L)
+    return {
+        "loss": float(loss.detach()) * n,
+        "ce": float(ce.sum()),
+        "kl": kl_sum,
+        "positions": n,
+        "row_ce": (ce * mask).sum(1),
+        "row_nll": batch.teacher_nll.double().sum(1),
+        "row_n": mask.sum(1),
+    }

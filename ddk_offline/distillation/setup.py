@@ -1,0 +1,120 @@
+"""The parts of a distillation run, each built from the resolved config (torchtune's ``_setup_*`` shape).
+
+:class:`RunParts` lets a caller hand in any of them instead (benchmarks feed batches from memory, tests stop a run
+mid-way, integrations bring their own student): nothing has to patch the trainer's private names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddk_offline.distillation.config import DistillConfig
+from ddk_offline.distillation.data import BatchLoader
+from ddk_offline.distillation.samplers import DomainSampler, make_sampler
+from ddk_offline.errors import UserError
+from ddk_offline.format.reader import DumpReader
+from ddk_offline.runtime.distributed import DistEnv
+
+StudentFactory = Callable[[DistillConfig, DumpReader], torch.nn.Module]
+SamplerFactory = Callable[[DistillConfig, DumpReader], DomainSampler]
+LoaderFactory = Callable[[DistillConfig, DumpReader, DistEnv, torch.device], BatchLoader]
+
+
+@dataclass
+class RunParts:
+    """Factories for the parts of a run; None means the default built from the config.
+
+    Attributes:
+        student: ``(config, reader) -> model`` (default :func:`build_student`); its vocabulary is checked anyway.
+        sampler: ``(config, reader) -> DomainSampler`` (default :func:`build_sampler`).
+        loader: ``(config, reader, env, device) -> loader`` with :class:`~ddk_offline.distillation.data.BatchLoader`'s
+            ``plan / submit / next / pending_plans / state_dict / load_state_dict / close`` (default
+            :func:`build_loader`).
+    """
+
+    student: StudentFactory | None = None
+    sampler: SamplerFactory | None = None
+    loader: LoaderFactory | None = None
+
+
+def build_student(cfg: DistillConfig, reader: DumpReader) -> torch.nn.Module:
+    """The student from exactly one source (checkpoint, config or derive spec), seeded with ``cfg.seed``."""
+    from ddk_offline.distillation.student import load_student
+
+    teacher = None
+    if cfg.derive_from_teacher:
+        teacher = cfg.teacher or reader.manifest.local_teacher()
+        if teacher is None:
+            raise UserError(
+                f"{reader.store.where('manifest.json')}: field 'teacher.name' = {reader.manifest.teacher_name!r} is "
+                "not a path on this machine; pass --teacher PATH (the teacher the dump was made with) to derive the "
+                "student"
+            )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return load_student(
+                pretrained=cfg.student, config=cfg.student_config, derive=cfg.derive_from_teacher, teacher=teacher,
+                seed=cfg.seed,
+            )  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot build the student: {e}") from None
+
+
+def checked_student(factory: StudentFactory, cfg: DistillConfig, reader: DumpReader) -> torch.nn.Module:
+    """The student from ``factory``, refused if its vocabulary or context does not fit the dump; fp32 weights."""
+    from ddk_offline.distillation.student import StudentMismatchError, check_fits
+
+    model = factory(cfg, reader)
+    try:
+        check_fits(model, reader.manifest, reader.path)
+    except StudentMismatchError as e:
+        raise UserError(str(e)) from None
+    return model.float()
+
+
+def build_sampler(cfg: DistillConfig, reader: DumpReader) -> DomainSampler:
+    """The domain sampler of ``cfg.sampler``, its weights checked against the dump's domains."""
+    tokens = {d: float(reader.manifest.domains[d].splits["train"].tokens) for d in reader.domains}
+    try:
+        return make_sampler(
+            cfg.sampler, reader.domains, train_tokens=tokens, alpha=cfg.ddk_alpha, signal=cfg.ddk_signal,
+            update_every=cfg.ddk_interval,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UserError(f"--sampler {cfg.sampler}: {e}") from None
+
+
+def build_loader(cfg: DistillConfig, reader: DumpReader, env: DistEnv, device: torch.device) -> BatchLoader:
+    """Per-domain shuffled streams over the train shards, this rank's rows of every global plan."""
+    return BatchLoader(
+        reader, seed=cfg.seed, temperature=cfg.temperature, with_topk=cfg.kd_weight > 0,
+        pin_memory=device.type == "cuda", part=(env.rank, env.world),
+    )  # fmt: skip
+
+
+def build_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and other vectors (standard for transformers)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to ``floor`` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup - 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """A new run needs an ``--out`` without an earlier run in it (``--resume`` continues one instead)."""
+    if not resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
+        raise UserError(f"--out {out}: holds an earlier run; pass --resume to continue it, or another --out")
