@@ -10,7 +10,13 @@ import tiny
 import torch
 
 import ddk_offline.distillation.checkpoint as ckpt_mod
-from ddk_offline.distillation.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ddk_offline.distillation.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def _model(seed: int):

@@ -1,4 +1,4 @@
-"""`ddk-offline distill`: phase two. Parses options into a DistillConfig and calls ddk_offline.distillation.trainer.distill."""
+"""`ddk-offline distill`: phase two. Parses options into a DistillConfig and calls distillation.trainer.distill."""
 
 from __future__ import annotations
 
@@ -68,15 +68,38 @@ def register(app: typer.Typer) -> None:
         from ddk_offline.distillation.trainer import distill as run
 
         config = DistillConfig(
-            dump=dump, out=out, student=student, student_config=student_config,
-            derive_from_teacher=derive_from_teacher, teacher=teacher, sampler=sampler, ddk_interval=ddk_interval,
-            ddk_alpha=ddk_alpha, ddk_signal=ddk_signal, gap_source=gap_source, draw=draw, ce_weight=ce_weight,
-            kd_weight=kd_weight, temperature=temperature, kd_mode=kd_mode, max_steps=max_steps,
-            max_tokens=max_tokens, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-            weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
-            eval_max_sequences=eval_max_sequences, save_every=save_every, seed=seed, device=device, resume=resume,
+            dump=dump,
+            out=out,
+            student=student,
+            student_config=student_config,
+            derive_from_teacher=derive_from_teacher,
+            teacher=teacher,
+            sampler=sampler,
+            ddk_interval=ddk_interval,
+            ddk_alpha=ddk_alpha,
+            ddk_signal=ddk_signal,
+            gap_source=gap_source,
+            draw=draw,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            temperature=temperature,
+            kd_mode=kd_mode,
+            max_steps=max_steps,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            eval_every=eval_every,
+            eval_max_sequences=eval_max_sequences,
+            save_every=save_every,
+            seed=seed,
+            device=device,
+            resume=resume,
             log_every=log_every,
-        )  # fmt: skip
+        )
         quiet_libraries()
         from ddk_offline.runtime.distributed import env_rank
 

@@ -55,12 +55,24 @@ def register(app: typer.Typer) -> None:
                 f"--extra-temperatures {extra_temperatures!r}: use comma-separated numbers, e.g. 2.0,4.0"
             ) from None
         config = DumpConfig(
-            teacher=teacher, data=data, out=out, text_column=text_column, domain_column=domain_column,
-            seq_len=seq_len, top_k=top_k, batch_size=batch_size, val_fraction=val_fraction,
-            max_tokens_per_domain=max_tokens_per_domain, dtype=dtype, device=device, shard_tokens=shard_tokens,
-            extra_temperatures=temps, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
+            teacher=teacher,
+            data=data,
+            out=out,
+            text_column=text_column,
+            domain_column=domain_column,
+            seq_len=seq_len,
+            top_k=top_k,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            max_tokens_per_domain=max_tokens_per_domain,
+            dtype=dtype,
+            device=device,
+            shard_tokens=shard_tokens,
+            extra_temperatures=temps,
+            trust_remote_code=trust_remote_code,
+            gguf_file=gguf_file,
             teacher_backend=teacher_backend,
-        )  # fmt: skip
+        )
         quiet_libraries()
         from ddk_offline.runtime.distributed import env_rank
 

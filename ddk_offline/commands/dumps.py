@@ -130,8 +130,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Check every shard against the manifest (checksum, rows, schema, a decoded sample); exit 1 naming each
         broken file. With --repair, recompute only the broken shards and verify again."""
-        from ddk_offline.format.storage import is_url
         from ddk_offline.dump.verify import verify_dump
+        from ddk_offline.format.storage import is_url
 
         if is_url(path):
             raise fail(f"{path}: dumps verify checks local dumps only; copy the dump to a local folder and verify it")
@@ -150,9 +150,13 @@ def register(app: typer.Typer) -> None:
             if report.manifest is not None:  # without one, repair_dump refuses and says why
                 typer.echo(f"repairing: recomputing {len(report.broken_shards)} broken shard(s) and any missing ones")
             result = repair_dump(
-                path, data=data, teacher=teacher, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                path,
+                data=data,
+                teacher=teacher,
+                gguf_file=gguf_file,
+                trust_remote_code=trust_remote_code,
                 sample_rows=sample_rows,
-            )  # fmt: skip
+            )
             typer.echo(f"recomputed {result.stats.shards_written if result.stats else 0} shard(s); verifying again")
             report = result.after
             _print_report(report)

@@ -28,8 +28,8 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("val", help="Dump split to evaluate on: val | train."),
     ) -> None:
         """Per-domain loss, perplexity and student/teacher ratio; mean and worst-domain ratio per model."""
-        from ddk_offline.errors import UserError
         from ddk_offline.distillation.evaluation import evaluate
+        from ddk_offline.errors import UserError
 
         if split not in ("val", "train"):
             raise UserError(f"--split {split!r}: choose val or train")
@@ -59,7 +59,14 @@ def _print_tables(payload: list[dict]) -> None:
             if not d["positions"]:
                 table.add_row(name, "0", *[""] * 5)
                 continue
-            table.add_row(name, str(d["sequences"]), f"{d['loss']:.4f}", f"{d['ppl']:.2f}", f"{d['teacher_loss']:.4f}",
-                          f"{d['teacher_ppl']:.2f}", f"{d['ratio']:.3f}")  # fmt: skip
+            table.add_row(
+                name,
+                str(d["sequences"]),
+                f"{d['loss']:.4f}",
+                f"{d['ppl']:.2f}",
+                f"{d['teacher_loss']:.4f}",
+                f"{d['teacher_ppl']:.2f}",
+                f"{d['ratio']:.3f}",
+            )
         console.print(table)
         console.print(f"mean ratio {r['mean_ratio']:.3f}, worst {r['worst_ratio']:.3f} ({r['worst_domain']})")

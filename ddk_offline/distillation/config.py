@@ -102,8 +102,15 @@ class DistillConfig:
         ``world`` is the number of torchrun processes: ``batch_size`` is per process, so a step trains
         ``batch_size * grad_accum * world * seq_len`` tokens and ``max_tokens`` counts all of them.
         """
-        sources = [f"--{n}" for n, v in (("student", self.student), ("student-config", self.student_config),
-                   ("derive-from-teacher", self.derive_from_teacher)) if v]  # fmt: skip
+        sources = [
+            f"--{n}"
+            for n, v in (
+                ("student", self.student),
+                ("student-config", self.student_config),
+                ("derive-from-teacher", self.derive_from_teacher),
+            )
+            if v
+        ]
         if len(sources) != 1:
             raise UserError(
                 "pass exactly one student source: --student PATH, --student-config JSON or --derive-from-teacher "
@@ -117,13 +124,20 @@ class DistillConfig:
         _choice("--gap-source", self.gap_source, GAP_SOURCES)
         _choice("--kd-mode", self.kd_mode, KD_MODES)
         _choice("--draw", self.draw, DRAWS)
-        for name, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
-                            ("--log-every", self.log_every)):  # fmt: skip
+        for name, value in (
+            ("--batch-size", self.batch_size),
+            ("--grad-accum", self.grad_accum),
+            ("--log-every", self.log_every),
+        ):
             if value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
-        for name, value in (("--ce-weight", self.ce_weight), ("--kd-weight", self.kd_weight),
-                            ("--weight-decay", self.weight_decay), ("--grad-clip", self.grad_clip),
-                            ("--eval-every", self.eval_every)):  # fmt: skip
+        for name, value in (
+            ("--ce-weight", self.ce_weight),
+            ("--kd-weight", self.kd_weight),
+            ("--weight-decay", self.weight_decay),
+            ("--grad-clip", self.grad_clip),
+            ("--eval-every", self.eval_every),
+        ):
             if not value >= 0:
                 raise UserError(f"{name} must be >= 0, got {value}")
         if self.eval_max_sequences is not None and self.eval_max_sequences < 1:
@@ -162,8 +176,9 @@ class DistillConfig:
         save_every = self.save_every if self.save_every is not None else max(1, steps // 10)
         if save_every < 0:
             raise UserError(f"--save-every must be >= 0, got {save_every}")
-        return replace(self, max_steps=steps, max_tokens=None, ddk_interval=interval, warmup_steps=warmup,
-                       save_every=save_every)  # fmt: skip
+        return replace(
+            self, max_steps=steps, max_tokens=None, ddk_interval=interval, warmup_steps=warmup, save_every=save_every
+        )
 
     def check_resume(self, saved: dict[str, Any], source: str) -> None:
         """Refuse a resume whose settings would change the trajectory of the checkpointed run."""

@@ -69,8 +69,11 @@ class DomainStream:
         """The epoch's sequence order [size, 2] of (shard, row) pairs."""
         if self._order_epoch != epoch:
             rng = np.random.default_rng([self.seed, self.domain_index, epoch])
-            units = [(s, start, min(start + UNIT_ROWS, n)) for s, n in enumerate(self.shard_rows)
-                     for start in range(0, n, UNIT_ROWS)]  # fmt: skip
+            units = [
+                (s, start, min(start + UNIT_ROWS, n))
+                for s, n in enumerate(self.shard_rows)
+                for start in range(0, n, UNIT_ROWS)
+            ]
             units = [units[i] for i in rng.permutation(len(units))]
             parts = []
             for w in range(0, len(units), self.window_units):
@@ -153,10 +156,13 @@ def collate(rows: dict[str, np.ndarray], domain: np.ndarray, *, lse_key: str, wi
     labels[:, :-1] = ids[:, 1:]
     nll = np.where(labels != IGNORE_INDEX, rows[TEACHER_NLL], 0.0).astype(np.float32)
     topk = (
-        (torch.from_numpy(np.ascontiguousarray(rows[TOPK_IDS])),
-         torch.from_numpy(np.ascontiguousarray(rows[TOPK_LOGITS], dtype=np.float32)))
-        if with_topk else (None, None)
-    )  # fmt: skip
+        (
+            torch.from_numpy(np.ascontiguousarray(rows[TOPK_IDS])),
+            torch.from_numpy(np.ascontiguousarray(rows[TOPK_LOGITS], dtype=np.float32)),
+        )
+        if with_topk
+        else (None, None)
+    )
     return Batch(
         input_ids=torch.from_numpy(ids),
         labels=torch.from_numpy(labels),
@@ -206,10 +212,11 @@ class BatchLoader:
         self.domains = reader.domains
         self.rank, self.world = int(part[0]), int(part[1])
         self.streams = [
-            DomainStream([s.rows for s in reader.shards(d, "train")], seed=seed, domain_index=i,
-                         window_units=window_units)
+            DomainStream(
+                [s.rows for s in reader.shards(d, "train")], seed=seed, domain_index=i, window_units=window_units
+            )
             for i, d in enumerate(self.domains)
-        ]  # fmt: skip
+        ]
         self.lse_key = lse_key_for(reader, temperature)
         self.with_topk, self.pin_memory = with_topk, pin_memory
         self._open: Callable[[], DumpReader] = lambda: DumpReader(reader.store, reader.manifest)
@@ -314,6 +321,11 @@ class BatchLoader:
             stacked = {k: np.stack(v) for k, v in out.items()}
             batch = collate(stacked, plan[:, 0], lse_key=self.lse_key, with_topk=self.with_topk)
             if self.pin_memory:
-                batch = Batch(**{f.name: (v.pin_memory() if v is not None else None)
-                                 for f in fields(batch) for v in [getattr(batch, f.name)]})  # fmt: skip
+                batch = Batch(
+                    **{
+                        f.name: (v.pin_memory() if v is not None else None)
+                        for f in fields(batch)
+                        for v in [getattr(batch, f.name)]
+                    }
+                )
             return batch

@@ -209,7 +209,7 @@ def evaluate(
                 batch_size=batch_size,
                 device=dev,
                 max_sequences=max_sequences,
-            )  # fmt: skip
+            )
         )
         del model
     return results

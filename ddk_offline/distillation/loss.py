@@ -69,9 +69,18 @@ def kd_loss(
         from ddk_kernels import fused_kd_loss
 
         loss, ce, kl = fused_kd_loss(
-            logits, labels, targets.ids, targets.logits, targets.lse, temperature=spec.temperature,
-            alpha=spec.alpha, gamma=spec.gamma, mode=targets.mode, ignore_index=IGNORE_INDEX, return_per_row=True,
-        )  # fmt: skip
+            logits,
+            labels,
+            targets.ids,
+            targets.logits,
+            targets.lse,
+            temperature=spec.temperature,
+            alpha=spec.alpha,
+            gamma=spec.gamma,
+            mode=targets.mode,
+            ignore_index=IGNORE_INDEX,
+            return_per_row=True,
+        )
         return loss, ce, float(kl.sum())
     # CE only (continued pre-training): no top-k tensors, no KL pass.
     ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")

@@ -91,8 +91,11 @@ class MetricsWriter:
             elif path.exists():
                 # Eval rows at the resumed step were written just before its checkpoint: keep them.
                 last = resume_step if path == self.eval_path else resume_step - 1
-                keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                        if line.strip() and json.loads(line)["step"] <= last]  # fmt: skip
+                keep = [
+                    line
+                    for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= last
+                ]
                 path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._tb = _summary_writer(Path(out) / "tensorboard") if tensorboard else None

@@ -59,9 +59,12 @@ def build_student(cfg: DistillConfig, reader: DumpReader) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             return load_student(
-                pretrained=cfg.student, config=cfg.student_config, derive=cfg.derive_from_teacher, teacher=teacher,
+                pretrained=cfg.student,
+                config=cfg.student_config,
+                derive=cfg.derive_from_teacher,
+                teacher=teacher,
                 seed=cfg.seed,
-            )  # fmt: skip
+            )
     except (OSError, ValueError) as e:
         raise UserError(f"cannot build the student: {e}") from None
 
@@ -83,9 +86,13 @@ def build_sampler(cfg: DistillConfig, reader: DumpReader) -> DomainSampler:
     tokens = {d: float(reader.manifest.domains[d].splits["train"].tokens) for d in reader.domains}
     try:
         return make_sampler(
-            cfg.sampler, reader.domains, train_tokens=tokens, alpha=cfg.ddk_alpha, signal=cfg.ddk_signal,
+            cfg.sampler,
+            reader.domains,
+            train_tokens=tokens,
+            alpha=cfg.ddk_alpha,
+            signal=cfg.ddk_signal,
             update_every=cfg.ddk_interval,
-        )  # fmt: skip
+        )
     except ValueError as e:
         raise UserError(f"--sampler {cfg.sampler}: {e}") from None
 
@@ -93,9 +100,13 @@ def build_sampler(cfg: DistillConfig, reader: DumpReader) -> DomainSampler:
 def build_loader(cfg: DistillConfig, reader: DumpReader, env: DistEnv, device: torch.device) -> BatchLoader:
     """Per-domain shuffled streams over the train shards, this rank's rows of every global plan."""
     return BatchLoader(
-        reader, seed=cfg.seed, temperature=cfg.temperature, with_topk=cfg.kd_weight > 0,
-        pin_memory=device.type == "cuda", part=(env.rank, env.world),
-    )  # fmt: skip
+        reader,
+        seed=cfg.seed,
+        temperature=cfg.temperature,
+        with_topk=cfg.kd_weight > 0,
+        pin_memory=device.type == "cuda",
+        part=(env.rank, env.world),
+    )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:

@@ -31,7 +31,13 @@ import numpy as np
 import torch
 
 from ddk_offline.distillation import setup
-from ddk_offline.distillation.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ddk_offline.distillation.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ddk_offline.distillation.config import DistillConfig
 from ddk_offline.distillation.evaluation import domain_sums, evaluate_model
 from ddk_offline.distillation.loss import LossSpec, loss_step
@@ -81,8 +87,9 @@ class Trainer:
         self.out = Path(cfg.out)
         ckpt = self._checkpoint_to_resume(cfg)
         self.cfg, self.domains = cfg, self.reader.domains
-        self.loss_spec = LossSpec(alpha=cfg.ce_weight, gamma=cfg.kd_weight, temperature=cfg.temperature,
-                                  mode=cfg.kd_mode)  # fmt: skip
+        self.loss_spec = LossSpec(
+            alpha=cfg.ce_weight, gamma=cfg.kd_weight, temperature=cfg.temperature, mode=cfg.kd_mode
+        )
         self._check_dump()
         # Every option is checked before the student loads (which can take minutes): the sampler is built first.
         self.sampler = (parts.sampler or setup.build_sampler)(cfg, self.reader)
@@ -184,8 +191,14 @@ class Trainer:
     def _update_sampler(self, step: int) -> None:
         if self.cfg.gap_source == "val":
             # Every rank evaluates the whole val split (same model, same sums): no reduction needed.
-            sums, _ = domain_sums(self.module, self.reader, split="val", batch_size=self.cfg.batch_size,
-                                  device=self.device, max_sequences=self.cfg.eval_max_sequences)  # fmt: skip
+            sums, _ = domain_sums(
+                self.module,
+                self.reader,
+                split="val",
+                batch_size=self.cfg.batch_size,
+                device=self.device,
+                max_sequences=self.cfg.eval_max_sequences,
+            )
             self.gap.load_array(sums)
         else:
             self.gap.load_array(distributed.all_reduce_sum(self.env, self.gap.as_array()))
@@ -194,8 +207,9 @@ class Trainer:
 
     def _plan_step(self) -> None:
         # The global step's draws, identical on every rank; each micro-batch plan is global too (see BatchLoader).
-        draws = self.sampler.draw(self.cfg.batch_size * self.cfg.grad_accum * self.env.world, self.draw_rng,
-                                  exact=self.cfg.draw == "quota")  # fmt: skip
+        draws = self.sampler.draw(
+            self.cfg.batch_size * self.cfg.grad_accum * self.env.world, self.draw_rng, exact=self.cfg.draw == "quota"
+        )
         for micro in np.split(draws, self.cfg.grad_accum):
             self.loader.submit(self.loader.plan(micro))
 
@@ -230,8 +244,9 @@ class Trainer:
             if cfg.gap_source == "train":
                 self.gap.add_rows(*args)
             self.window.stats.add_rows(*args)
-            self.window.add(loss_sum=r["loss"], ce_sum=r["ce"], kl_sum=r["kl"], positions=r["positions"],
-                            tokens=b.input_ids.numel())  # fmt: skip
+            self.window.add(
+                loss_sum=r["loss"], ce_sum=r["ce"], kl_sum=r["kl"], positions=r["positions"], tokens=b.input_ids.numel()
+            )
             self.tokens_seen += b.input_ids.numel() * self.env.world
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -242,9 +257,14 @@ class Trainer:
         self.window.seconds += time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             distributed.reduce_window(self.env, self.window)  # global sums on every rank (then reset everywhere)
-            extra = {"grad_norm": float(norm), "tokens": self.tokens_seen,
-                     "gap": {d: (None if math.isnan(g) else float(g)) for d, g in zip(self.domains, self.sampler.gaps,
-                                                                                      strict=True)}}  # fmt: skip
+            extra = {
+                "grad_norm": float(norm),
+                "tokens": self.tokens_seen,
+                "gap": {
+                    d: (None if math.isnan(g) else float(g))
+                    for d, g in zip(self.domains, self.sampler.gaps, strict=True)
+                },
+            }
             if self.log is not None:
                 self.log.write(self.window.row(step, lr=lr, weights=weights, kd=cfg.kd_weight > 0, extra=extra))
             self.window.reset()
@@ -255,8 +275,14 @@ class Trainer:
             self._save()
 
     def evaluate(self):
-        return evaluate_model(self.module, self.reader, name="student", batch_size=self.cfg.batch_size,
-                              device=self.device, max_sequences=self.cfg.eval_max_sequences)  # fmt: skip
+        return evaluate_model(
+            self.module,
+            self.reader,
+            name="student",
+            batch_size=self.cfg.batch_size,
+            device=self.device,
+            max_sequences=self.cfg.eval_max_sequences,
+        )
 
     def run(self, progress=None) -> DistillSummary:
         start, t0 = self.step, time.perf_counter()
@@ -293,12 +319,17 @@ class Trainer:
         plots = [str(p) for p in write_plots(self.log.path, self.out)]
         run_tokens = steps_run * self.cfg.batch_size * self.cfg.grad_accum * self.env.world * self.reader.seq_len
         summary = DistillSummary(
-            out=str(self.out), final_model=str(final), steps=self.step, tokens=tokens, seconds=seconds,
+            out=str(self.out),
+            final_model=str(final),
+            steps=self.step,
+            tokens=tokens,
+            seconds=seconds,
             tokens_per_s=run_tokens / seconds if seconds > 0 else math.nan,
             final_loss=rows[-1]["loss"] if rows else math.nan,
             weights={d: float(w) for d, w in zip(self.domains, self.sampler.weights, strict=True)},
-            eval=result, plots=plots,
-        )  # fmt: skip
+            eval=result,
+            plots=plots,
+        )
         (self.out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2, allow_nan=True) + "\n")
         return summary
 

@@ -76,9 +76,7 @@ class DumpLoop:
         for (name, split), shards in todo.items():
             for j in shards:
                 todo_tokens[name] += (min((j + 1) * R, self.planned[(name, split)]) - j * R) * L
-        done_tokens = {
-            n: sum(self.planned[(n, s)] for s in SPLITS) * L - todo_tokens[n] for n in m.domains
-        }  # fmt: skip
+        done_tokens = {n: sum(self.planned[(n, s)] for s in SPLITS) * L - todo_tokens[n] for n in m.domains}
         self.progress.start(todo_tokens, done_tokens)
 
     def run(self, todo: dict[tuple[str, str], set[int]]) -> None:

@@ -93,9 +93,11 @@ class _Dump:
         self.out = Storage(config.out)  # a local folder or an fsspec URL
         self.corpus = open_corpus(config.data, text_column=config.text_column, domain_column=config.domain_column)
         self.teacher = teacher or open_teacher(
-            config.teacher_backend, config.teacher, gguf_file=config.gguf_file,
+            config.teacher_backend,
+            config.teacher,
+            gguf_file=config.gguf_file,
             trust_remote_code=config.trust_remote_code,
-        )  # fmt: skip
+        )
         self.dtype = resolve_dtype(config.dtype, device)
         self.tokenizer = self.teacher.tokenizer()
         self.vocab = self.teacher.vocab_size()
@@ -155,9 +157,17 @@ class _Dump:
         self.teacher.load(device=self.device, dtype=self.dtype)
         stats.load_s = time.perf_counter() - t1
         loop = DumpLoop(
-            self.config, self.corpus, self.tokenizer, self.teacher, manifest, self.out, stats,
-            journal=None if self.env.is_main else self.out, progress=progress, after_shard=after_shard,
-        )  # fmt: skip
+            self.config,
+            self.corpus,
+            self.tokenizer,
+            self.teacher,
+            manifest,
+            self.out,
+            stats,
+            journal=None if self.env.is_main else self.out,
+            progress=progress,
+            after_shard=after_shard,
+        )
         loop.run(my_todo)
 
     def _finish(self, manifest: Manifest, stats: DumpStats) -> None:
@@ -169,7 +179,9 @@ class _Dump:
         outdir.clean_tmp(self.out)
         stats.total_s = time.perf_counter() - self.t0
         # The resolved config and this run's timings (``dump_config.json``; not part of the format).
-        self.out.write_bytes_atomic("dump_config.json", json_bytes({"config": asdict(self.config), "last_run": asdict(stats)}))
+        self.out.write_bytes_atomic(
+            "dump_config.json", json_bytes({"config": asdict(self.config), "last_run": asdict(stats)})
+        )
 
     def _new_manifest(self, domain_stats: dict[str, DomainStats]) -> Manifest:
         config = self.config

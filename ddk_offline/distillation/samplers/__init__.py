@@ -4,14 +4,16 @@
 - :mod:`.base`   :class:`DomainSampler`, the gap signals, the spec syntax and the registry
 - :mod:`.ddk`    DDK (Eq. 1-2 in log space); :mod:`.fixed` uniform, proportional, fixed weights
 
-A new sampler is one class in one new module here, decorated with ``@register`` and imported below.
+A new sampler is one class in one new module here, decorated with ``@register``: every module of this package is
+imported below, which registers it.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping, Sequence
 
-from ddk_offline.distillation.samplers import ddk, fixed  # noqa: F401 - importing registers the samplers
 from ddk_offline.distillation.samplers.base import (
     LOG_GAP_CAP,
     MIN_TEACHER_NLL,
@@ -28,6 +30,9 @@ from ddk_offline.distillation.samplers.base import (
 from ddk_offline.distillation.samplers.ddk import DDKSampler
 from ddk_offline.distillation.samplers.fixed import FixedSampler, ProportionalSampler, UniformSampler
 from ddk_offline.distillation.samplers.stats import GapStats
+
+for _module in pkgutil.iter_modules(__path__):  # importing a module runs its @register decorators
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "LOG_GAP_CAP",

@@ -89,6 +89,9 @@ class DDKSampler(DomainSampler):
     def from_spec(cls, spec, pairs, domains, options: SamplerOptions) -> DDKSampler:
         typed_args(spec, pairs, {})  # alpha, signal and K come from --ddk-alpha, --ddk-signal, --ddk-interval
         return cls(
-            domains, alpha=options.alpha, smooth_init=options.smooth_init, signal=options.signal,
+            domains,
+            alpha=options.alpha,
+            smooth_init=options.smooth_init,
+            signal=options.signal,
             update_every=options.update_every,
-        )  # fmt: skip
+        )
