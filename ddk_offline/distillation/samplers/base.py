@@ -77,7 +77,7 @@ def parse_spec(spec: str) -> tuple[str, list[tuple[str, str]]]:
     Raises:
         ValueError: an unknown name, or arguments that are not ``KEY=VALUE`` pairs.
     """
-    kind, colon, body = spec.strip().partition(":")
+    kind, _, body = spec.strip().partition(":")
     kind = kind.strip().lower()
     if kind not in REGISTRY:
         raise ValueError(f"unknown sampler spec {spec!r}; expected one of {spec_help()}")
