@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddk_offline.format.codec import CodecConfig, _to_code  # noqa: E402
+from ddk_offline.format.codec import CodecConfig  # noqa: E402
+from ddk_offline.format.codec_bits import _to_code  # noqa: E402
 from ddk_offline.format.codec_context import MAX_REFS, find_in_rows, reference_rows  # noqa: E402
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import zstandard
@@ -35,8 +34,13 @@ from ddk_offline.format.codec_bits import (
     _from_code,
     _pack_bits,
     _read_bits,
-    _to_code,
+    by_rank,
+    fill_by_rank,
+    freq_rank,
+    rank_slices,
+    sorted_rows,
 )
+from ddk_offline.format.codec_config import CodecConfig
 from ddk_offline.format.codec_context import (
     MAX_REFS,
     find_in_rows,
@@ -52,56 +56,7 @@ LAYOUT_VERSION = 2  # what encode writes by default; decode reads every version 
 LAYOUTS = (1, 2)
 _MAGIC = b"DKTK"
 _HEADER = struct.Struct("<4sBBIHI")  # magic, layout version, n_streams, L, k, table size
-_LAMBDA_CAP = 40.0  # |logit of top-k mass| clamp (fp32 rows can report mass 1 exactly)
-# Context split of the per-entry streams by rank position in the row, per layout (layout 2 codes fewer ids
-# through the table, and each stream costs a Huffman table: fewer classes pay).
-_RANK_CLASSES = {1: (1, 4, 16, 32), 2: (1, 4, 16)}
 _GAP_RICE_BITS = 6  # in-group gaps after a member with index >= 2^(6 + s) send their s low bits raw
-
-
-@dataclass(frozen=True)
-class CodecConfig:
-    """Knobs of the top-k codec (recorded in the dump manifest via ``TopKCodec.describe``).
-
-    Attributes:
-        step_top: quantisation step (nats) of log-probabilities at the row's top entry (d = 0).
-        step_max: largest step (nats), reached at d = 2 ln(step_max / step_top) below the top entry.
-        mass_step: step (nats) of the per-row logit of the top-k probability mass (tail mode accuracy).
-        eg_precision: Exp-Golomb mantissa bits folded into the entropy-coded symbol (0-3).
-        zstd_level: zstd level of the large id-index streams (pure entropy coding: higher levels gain nothing).
-        zstd_level_small: zstd level of the other, small streams (table, counts, value codes), where matches pay.
-    """
-
-    step_top: float = 0.045
-    step_max: float = 0.5
-    mass_step: float = 1.0 / 32
-    eg_precision: int = 2
-    zstd_level: int = 3
-    zstd_level_small: int = 19
-
-    def __post_init__(self) -> None:
-        # The lower bounds keep every code below 2^32, which the one-byte Exp-Golomb symbols rely on.
-        if not (1e-4 <= self.step_top <= self.step_max <= 10):
-            raise ValueError(
-                f"CodecConfig: need 1e-4 <= step_top <= step_max <= 10, got {self.step_top}, {self.step_max}"
-            )
-        if not 2**-10 <= self.mass_step <= 1:
-            raise ValueError(f"CodecConfig: mass_step must be in [2^-10, 1], got {self.mass_step}")
-        if self.eg_precision not in (0, 1, 2, 3):
-            raise ValueError(f"CodecConfig: eg_precision must be 0..3, got {self.eg_precision}")
-        for name in ("zstd_level", "zstd_level_small"):
-            if not 1 <= getattr(self, name) <= 22:
-                raise ValueError(f"CodecConfig: {name} must be 1..22, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CodecConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"CodecConfig: unknown fields {sorted(unknown)} (written by a newer codec?)")
-        return cls(**d)
 
 
 class TopKCodec:
@@ -190,29 +145,15 @@ class TopKCodec:
             out[name] = (cctx.compress(sym.tobytes()), _pack_bits(raw, width))
         return out
 
-    def _values(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray):
-        """Rows sorted by logit: ids [L, K], value codes [L, K] (non-decreasing), zig-zag mass codes [L]."""
-        cfg = self.config
-        lg = logits.astype(np.float64)
-        order = np.argsort(-lg, axis=1, kind="stable")
-        lg, ids = np.take_along_axis(lg, order, 1), np.take_along_axis(ids, order, 1)
-        lp = lg - lse.astype(np.float64)[:, None]
-        codes = _to_code(lp[:, :1] - lp, cfg)
-        # Per-row logit of the top-k mass, so the decoder can put the row back on the absolute scale.
-        mass = np.exp(lp).sum(1)
-        lam = np.log(mass) - np.log(np.maximum(1.0 - mass, 1e-300))
-        lam_code = np.rint(np.clip(lam, -_LAMBDA_CAP, _LAMBDA_CAP) / cfg.mass_step).astype(np.int64)
-        return ids, codes, np.where(lam_code < 0, -2 * lam_code - 1, 2 * lam_code)  # zig-zag
-
     def _integers(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.ndarray | None) -> dict:
         """The integer arrays the blob entropy-codes, in stream order (plus "shape": L, K, table size)."""
         (L, K), v = ids.shape, self.layout
-        ids, codes, mass = self._values(ids, logits, lse)
+        ids, codes, mass = sorted_rows(ids, logits, lse, self.config)
         if v == 1:
             table, inv, counts = unique_ids(ids, self.vocab_size)
             # Only the bit length of each count is stored: ordering by it costs < 0.002 B/entry more than exact.
             count_class = np.floor(np.log2(counts)).astype(np.int64)
-            local = self._freq_rank(count_class)[inv.reshape(L, K)]
+            local = freq_rank(count_class)[inv.reshape(L, K)]
         else:
             # Layout 2: the next input token takes index 0; an id found in a reference row becomes a pointer
             # (first 1 + c * K + its stored position in reference c, then renumbered over the live entries);
@@ -233,7 +174,7 @@ class TopKCodec:
             miss = ~hit & ~is_next
             table, inv, counts = unique_ids(ids[miss], self.vocab_size)
             count_class = np.floor(np.log2(counts)).astype(np.int64)
-            local[miss] = np.broadcast_to(n_ref, (L, K))[miss] + self._freq_rank(count_class)[inv]
+            local[miss] = np.broadcast_to(n_ref, (L, K))[miss] + freq_rank(count_class)[inv]
             perm, local = stored_order(codes, local, hit, ref_row, ref_col)
             codes = np.take_along_axis(codes, perm, 1)
             # Pointers count only the live reference entries (first listing of an id, not the next token).
@@ -252,13 +193,13 @@ class TopKCodec:
         ints: dict = {"table": np.diff(table, prepend=-1) - 1, "count_class": count_class, "mass": mass}
         # Value codes: which entries open a new code (bitmap, rank-major) and by how much the code rises there.
         everywhere = np.ones((L, K), bool)
-        for name, arr in self._by_rank(starts, everywhere, v, start=1).items():
+        for name, arr in by_rank(starts, everywhere, self.k, v, start=1).items():
             ints[f"starts{name}"] = arr
         rise = np.zeros((L, K), np.int64)
         rise[:, 1:] = codes[:, 1:] - codes[:, :-1] - 1
-        for name, arr in self._by_rank(rise, starts, v, start=1).items():
+        for name, arr in by_rank(rise, starts, self.k, v, start=1).items():
             ints[f"rise{name}"] = arr
-        for name, arr in self._by_rank(local, starts, v).items():
+        for name, arr in by_rank(local, starts, self.k, v).items():
             ints[f"first{name}"] = arr
         # In-group gaps scale with the previous member's index (Zipf-like table order): their low
         # `shift` bits are near-uniform, so they go raw (rank-major) and only the quotient is entropy-coded.
@@ -266,13 +207,13 @@ class TopKCodec:
         shift[:, 1:] = np.maximum(_floor_log2(local[:, :-1] + 1) - _GAP_RICE_BITS, 0)
         shift[starts] = 0
         if v == 1:
-            for name, arr in self._by_rank(gaps >> shift, ~starts, v).items():
+            for name, arr in by_rank(gaps >> shift, ~starts, self.k, v).items():
                 ints[f"gap{name}"] = arr
         else:  # gaps among pointers (small) and among table indices (large) get separate streams
             in_ref = np.zeros((L, K), bool)
             in_ref[:, 1:] = local[:, :-1] < n_ref
             for region, mask in (("ref", in_ref), ("table", ~in_ref)):
-                for name, arr in self._by_rank(gaps >> shift, ~starts & mask, v).items():
+                for name, arr in by_rank(gaps >> shift, ~starts & mask, self.k, v).items():
                     ints[f"gap_{region}{name}"] = arr
         low = (gaps & ((1 << shift) - 1)).T[(~starts).T]
         ints["gap_low"] = (low.astype(np.uint64), shift.T[(~starts).T])
@@ -346,15 +287,15 @@ class TopKCodec:
             return np.unpackbits(packed)[:n].astype(bool)
 
         starts = np.ones((L, K), bool)
-        self._fill_by_rank(starts, starts.copy(), bits, version, start=1)
+        fill_by_rank(starts, starts.copy(), bits, self.k, version, start=1)
         rise = np.zeros((L, K), np.int64)
-        self._fill_by_rank(rise, starts, ints, version, start=1)
+        fill_by_rank(rise, starts, ints, self.k, version, start=1)
         codes = np.cumsum(np.where(starts, rise + 1, 0), axis=1) - 1
         first, gap = np.zeros((L, K), np.int64), np.zeros((L, K), np.int64)
-        self._fill_by_rank(first, starts, ints, version)
-        slices = self._rank_slices(0, version)
+        fill_by_rank(first, starts, ints, self.k, version)
+        slices = rank_slices(0, self.k, version)
         if version == 1:
-            self._fill_by_rank(gap, ~starts, ints, version)
+            fill_by_rank(gap, ~starts, ints, self.k, version)
         else:  # per rank class, the gaps after a pointer and after a table index, each in column order
             refs = reference_rows(input_ids)
             n_ref = 1 + (refs >= 0).sum(1) * K  # per row: where the table indices start
@@ -390,7 +331,7 @@ class TopKCodec:
         if version == 1:
             if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
                 raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
-            ids = table[np.argsort(self._freq_rank(count_class), kind="stable")][local]
+            ids = table[np.argsort(freq_rank(count_class), kind="stable")][local]
         else:
             if any(int(u) != s.size for u, s in zip(used.ravel(), split[0] + split[1], strict=True)):
                 raise ValueError("top-k blob: gap streams hold more values than the tie bitmaps use (corrupt)")
@@ -415,38 +356,11 @@ class TopKCodec:
         if nxt.size and (nxt.max() >= L or input_ids[nxt].max() >= self.vocab_size or input_ids[nxt].min() < 0):
             raise ValueError("top-k blob: a next-token slot has no valid next input token (corrupt or wrong input_ids)")
         base = np.zeros((L, K), np.int64)
-        base[is_table] = table[np.argsort(self._freq_rank(count_class), kind="stable")][t_idx]
+        base[is_table] = table[np.argsort(freq_rank(count_class), kind="stable")][t_idx]
         base[is_next] = input_ids[nxt]
         next_token = np.append(input_ids[1:], -1)
         index = np.where(pointer, local - 1, -1)
         return resolve_references(base, index, refs, next_token, self.vocab_size)
-
-    # -------------------------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _freq_rank(count_class: np.ndarray) -> np.ndarray:
-        """Table position -> local index, most frequent class first (ties by id), known to both sides."""
-        order = np.argsort(-count_class, kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size)
-        return rank
-
-    def _rank_slices(self, start: int, version: int) -> list[tuple[str, slice]]:
-        edges = [start, *[e for e in _RANK_CLASSES[version] if start < e < self.k], self.k]
-        return [(f"@{a}", slice(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-
-    def _by_rank(self, arr: np.ndarray, mask: np.ndarray, version: int, start: int = 0) -> dict[str, np.ndarray]:
-        """Entries of arr [L, K] where mask, split into rank-position classes, each read rank-major.
-
-        Separate streams per class are a cheap context model: the top entries' statistics differ from the tail's.
-        """
-        return {name: arr[:, sl].T[mask[:, sl].T] for name, sl in self._rank_slices(start, version)}
-
-    def _fill_by_rank(self, out: np.ndarray, mask: np.ndarray, ints, version: int, start: int = 0) -> None:
-        """Inverse of ``_by_rank``: fill out [L, K] where mask from the streams ``ints(n)`` returns in order."""
-        for _, sl in self._rank_slices(start, version):
-            keep = mask[:, sl].T
-            view = out[:, sl].T
-            view[keep] = ints(int(keep.sum()))
 
     def _check_inputs(self, ids, logits, lse, input_ids) -> tuple:
         ids, logits, lse = np.asarray(ids), np.asarray(logits), np.asarray(lse)

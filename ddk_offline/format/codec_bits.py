@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from ddk_offline.format.codec import CodecConfig
+    from ddk_offline.format.codec_config import CodecConfig
 
+_LAMBDA_CAP = 40.0  # |logit of top-k mass| clamp (fp32 rows can report mass 1 exactly)
 _D_CAP = 80.0  # nats below the top entry; beyond, an entry's probability is < e^-80 and only its rank matters
 
 
@@ -91,3 +92,53 @@ def _read_bits(windows: np.ndarray, width: np.ndarray, start: int = 0) -> np.nda
     word = np.ascontiguousarray(windows[off >> 3]).view(">u8").ravel().astype(np.uint64)
     shift = (64 - (off & 7) - width).astype(np.uint64)
     return (word >> shift) & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
+
+
+def sorted_rows(ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, cfg: CodecConfig) -> tuple:
+    """Rows sorted by logit: ids [L, K], value codes [L, K] (non-decreasing), zig-zag mass codes [L]."""
+    lg = logits.astype(np.float64)
+    order = np.argsort(-lg, axis=1, kind="stable")
+    lg, ids = np.take_along_axis(lg, order, 1), np.take_along_axis(ids, order, 1)
+    lp = lg - lse.astype(np.float64)[:, None]
+    codes = _to_code(lp[:, :1] - lp, cfg)
+    # Per-row logit of the top-k mass, so the decoder can put the row back on the absolute scale.
+    mass = np.exp(lp).sum(1)
+    lam = np.log(mass) - np.log(np.maximum(1.0 - mass, 1e-300))
+    lam_code = np.rint(np.clip(lam, -_LAMBDA_CAP, _LAMBDA_CAP) / cfg.mass_step).astype(np.int64)
+    return ids, codes, np.where(lam_code < 0, -2 * lam_code - 1, 2 * lam_code)  # zig-zag
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Context split of the per-entry streams by rank position in the row, per layout (layout 2 codes fewer ids
+# through the table, and each stream costs a Huffman table: fewer classes pay).
+_RANK_CLASSES = {1: (1, 4, 16, 32), 2: (1, 4, 16)}
+
+
+def freq_rank(count_class: np.ndarray) -> np.ndarray:
+    """Table position -> local index, most frequent class first (ties by id), known to both sides."""
+    order = np.argsort(-count_class, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank
+
+
+def rank_slices(start: int, k: int, version: int) -> list[tuple[str, slice]]:
+    """The rank-position classes [start, k) of a layout, each as (stream-name suffix, column slice)."""
+    edges = [start, *[e for e in _RANK_CLASSES[version] if start < e < k], k]
+    return [(f"@{a}", slice(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def by_rank(arr: np.ndarray, mask: np.ndarray, k: int, version: int, start: int = 0) -> dict[str, np.ndarray]:
+    """Entries of arr [L, K] where mask, split into rank-position classes, each read rank-major.
+
+    Separate streams per class are a cheap context model: the top entries' statistics differ from the tail's.
+    """
+    return {name: arr[:, sl].T[mask[:, sl].T] for name, sl in rank_slices(start, k, version)}
+
+
+def fill_by_rank(out: np.ndarray, mask: np.ndarray, ints, k: int, version: int, start: int = 0) -> None:
+    """Inverse of ``by_rank``: fill out [L, K] where mask from the streams ``ints(n)`` returns in order."""
+    for _, sl in rank_slices(start, k, version):
+        keep = mask[:, sl].T
+        view = out[:, sl].T
+        view[keep] = ints(int(keep.sum()))
