@@ -60,15 +60,20 @@ def dump_reference(teacher_dir, tmp_path_factory):
 
 # (point, highest N): N is drawn per seed. manifest-tmp N = 1 is the very first manifest write, before any shard.
 DUMP_POINTS = {"forward": 18, "shard-written": 12, "shard-renamed": 12, "manifest-tmp": 13, "after-shard": 11}
-DUMP_CASES = [(p, random.Random(seed).randint(1, hi)) for seed, (p, hi) in enumerate(DUMP_POINTS.items())]
-DUMP_CASES += [("manifest-tmp", 1), ("forward", random.Random(100).randint(1, 18))]
+DUMP_CASES = [(p, random.Random(seed).randint(1, hi), 0) for seed, (p, hi) in enumerate(DUMP_POINTS.items())]
+DUMP_CASES += [("manifest-tmp", 1, 0), ("forward", random.Random(100).randint(1, 18), 0)]
+# With the codec in worker processes (--encode-workers 2): the kill takes the workers with it.
+DUMP_CASES += [
+    ("forward", random.Random(200).randint(1, 18), 2),
+    ("shard-written", random.Random(201).randint(1, 12), 2),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point, n", DUMP_CASES, ids=[f"{p}-{n}" for p, n in DUMP_CASES])
-def test_dump_killed_then_resumed_equals_uninterrupted(teacher_dir, dump_reference, tmp_path, point, n):
+@pytest.mark.parametrize("point, n, workers", DUMP_CASES, ids=[f"{p}-{n}-w{w}" for p, n, w in DUMP_CASES])
+def test_dump_killed_then_resumed_equals_uninterrupted(teacher_dir, dump_reference, tmp_path, point, n, workers):
     corpus, reference = dump_reference
-    config = _dump_config(teacher_dir, corpus, tmp_path / "dump")
+    config = dataclasses.replace(_dump_config(teacher_dir, corpus, tmp_path / "dump"), encode_workers=workers)
     _kill("dump", point, n, {k: v for k, v in dataclasses.asdict(config).items() if k != "extra_temperatures"})
     out = tmp_path / "dump"
     if (out / "manifest.json").exists():
@@ -106,15 +111,16 @@ def _weights(out) -> dict[str, torch.Tensor]:
 
 
 # Every point is inside the second save (step 8); the first (step 4) completed.
-SAVE_POINTS = [("save-weights-written", 2), ("save-before-rename", 2), ("save-before-latest", 2),
-               ("save-before-cleanup", 1)]  # fmt: skip
+# The last case decodes in 2 worker processes (--data-workers 2): the batches, and so the result, are the same.
+SAVE_POINTS = [("save-weights-written", 2, 0), ("save-before-rename", 2, 0), ("save-before-latest", 2, 0),
+               ("save-before-cleanup", 1, 0), ("save-before-rename", 2, 2)]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point, n", SAVE_POINTS, ids=[p for p, _ in SAVE_POINTS])
-def test_distill_killed_during_a_checkpoint_save(distill_setup, tmp_path, point, n):
+@pytest.mark.parametrize("point, n, workers", SAVE_POINTS, ids=[f"{p}-w{w}" for p, _, w in SAVE_POINTS])
+def test_distill_killed_during_a_checkpoint_save(distill_setup, tmp_path, point, n, workers):
     base, straight, vocab = distill_setup
-    config = dataclasses.replace(base, out=str(tmp_path / "run"))
+    config = dataclasses.replace(base, out=str(tmp_path / "run"), data_workers=workers)
     _kill("distill", point, n, dataclasses.asdict(config))
     path = latest_checkpoint(tmp_path / "run")
     expected = 8 if point == "save-before-cleanup" else 4  # the save had (not) yet pointed `latest` at itself

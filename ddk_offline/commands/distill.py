@@ -57,6 +57,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
         resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
         log_every: int = typer.Option(10, help="A metrics.jsonl row every N steps (plus the first and last)."),
+        data_workers: Optional[int] = typer.Option(
+            None, help="Processes decoding the dump's rows (default: the spare cores; 0: a thread). Same batches."
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
     ) -> None:
         """Distil a student from a teacher dump with DDK domain sampling (or a baseline sampler).
@@ -99,6 +102,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             resume=resume,
             log_every=log_every,
+            data_workers=data_workers,
         )
         quiet_libraries()
         from ddk_offline.runtime.distributed import env_rank

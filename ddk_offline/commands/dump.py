@@ -40,6 +40,9 @@ def register(app: typer.Typer) -> None:
             None, help="GGUF file inside the --teacher folder (or pass the .gguf path as --teacher)."
         ),
         teacher_backend: str = typer.Option("hf", help="How the teacher runs: hf (transformers)."),
+        encode_workers: Optional[int] = typer.Option(  # noqa: UP045
+            None, help="Processes running the top-k codec (default: the spare cores; 0: the writer thread)."
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
     ) -> None:
         """Run the teacher over a corpus and store its top-k logits, logsumexp and loss per position.
@@ -72,6 +75,7 @@ def register(app: typer.Typer) -> None:
             trust_remote_code=trust_remote_code,
             gguf_file=gguf_file,
             teacher_backend=teacher_backend,
+            encode_workers=encode_workers,
         )
         quiet_libraries()
         from ddk_offline.runtime.distributed import env_rank

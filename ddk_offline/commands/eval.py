@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
         max_sequences: Optional[int] = typer.Option(None, help="Val sequences per domain (default: all)."),
         split: str = typer.Option("val", help="Dump split to evaluate on: val | train."),
+        data_workers: Optional[int] = typer.Option(
+            None, help="Processes decoding the dump's rows (default: the spare cores; 0: a thread). Same numbers."
+        ),
     ) -> None:
         """Per-domain loss, perplexity and student/teacher ratio; mean and worst-domain ratio per model."""
         from ddk_offline.distillation.evaluation import evaluate
@@ -37,8 +40,18 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         if max_sequences is not None and max_sequences < 1:
             raise UserError(f"--max-sequences must be >= 1 (or left out for all), got {max_sequences}")
+        if data_workers is not None and data_workers < 0:
+            raise UserError(f"--data-workers must be >= 0 (or left out for automatic), got {data_workers}")
         quiet_libraries()
-        results = evaluate(dump, model, split=split, batch_size=batch_size, device=device, max_sequences=max_sequences)
+        results = evaluate(
+            dump,
+            model,
+            split=split,
+            batch_size=batch_size,
+            device=device,
+            max_sequences=max_sequences,
+            data_workers=data_workers,
+        )
         payload = [r.to_dict() for r in results]
         if as_json:
             typer.echo(json.dumps(payload, indent=2, allow_nan=True))  # a list, one object per --model, always

@@ -19,7 +19,7 @@ from ddk_offline.errors import UserError
 GAP_SOURCES = ("train", "val")
 DRAWS = ("quota", "sample")
 #: Fields a resumed run may change; everything else must match the checkpoint or the run would not reproduce.
-RESUMABLE_CHANGES = frozenset({"resume", "log_every", "save_every", "eval_every", "device"})
+RESUMABLE_CHANGES = frozenset({"resume", "log_every", "save_every", "eval_every", "device", "data_workers"})
 
 
 @dataclass
@@ -54,6 +54,9 @@ class DistillConfig:
         seed: seeds init, shuffling and draws. device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         resume: continue from ``OUT``'s latest checkpoint.
         log_every: a metrics row every N steps (plus step 0 and the last step).
+        data_workers: processes that decode the dump's rows for training and evaluation (None: the spare cores,
+            see :func:`ddk_offline.format.workers.auto_workers`; 0: a thread of this process). The batches are
+            bit-identical for every value, so a resume may change it.
     """
 
     dump: str
@@ -87,6 +90,7 @@ class DistillConfig:
     device: str = "auto"
     resume: bool = False
     log_every: int = 10
+    data_workers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +128,8 @@ class DistillConfig:
         _choice("--gap-source", self.gap_source, GAP_SOURCES)
         _choice("--kd-mode", self.kd_mode, KD_MODES)
         _choice("--draw", self.draw, DRAWS)
+        if self.data_workers is not None and self.data_workers < 0:
+            raise UserError(f"--data-workers must be >= 0 (or left out for automatic), got {self.data_workers}")
         for name, value in (
             ("--batch-size", self.batch_size),
             ("--grad-accum", self.grad_accum),

@@ -39,6 +39,7 @@ from ddk_offline.format.schema import (
     TOPK_LOGITS,
     lse_column,
 )
+from ddk_offline.format.workers import RowDecoder
 
 #: Rows per shuffle unit: one Parquet row group, so a unit is one contiguous read.
 UNIT_ROWS = ROW_GROUP_ROWS
@@ -195,6 +196,9 @@ class BatchLoader:
         window_units: shuffle window, see :class:`DomainStream`.
         part: ``(rank, world)``: plans are global (every rank plans the whole step, so cursors and checkpoints are
             identical on all ranks) and this loader builds only its contiguous ``1 / world`` of each plan's rows.
+        workers: decode in this many worker processes (0: on the builder thread). Each submitted plan's rows are
+            asked for at once, grouped by shard, so the workers decode the next batches while the model trains; the
+            batches are bit-identical for every value (the same rows through the same decoder).
     """
 
     def __init__(
@@ -208,6 +212,7 @@ class BatchLoader:
         pin_memory: bool = False,
         window_units: int = WINDOW_UNITS,
         part: tuple[int, int] = (0, 1),
+        workers: int = 0,
     ):
         self.domains = reader.domains
         self.rank, self.world = int(part[0]), int(part[1])
@@ -226,6 +231,7 @@ class BatchLoader:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ddk-data") if prefetch else None
         self._pending: deque[tuple[np.ndarray, Future | Batch]] = deque()
         self._lock = threading.Lock()
+        self._rows = RowDecoder(reader, workers) if workers > 0 else None
 
     # --- planning (caller's thread) -------------------------------------------------------------
     def plan(self, domain_idx: np.ndarray) -> np.ndarray:
@@ -247,7 +253,8 @@ class BatchLoader:
     def submit(self, plan: np.ndarray) -> None:
         """Queue a plan for building (in order); with ``part`` set, only this rank's rows of it are built."""
         local = np.array_split(plan, self.world)[self.rank] if self.world > 1 else plan
-        job = self._pool.submit(self._build, local) if self._pool is not None else self._build(local)
+        build, args = (self._build, (local,)) if self._rows is None else (self._assemble, (local, self._ask(local)))
+        job = self._pool.submit(build, *args) if self._pool is not None else build(*args)
         self._pending.append((plan, job))
 
     def next(self) -> Batch:
@@ -289,6 +296,8 @@ class BatchLoader:
         self.drop_pending()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._rows is not None:
+            self._rows.close()
 
     # --- building (builder thread) --------------------------------------------------------------
     def _unit(self, d: int, shard: int, unit: int) -> dict[str, np.ndarray]:
@@ -302,30 +311,52 @@ class BatchLoader:
         rows = self.streams[d].shard_rows[shard]
         start = unit * UNIT_ROWS
         span = range(start, min(start + UNIT_ROWS, rows))
-        data = self._worker_reader.read_rows(self.domains[d], "train", shard, span)
-        if not self.with_topk:
-            data.pop(TOPK_IDS), data.pop(TOPK_LOGITS)
+        data = self._worker_reader.read_rows(self.domains[d], "train", shard, span, decode_topk=self.with_topk)
         cache[key] = data
         while len(cache) > self._capacity:
             cache.popitem(last=False)
         return data
 
+    def _keys(self) -> list[str]:
+        return [INPUT_IDS, TEACHER_NLL, self.lse_key] + ([TOPK_IDS, TOPK_LOGITS] if self.with_topk else [])
+
     def _build(self, plan: np.ndarray) -> Batch:
         with self._lock:  # one builder at a time, whether threaded or not
-            keys = [INPUT_IDS, TEACHER_NLL, self.lse_key] + ([TOPK_IDS, TOPK_LOGITS] if self.with_topk else [])
-            out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+            out: dict[str, list[np.ndarray]] = {k: [] for k in self._keys()}
             for d, shard, row in plan:
                 data = self._unit(int(d), int(shard), int(row) // UNIT_ROWS)
-                for k in keys:
+                for k in out:
                     out[k].append(data[k][int(row) % UNIT_ROWS])
-            stacked = {k: np.stack(v) for k, v in out.items()}
-            batch = collate(stacked, plan[:, 0], lse_key=self.lse_key, with_topk=self.with_topk)
-            if self.pin_memory:
-                batch = Batch(
-                    **{
-                        f.name: (v.pin_memory() if v is not None else None)
-                        for f in fields(batch)
-                        for v in [getattr(batch, f.name)]
-                    }
-                )
-            return batch
+            return self._finish({k: np.stack(v) for k, v in out.items()}, plan)
+
+    def _ask(self, plan: np.ndarray) -> list[tuple[np.ndarray, Future]]:
+        """Ask the worker processes for the plan's rows, one request per (domain, shard): (plan positions, future)."""
+        jobs = []
+        for d, shard in sorted({(int(d), int(s)) for d, s, _ in plan}):
+            where = np.flatnonzero((plan[:, 0] == d) & (plan[:, 1] == shard))
+            rows = plan[where, 2].tolist()
+            jobs.append((where, self._rows.submit(self.domains[d], "train", shard, rows, decode_topk=self.with_topk)))
+        return jobs
+
+    def _assemble(self, plan: np.ndarray, jobs: list[tuple[np.ndarray, Future]]) -> Batch:
+        """The batch of a plan whose rows the workers decode: each row lands at its position in the plan."""
+        out: dict[str, np.ndarray] = {}
+        for where, future in jobs:
+            data = self._rows.result(future)
+            for k in self._keys():
+                if k not in out:
+                    out[k] = np.empty((len(plan), *data[k].shape[1:]), data[k].dtype)
+                out[k][where] = data[k]
+        return self._finish(out, plan)
+
+    def _finish(self, stacked: dict[str, np.ndarray], plan: np.ndarray) -> Batch:
+        batch = collate(stacked, plan[:, 0], lse_key=self.lse_key, with_topk=self.with_topk)
+        if self.pin_memory:
+            batch = Batch(
+                **{
+                    f.name: (v.pin_memory() if v is not None else None)
+                    for f in fields(batch)
+                    for v in [getattr(batch, f.name)]
+                }
+            )
+        return batch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 
 from ddk_offline.distillation.data import IGNORE_INDEX, collate
 from ddk_offline.format.reader import DumpReader
-from ddk_offline.format.schema import INPUT_IDS, TEACHER_LSE, TEACHER_NLL
+from ddk_offline.format.schema import INPUT_IDS, ROW_GROUP_ROWS, TEACHER_LSE, TEACHER_NLL
+from ddk_offline.format.workers import RowDecoder, auto_workers
 from ddk_offline.runtime.device import autocast, resolve_device
 
 
@@ -80,8 +82,11 @@ def domain_sums(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     max_sequences: int | None = None,
+    data_workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Student CE and teacher NLL sums per domain over the same positions.
+
+    ``data_workers`` processes read the val rows ahead of the model (0: in this thread; the sums are the same).
 
     Returns:
         ``(sums [3, N] float64 rows ce_sum, nll_sum, positions; sequences [N] int64)``, N = ``reader.domains``.
@@ -91,28 +96,57 @@ def domain_sums(
     model.eval()
     sums = np.zeros((3, len(reader.domains)), np.float64)
     seqs = np.zeros(len(reader.domains), np.int64)
+    decoder = RowDecoder(reader, data_workers)
     try:
         for d, name in enumerate(reader.domains):
-            rows: list[dict[str, np.ndarray]] = []
-            for i, seq in enumerate(reader.sequences(name, split)):
-                if max_sequences is not None and i >= max_sequences:
-                    break
-                rows.append(seq)
-                if len(rows) == batch_size:
-                    sums[:, d] += _batch_sums(model, rows, device)
-                    seqs[d] += len(rows)
-                    rows = []
-            if rows:
+            for rows in _batches(reader, decoder, name, split, batch_size, max_sequences):
                 sums[:, d] += _batch_sums(model, rows, device)
-                seqs[d] += len(rows)
+                seqs[d] += len(rows[INPUT_IDS])
     finally:
+        decoder.close()
         model.train(was_training)
     return sums, seqs
 
 
-def _batch_sums(model: torch.nn.Module, rows: list[dict[str, np.ndarray]], device: torch.device) -> np.ndarray:
-    stacked = {k: np.stack([r[k] for r in rows]) for k in (INPUT_IDS, TEACHER_LSE, TEACHER_NLL)}
-    batch = collate(stacked, np.zeros(len(rows), np.int64), lse_key=TEACHER_LSE, with_topk=False).to(device)
+def _batches(reader: DumpReader, decoder: RowDecoder, domain: str, split: str, batch_size: int, limit: int | None):
+    """The split's sequences in order, ``batch_size`` at a time (the last batch shorter), without the top-k.
+
+    Row groups are asked for ahead (two per worker), so the workers decode while the model evaluates.
+    """
+    chunks = []
+    for shard, info in enumerate(reader.shards(domain, split)):
+        for start in range(0, info.rows, ROW_GROUP_ROWS):
+            chunks.append((shard, list(range(start, min(start + ROW_GROUP_ROWS, info.rows)))))
+    total = sum(len(r) for _, r in chunks) if limit is None else min(limit, sum(len(r) for _, r in chunks))
+    ahead = max(1, 2 * decoder.workers)
+    asked = deque()
+    buffer: dict[str, list[np.ndarray]] = {k: [] for k in _EVAL_KEYS}
+    held = taken = 0
+    for shard, rows in chunks:
+        if taken >= total:
+            break
+        rows = rows[: total - taken]
+        taken += len(rows)
+        asked.append(decoder.submit(domain, split, shard, rows, decode_topk=False))
+        while len(asked) >= ahead or (taken >= total and asked):
+            data = decoder.result(asked.popleft())
+            for k in _EVAL_KEYS:
+                buffer[k].extend(data[k])
+            held += len(data[INPUT_IDS])
+            while held >= batch_size:
+                yield {k: np.stack(v[:batch_size]) for k, v in buffer.items()}
+                buffer = {k: v[batch_size:] for k, v in buffer.items()}
+                held -= batch_size
+    if held:
+        yield {k: np.stack(v) for k, v in buffer.items()}
+
+
+_EVAL_KEYS = (INPUT_IDS, TEACHER_LSE, TEACHER_NLL)
+
+
+def _batch_sums(model: torch.nn.Module, stacked: dict[str, np.ndarray], device: torch.device) -> np.ndarray:
+    n = len(stacked[INPUT_IDS])
+    batch = collate(stacked, np.zeros(n, np.int64), lse_key=TEACHER_LSE, with_topk=False).to(device)
     with autocast(device):
         logits = model(input_ids=batch.input_ids).logits
     flat = logits.float().reshape(-1, logits.shape[-1])
@@ -159,10 +193,17 @@ def evaluate_model(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     max_sequences: int | None = None,
+    data_workers: int = 0,
 ) -> EvalResult:
     """Evaluate a loaded model on every domain of ``reader`` (see the module docstring)."""
     sums, seqs = domain_sums(
-        model, reader, split=split, batch_size=batch_size, device=device, max_sequences=max_sequences
+        model,
+        reader,
+        split=split,
+        batch_size=batch_size,
+        device=device,
+        max_sequences=max_sequences,
+        data_workers=data_workers,
     )
     return summarise(name, reader.domains, sums, seqs, split)
 
@@ -175,8 +216,12 @@ def evaluate(
     batch_size: int = 8,
     device: str = "auto",
     max_sequences: int | None = None,
+    data_workers: int | None = None,
 ) -> list[EvalResult]:
     """Load each model (a ``save_pretrained`` folder or a ``.gguf`` file) and evaluate it on the dump.
+
+    ``data_workers`` processes read the val rows (None: :func:`~ddk_offline.format.workers.auto_workers`; 0: in this
+    thread); the numbers do not depend on it.
 
     Raises:
         UserError: no sequences in ``split``, or a model whose vocabulary does not fit the dump.
@@ -189,6 +234,7 @@ def evaluate(
     if not any(reader.num_sequences(d, split) for d in reader.domains):
         raise UserError(f"{dump}: the dump has no {split!r} sequences in any domain; re-dump with a val fraction > 0")
     dev = resolve_device(device)
+    workers = auto_workers() if data_workers is None else int(data_workers)
     results = []
     for path in models:
         try:
@@ -209,6 +255,7 @@ def evaluate(
                 batch_size=batch_size,
                 device=dev,
                 max_sequences=max_sequences,
+                data_workers=workers,
             )
         )
         del model

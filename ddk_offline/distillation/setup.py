@@ -18,6 +18,7 @@ from ddk_offline.distillation.data import BatchLoader
 from ddk_offline.distillation.samplers import DomainSampler, make_sampler
 from ddk_offline.errors import UserError
 from ddk_offline.format.reader import DumpReader
+from ddk_offline.format.workers import auto_workers
 from ddk_offline.runtime.distributed import DistEnv
 
 StudentFactory = Callable[[DistillConfig, DumpReader], torch.nn.Module]
@@ -97,6 +98,11 @@ def build_sampler(cfg: DistillConfig, reader: DumpReader) -> DomainSampler:
         raise UserError(f"--sampler {cfg.sampler}: {e}") from None
 
 
+def data_workers(cfg: DistillConfig) -> int:
+    """The run's decoding processes: ``--data-workers``, or the spare cores of this rank."""
+    return auto_workers() if cfg.data_workers is None else cfg.data_workers
+
+
 def build_loader(cfg: DistillConfig, reader: DumpReader, env: DistEnv, device: torch.device) -> BatchLoader:
     """Per-domain shuffled streams over the train shards, this rank's rows of every global plan."""
     return BatchLoader(
@@ -106,6 +112,7 @@ def build_loader(cfg: DistillConfig, reader: DumpReader, env: DistEnv, device: t
         with_topk=cfg.kd_weight > 0,
         pin_memory=device.type == "cuda",
         part=(env.rank, env.world),
+        workers=data_workers(cfg),
     )
 
 

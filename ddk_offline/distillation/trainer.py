@@ -198,6 +198,7 @@ class Trainer:
                 batch_size=self.cfg.batch_size,
                 device=self.device,
                 max_sequences=self.cfg.eval_max_sequences,
+                data_workers=setup.data_workers(self.cfg),
             )
             self.gap.load_array(sums)
         else:
@@ -282,6 +283,7 @@ class Trainer:
             batch_size=self.cfg.batch_size,
             device=self.device,
             max_sequences=self.cfg.eval_max_sequences,
+            data_workers=setup.data_workers(self.cfg),
         )
 
     def run(self, progress=None) -> DistillSummary:

@@ -31,6 +31,9 @@ class DumpConfig:
         trust_remote_code: allow the teacher's own modelling code (off by default).
         gguf_file: GGUF file name inside ``teacher`` when ``teacher`` is a folder.
         teacher_backend: how the teacher runs (a name in :data:`ddk_offline.dump.teachers.BACKENDS`).
+        encode_workers: processes that run the top-k codec beside the teacher (None: the spare cores, see
+            :func:`ddk_offline.format.workers.auto_workers`; 0: the writer thread). Shards are byte-identical for
+            every value.
     """
 
     teacher: str
@@ -50,6 +53,7 @@ class DumpConfig:
     trust_remote_code: bool = False
     gguf_file: str | None = None
     teacher_backend: str = "hf"
+    encode_workers: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the option for any value out of range."""
@@ -59,6 +63,11 @@ class DumpConfig:
             (self.batch_size >= 1, "--batch-size", f"{self.batch_size}: must be at least 1"),
             (0 <= self.val_fraction < 1, "--val-fraction", f"{self.val_fraction}: must be in [0, 1)"),
             (self.shard_tokens >= 1, "--shard-tokens", f"{self.shard_tokens}: must be positive"),
+            (
+                self.encode_workers is None or self.encode_workers >= 0,
+                "--encode-workers",
+                f"{self.encode_workers}: must be >= 0 (or left out for automatic)",
+            ),
             (
                 self.max_tokens_per_domain is None or self.max_tokens_per_domain >= self.seq_len,
                 "--max-tokens-per-domain",

@@ -21,6 +21,7 @@ from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import Manifest, ShardInfo
 from ddk_offline.format.schema import SPLITS
 from ddk_offline.format.storage import Storage
+from ddk_offline.format.workers import auto_workers
 from ddk_offline.format.writer import SequenceRecord, ShardWriter
 
 
@@ -102,6 +103,7 @@ class DumpLoop:
                 domain_dirs={n: d.dir for n, d in manifest.domains.items()},
                 on_shard=self._on_shard,
                 extra_temperatures=tuple(manifest.temperatures[1:]),
+                encode_workers=auto_workers() if config.encode_workers is None else config.encode_workers,
             ) as writer:
                 for seq in packer.pack(self.corpus.documents()):
                     key = (seq.domain, seq.split)

@@ -122,8 +122,13 @@ class DumpReader:
                 for i in range(len(batch[INPUT_IDS])):
                     yield {key: value[i] for key, value in batch.items()}
 
-    def read_rows(self, domain: str, split: str, shard: int, rows: Sequence[int]) -> dict[str, np.ndarray]:
-        """Random access: rows of one shard, stacked ([B, L], [B, L, k]) in the order given."""
+    def read_rows(
+        self, domain: str, split: str, shard: int, rows: Sequence[int], *, decode_topk: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Random access: rows of one shard, stacked ([B, L], [B, L, k]) in the order given.
+
+        ``decode_topk=False`` skips the top-k codec (no ``topk_ids`` / ``topk_logits``): what CE-only training needs.
+        """
         pf = self._open(domain, split, shard)
         info = self.shards(domain, split)[shard]
         rows = np.asarray(rows, dtype=np.int64)
@@ -134,7 +139,7 @@ class DumpReader:
         table = pf.read_row_groups(groups)
         local = {g: i * rg_rows for i, g in enumerate(groups)}
         take = [local[int(r) // rg_rows] + int(r) % rg_rows for r in rows]
-        return self._decode(table.take(pa.array(take, pa.int64())), domain, split, shard)
+        return self._decode(table.take(pa.array(take, pa.int64())), domain, split, shard, decode_topk=decode_topk)
 
     # --- internals -----------------------------------------------------------------------------
     def _split(self, domain: str, split: str):
@@ -144,16 +149,26 @@ class DumpReader:
             raise KeyError(f"split must be one of {SPLITS}, got {split!r}")
         return self.manifest.domains[domain].splits.get(split) or _EMPTY
 
-    def _open_uncached(self, domain: str, split: str, shard: int) -> pq.ParquetFile:
+    def check_shard(self, domain: str, split: str, shard: int) -> None:
+        """Check the shard's sha256 against the manifest once per reader (a no-op without ``verify_checksums``).
+
+        Raises:
+            ShardError: the file is missing or differs from what the manifest recorded.
+        """
         info = self.shards(domain, split)[shard]
-        path = self.store.where(info.file)
         if self.verify_checksums and info.file not in self._verified:
             if _sha256(self.store, info.file) != info.sha256:
                 raise ShardError(
-                    f"{path}: missing, or its sha256 differs from the manifest (corrupted or replaced); refusing to "
-                    f"train on it. Run `ddk-offline dumps verify {self.path} --repair` to recompute it"
+                    f"{self.store.where(info.file)}: missing, or its sha256 differs from the manifest (corrupted or "
+                    f"replaced); refusing to train on it. Run `ddk-offline dumps verify {self.path} --repair` to "
+                    "recompute it"
                 )
             self._verified.add(info.file)
+
+    def _open_uncached(self, domain: str, split: str, shard: int) -> pq.ParquetFile:
+        info = self.shards(domain, split)[shard]
+        path = self.store.where(info.file)
+        self.check_shard(domain, split, shard)
         try:
             pf = pq.ParquetFile(self.store.open_input(info.file))
         except (OSError, pa.ArrowInvalid) as e:
@@ -166,7 +181,9 @@ class DumpReader:
             )
         return pf
 
-    def _decode(self, table: pa.Table, domain: str, split: str, shard: int) -> dict[str, np.ndarray]:
+    def _decode(
+        self, table: pa.Table, domain: str, split: str, shard: int, *, decode_topk: bool = True
+    ) -> dict[str, np.ndarray]:
         L, k = self.manifest.seq_len, self.manifest.k
         n = table.num_rows
         out = {
@@ -177,6 +194,9 @@ class DumpReader:
         for t in self.manifest.temperatures:
             if t != 1.0:
                 out[lse_column(t)] = _flat(table, lse_column(t), n, L).astype(np.float32)
+        out[SEQ_INDEX] = table.column(SEQ_INDEX).to_numpy()
+        if not decode_topk:
+            return out
         ids = np.empty((n, L, k), np.int64)
         logits = np.empty((n, L, k), np.float32)
         for i, blob in enumerate(table.column(TOPK_BLOB).to_pylist()):
@@ -189,7 +209,6 @@ class DumpReader:
                     f"run `ddk-offline dumps verify {self.path}`"
                 ) from None
         out[TOPK_IDS], out[TOPK_LOGITS] = ids, logits
-        out[SEQ_INDEX] = table.column(SEQ_INDEX).to_numpy()
         return out
 
 

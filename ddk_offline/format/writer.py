@@ -15,7 +15,9 @@ import os
 import queue
 import shutil
 import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from ddk_offline.format.schema import (
     shard_schema,
 )
 from ddk_offline.format.storage import Storage, as_storage
+from ddk_offline.format.workers import BlobEncoder
 from ddk_offline.runtime.files import sha256_file
 
 
@@ -88,6 +91,8 @@ class ShardWriter:
             ``(domain, split, shard_index, info)``; the dump updates its manifest there.
         extra_temperatures: temperatures with an extra lse column.
         queue_size: records in flight; bounds memory and back-pressures the teacher.
+        encode_workers: processes that run the codec (0: the writer thread itself). Shards are byte-identical
+            for every value: each blob is the same function of the same record, and rows keep their order.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class ShardWriter:
         extra_temperatures: tuple[float, ...] = (),
         queue_size: int = 64,
         compression_level: int = 9,
+        encode_workers: int = 0,
     ):
         self.store = as_storage(root)
         self.codec = codec
@@ -113,6 +119,10 @@ class ShardWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._buffers: dict[tuple[str, str], list[tuple[SequenceRecord, bytes]]] = {}
         self._error: BaseException | None = None
+        self._encoder = BlobEncoder(codec, vocab_size=codec.vocab_size, k=codec.k, workers=encode_workers)
+        # Blobs being encoded, oldest first: at most a few per worker, so the records waiting in the pool stay few.
+        self._in_flight: deque = deque()
+        self._max_in_flight = 4 * max(1, encode_workers)
         self._thread = threading.Thread(target=self._run, name="ddk-shard-writer", daemon=True)
 
     # --- main-thread API -----------------------------------------------------------------------
@@ -151,6 +161,7 @@ class ShardWriter:
             except queue.Full:
                 continue
         self._thread.join()
+        self._encoder.close()
         if self.store.local is None:
             shutil.rmtree(self._scratch, ignore_errors=True)  # the local staging folder of a remote dump
         if exc_type is None:
@@ -183,7 +194,10 @@ class ShardWriter:
             self._error = e
 
     def _add(self, rec: SequenceRecord) -> None:
-        blob = self.codec.encode(rec.topk_ids, rec.topk_logits, rec.teacher_lse, rec.input_ids)
+        blob = self._encoder.submit(rec.topk_ids, rec.topk_logits, rec.teacher_lse, rec.input_ids)
+        self._in_flight.append(blob)
+        while len(self._in_flight) > self._max_in_flight:
+            self._encoder.result(self._in_flight.popleft())  # back-pressure: the queue fills, the teacher waits
         # Keep only what the table needs: the [L, k] arrays are in the blob now. Without this a shard buffers
         # rows_per_shard * L * k * 12 bytes per open stream (hundreds of MB at k = 64, L = 512).
         rec = dataclasses.replace(rec, topk_ids=_NONE, topk_logits=_NONE)
@@ -196,7 +210,8 @@ class ShardWriter:
             self._write(rec.domain, rec.split, rows)
             self._buffers[(rec.domain, rec.split)] = []
 
-    def _write(self, domain: str, split: str, rows: list[tuple[SequenceRecord, bytes]]) -> None:
+    def _write(self, domain: str, split: str, rows: list[tuple[SequenceRecord, Future]]) -> None:
+        rows = [(rec, self._encoder.result(blob)) for rec, blob in rows]
         first = rows[0][0].seq_index
         index = first // self.rows_per_shard
         rel = shard_relpath(self.domain_dirs[domain], split, index)
