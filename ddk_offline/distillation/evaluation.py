@@ -91,6 +91,7 @@ def domain_sums(
     model.eval()
     sums = np.zeros((3, len(reader.domains)), np.float64)
     seqs = np.zeros(len(reader.domains), np.int64)
+    bos = reader.manifest.bos_token_id
     try:
         for d, name in enumerate(reader.domains):
             rows: list[dict[str, np.ndarray]] = []
@@ -99,20 +100,23 @@ def domain_sums(
                     break
                 rows.append(seq)
                 if len(rows) == batch_size:
-                    sums[:, d] += _batch_sums(model, rows, device)
+                    sums[:, d] += _batch_sums(model, rows, device, bos)
                     seqs[d] += len(rows)
                     rows = []
             if rows:
-                sums[:, d] += _batch_sums(model, rows, device)
+                sums[:, d] += _batch_sums(model, rows, device, bos)
                 seqs[d] += len(rows)
     finally:
         model.train(was_training)
     return sums, seqs
 
 
-def _batch_sums(model: torch.nn.Module, rows: list[dict[str, np.ndarray]], device: torch.device) -> np.ndarray:
+def _batch_sums(
+    model: torch.nn.Module, rows: list[dict[str, np.ndarray]], device: torch.device, bos: int | None
+) -> np.ndarray:
     stacked = {k: np.stack([r[k] for r in rows]) for k in (INPUT_IDS, TEACHER_LSE, TEACHER_NLL)}
-    batch = collate(stacked, np.zeros(len(rows), np.int64), lse_key=TEACHER_LSE, with_topk=False).to(device)
+    batch = collate(stacked, np.zeros(len(rows), np.int64), lse_key=TEACHER_LSE, with_topk=False, bos_id=bos)
+    batch = batch.to(device)
     with autocast(device):
         logits = model(input_ids=batch.input_ids).logits
     flat = logits.float().reshape(-1, logits.shape[-1])

@@ -31,6 +31,8 @@ class DumpConfig:
         trust_remote_code: allow the teacher's own modelling code (off by default).
         gguf_file: GGUF file name inside ``teacher`` when ``teacher`` is a folder.
         teacher_backend: how the teacher runs (a name in :data:`ddk_offline.dump.teachers.BACKENDS`).
+        bos: ``auto`` (the tokenizer's convention), ``always`` or ``never``: whether each document and packed row
+            starts with the teacher's BOS token (see :mod:`ddk_offline.dump.bos`; a resume keeps the dump's own).
     """
 
     teacher: str
@@ -50,6 +52,7 @@ class DumpConfig:
     trust_remote_code: bool = False
     gguf_file: str | None = None
     teacher_backend: str = "hf"
+    bos: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the option for any value out of range."""
@@ -59,6 +62,7 @@ class DumpConfig:
             (self.batch_size >= 1, "--batch-size", f"{self.batch_size}: must be at least 1"),
             (0 <= self.val_fraction < 1, "--val-fraction", f"{self.val_fraction}: must be in [0, 1)"),
             (self.shard_tokens >= 1, "--shard-tokens", f"{self.shard_tokens}: must be positive"),
+            (self.bos in ("auto", "always", "never"), "--bos", f"{self.bos!r}: choose one of auto, always, never"),
             (
                 self.max_tokens_per_domain is None or self.max_tokens_per_domain >= self.seq_len,
                 "--max-tokens-per-domain",
@@ -82,6 +86,10 @@ class DumpConfig:
     @property
     def rows_per_shard(self) -> int:
         return max(1, self.shard_tokens // self.seq_len)
+
+
+class PackingMismatchWarning(UserWarning):
+    """The start-up check found the teacher's loss on packed rows far from its loss on standard tokenisation."""
 
 
 class DumpProgress(Protocol):
