@@ -170,5 +170,5 @@ def _print_stats(stats, seq_len: int) -> None:
         f"computed {tokens:,} tokens in {stats.shards_written} shards ({stats.shards_kept} kept from earlier runs); "
         f"teacher forward {fwd:,.0f} tok/s, full dump loop {full:,.0f} tok/s; everything but the forward took "
         f"{100 * stats.overhead:.1f}% of the loop ({stats.loop_s:.1f} s); pre-pass {stats.prepass_s:.1f} s, "
-        f"model load {stats.load_s:.1f} s, total {stats.total_s:.1f} s"
+        f"model load {stats.load_s:.1f} s, start-up check {stats.check_s:.1f} s, total {stats.total_s:.1f} s"
     )

@@ -112,6 +112,7 @@ class DumpStats:
 
     prepass_s: float = 0.0
     load_s: float = 0.0
+    check_s: float = 0.0  # the start-up check of the packing (bos_check), once per dump
     forward_s: float = 0.0
     loop_s: float = 0.0
     total_s: float = 0.0

@@ -165,7 +165,9 @@ class _Dump:
         self.teacher.load(device=self.device, dtype=self.dtype)
         stats.load_s = time.perf_counter() - t1
         if check:
+            t2 = time.perf_counter()
             self._check_packing(manifest)
+            stats.check_s = time.perf_counter() - t2
         if not mine:
             return
         loop = DumpLoop(
