@@ -84,9 +84,13 @@ def write_domain_folders(rows: list[dict[str, str]], root: Path) -> Path:
     return root
 
 
-def train_tokenizer(vocab_size: int = 384, seed: int = 0):
-    """A byte-level BPE tokenizer trained on the tiny corpus, wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(vocab_size: int = 384, seed: int = 0, *, bos: bool = False):
+    """A byte-level BPE tokenizer trained on the tiny corpus, wrapped for transformers.
+
+    With ``bos`` it also has a BOS token ``<s>`` that it puts in front of text when asked for special tokens
+    (``add_special_tokens=True``), as Gemma's and Llama's tokenizers do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -94,13 +98,20 @@ def train_tokenizer(vocab_size: int = 384, seed: int = 0):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=["<|endoftext|>", "<s>"] if bos else ["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     texts = [r["text"] for r in make_corpus(60, seed=seed + 1)]
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    special = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    if bos:
+        bos_id = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+        special["bos_token"] = "<s>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
 def make_model(
@@ -128,10 +139,13 @@ def make_model(
     return model.eval()
 
 
-def save_teacher(directory: Path, *, vocab_size: int = 384, seed: int = 0, **model_kwargs) -> Path:
-    """Write tokenizer + model with `save_pretrained` into ``directory`` and return it."""
-    tok = train_tokenizer(vocab_size, seed=seed)
+def save_teacher(directory: Path, *, vocab_size: int = 384, seed: int = 0, bos: bool = False, **model_kwargs) -> Path:
+    """Write tokenizer + model with `save_pretrained` into ``directory`` and return it (``bos``: a tokenizer that
+    adds a BOS, see :func:`train_tokenizer`)."""
+    tok = train_tokenizer(vocab_size, seed=seed, bos=bos)
     model = make_model(len(tok), seed=seed, **model_kwargs)
+    if bos:
+        model.config.bos_token_id = tok.bos_token_id
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
     directory.mkdir(parents=True, exist_ok=True)

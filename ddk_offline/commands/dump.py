@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Optional
 
 import typer
@@ -43,6 +45,11 @@ def register(app: typer.Typer) -> None:
         encode_workers: Optional[int] = typer.Option(  # noqa: UP045
             None, help="Processes running the top-k codec (default: the spare cores; 0: the writer thread)."
         ),
+        bos: str = typer.Option(
+            "auto",
+            help="Start each document and packed row with the teacher's BOS token: auto (as its tokenizer does), "
+            "always, never. A resumed dump keeps its own.",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
     ) -> None:
         """Run the teacher over a corpus and store its top-k logits, logsumexp and loss per position.
@@ -76,6 +83,7 @@ def register(app: typer.Typer) -> None:
             gguf_file=gguf_file,
             teacher_backend=teacher_backend,
             encode_workers=encode_workers,
+            bos=bos,
         )
         quiet_libraries()
         from ddk_offline.runtime.distributed import env_rank
@@ -83,7 +91,8 @@ def register(app: typer.Typer) -> None:
         quiet = quiet or env_rank() != 0  # under torchrun only rank 0 draws progress and prints the summary
         progress = None if quiet else _RichProgress()
         try:
-            result = run_dump(config, progress=progress)
+            with _loud_packing_warnings():
+                result = run_dump(config, progress=progress)
         except KeyboardInterrupt:
             typer.secho("interrupted: complete shards are kept; rerun the same command to resume", fg="red", err=True)
             raise typer.Exit(130) from None
@@ -92,6 +101,26 @@ def register(app: typer.Typer) -> None:
 
             print_info(result.manifest, out)
             _print_stats(result.stats, config.seq_len)
+
+
+@contextlib.contextmanager
+def _loud_packing_warnings():
+    """Print the start-up check's warning as a red block on stderr (every rank's other warnings stay as they are)."""
+    from ddk_offline.dump.config import PackingMismatchWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PackingMismatchWarning):
+            typer.secho(f"WARNING: {message}", fg=typer.colors.RED, bold=True, err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 class _RichProgress:
@@ -145,5 +174,5 @@ def _print_stats(stats, seq_len: int) -> None:
         f"computed {tokens:,} tokens in {stats.shards_written} shards ({stats.shards_kept} kept from earlier runs); "
         f"teacher forward {fwd:,.0f} tok/s, full dump loop {full:,.0f} tok/s; everything but the forward took "
         f"{100 * stats.overhead:.1f}% of the loop ({stats.loop_s:.1f} s); pre-pass {stats.prepass_s:.1f} s, "
-        f"model load {stats.load_s:.1f} s, total {stats.total_s:.1f} s"
+        f"model load {stats.load_s:.1f} s, start-up check {stats.check_s:.1f} s, total {stats.total_s:.1f} s"
     )

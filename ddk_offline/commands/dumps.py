@@ -20,8 +20,9 @@ def summarise(manifest, path: str | Path) -> dict[str, Any]:
 
     Returns:
         ``{"path", "complete", "format_version", "seq_len", "k", "teacher", "tokenizer", "codec", "temperatures",
-        "domains": {name: {split: {sequences, tokens, teacher_loss, bytes, bytes_per_token, shards}}}, "total"}``;
-        a teacher loss of an empty split is None.
+        "packing", "domains": {name: {split: {sequences, tokens, teacher_loss, bytes, bytes_per_token, shards}}},
+        "total"}``; a teacher loss of an empty split is None; ``packing`` is the BOS policy and the start-up check
+        (None for dumps that predate them).
     """
     domains: dict[str, dict[str, Any]] = {}
     total = {"sequences": 0, "tokens": 0, "bytes": 0}
@@ -50,6 +51,7 @@ def summarise(manifest, path: str | Path) -> dict[str, Any]:
         "tokenizer": manifest.tokenizer,
         "codec": manifest.codec,
         "temperatures": manifest.temperatures,
+        "packing": manifest.packing,
         "domains": domains,
         "total": total,
     }
@@ -76,6 +78,8 @@ def print_info(manifest, path: str | Path) -> None:
     codec = ", ".join(f"{k}={v}" for k, v in s["codec"].items())
     temps = ", ".join(f"{x:g}" for x in s["temperatures"])
     console.print(f"k {s['k']}, seq_len {s['seq_len']}, codec {codec}, lse temperatures {temps}")
+    for line in packing_lines(s["packing"]):
+        console.print(line)
     table = Table("domain", "split", "sequences", "tokens", "teacher loss", "bytes/token", "shards")
     for name, splits in s["domains"].items():
         for split, row in splits.items():
@@ -86,6 +90,35 @@ def print_info(manifest, path: str | Path) -> None:
     bpt = "-" if tot["bytes_per_token"] is None else f"{tot['bytes_per_token']:.1f}"
     table.add_row("[bold]total[/bold]", "", f"{tot['sequences']:,}", f"{tot['tokens']:,}", "", bpt, "")
     console.print(table)
+
+
+def packing_lines(packing: dict[str, Any] | None) -> list[str]:
+    """The BOS policy and the start-up check as rich-markup lines (a check off by more than its limit in red)."""
+    from rich.markup import escape
+
+    if packing is None:
+        return ["packing   no BOS (a dump written before the policy was recorded); start-up check not run"]
+    bos = packing.get("bos_token_id")
+    token = escape(repr(packing.get("bos_token")))  # a token such as "[CLS]" is not rich markup
+    where = "no BOS" if bos is None else f"BOS {token} (id {bos}) at each document and row start"
+    convention = "adds BOS" if packing.get("tokenizer_adds_bos") else "adds no BOS"
+    lines = [f"packing   {where} (--bos {packing.get('bos')}; the tokenizer {convention})"]
+    check = packing.get("check")
+    if not check or check.get("relative_difference") is None:
+        lines.append("check     start-up check not run" + (" (nothing comparable)" if check else ""))
+        return lines
+    rel = check["relative_difference"]
+    text = (
+        f"packed rows {check['packed_bits_per_byte']:.3f} vs standard {check['standard_bits_per_byte']:.3f} "
+        f"bits/byte ({rel:+.1%}) over {check['tokens']} tokens of {check['documents']} documents"
+    )
+    if abs(rel) > check.get("warn_above", 0.05):
+        text = (
+            f"[bold red]{text}: OFF BY MORE THAN {check['warn_above']:.0%}, the stored targets may come from a teacher "
+            'out of distribution (docs/FORMAT.md, "BOS")[/bold red]'
+        )
+    lines.append(f"check     {text}")
+    return lines
 
 
 def register(app: typer.Typer) -> None:

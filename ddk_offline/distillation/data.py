@@ -119,7 +119,8 @@ class Batch:
 
     Attributes:
         input_ids: [B, L] int64.
-        labels: [B, L] int64, ``input_ids`` shifted left; the last position is ``IGNORE_INDEX``.
+        labels: [B, L] int64, ``input_ids`` shifted left; ``IGNORE_INDEX`` at the last position and, in a BOS
+            dump, where the next token is the BOS (nothing learns to predict it).
         topk_ids: [B, L, k] int64 teacher top-k ids (None when the run needs no KL).
         topk_logits: [B, L, k] float32 raw teacher logits at T = 1 (None when the run needs no KL).
         teacher_lse: [B, L] float32 logsumexp of the teacher's logits at the run's temperature (the T = 1 column,
@@ -150,11 +151,19 @@ class Batch:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def collate(rows: dict[str, np.ndarray], domain: np.ndarray, *, lse_key: str, with_topk: bool) -> Batch:
-    """Stacked reader arrays ([B, L], [B, L, k]) -> a :class:`Batch` with shifted labels."""
+def collate(
+    rows: dict[str, np.ndarray], domain: np.ndarray, *, lse_key: str, with_topk: bool, bos_id: int | None = None
+) -> Batch:
+    """Stacked reader arrays ([B, L], [B, L, k]) -> a :class:`Batch` with shifted labels.
+
+    ``bos_id`` is the dump's ``manifest.bos_token_id``: labels equal to it are masked, the positions where the dump
+    stored no teacher loss (the student's CE and the teacher's NLL always cover the same positions).
+    """
     ids = np.ascontiguousarray(rows[INPUT_IDS], dtype=np.int64)
     labels = np.full_like(ids, IGNORE_INDEX)
     labels[:, :-1] = ids[:, 1:]
+    if bos_id is not None:
+        labels[labels == bos_id] = IGNORE_INDEX
     nll = np.where(labels != IGNORE_INDEX, rows[TEACHER_NLL], 0.0).astype(np.float32)
     topk = (
         (
@@ -223,6 +232,7 @@ class BatchLoader:
             for i, d in enumerate(self.domains)
         ]
         self.lse_key = lse_key_for(reader, temperature)
+        self.bos_id = reader.manifest.bos_token_id
         self.with_topk, self.pin_memory = with_topk, pin_memory
         self._open: Callable[[], DumpReader] = lambda: DumpReader(reader.store, reader.manifest)
         self._worker_reader: DumpReader | None = None
@@ -350,7 +360,7 @@ class BatchLoader:
         return self._finish(out, plan)
 
     def _finish(self, stacked: dict[str, np.ndarray], plan: np.ndarray) -> Batch:
-        batch = collate(stacked, plan[:, 0], lse_key=self.lse_key, with_topk=self.with_topk)
+        batch = collate(stacked, plan[:, 0], lse_key=self.lse_key, with_topk=self.with_topk, bos_id=self.bos_id)
         if self.pin_memory:
             batch = Batch(
                 **{

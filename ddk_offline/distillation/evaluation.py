@@ -97,10 +97,11 @@ def domain_sums(
     sums = np.zeros((3, len(reader.domains)), np.float64)
     seqs = np.zeros(len(reader.domains), np.int64)
     decoder = RowDecoder(reader, data_workers)
+    bos = reader.manifest.bos_token_id
     try:
         for d, name in enumerate(reader.domains):
             for rows in _batches(reader, decoder, name, split, batch_size, max_sequences):
-                sums[:, d] += _batch_sums(model, rows, device)
+                sums[:, d] += _batch_sums(model, rows, device, bos)
                 seqs[d] += len(rows[INPUT_IDS])
     finally:
         decoder.close()
@@ -144,9 +145,12 @@ def _batches(reader: DumpReader, decoder: RowDecoder, domain: str, split: str, b
 _EVAL_KEYS = (INPUT_IDS, TEACHER_LSE, TEACHER_NLL)
 
 
-def _batch_sums(model: torch.nn.Module, stacked: dict[str, np.ndarray], device: torch.device) -> np.ndarray:
+def _batch_sums(
+    model: torch.nn.Module, stacked: dict[str, np.ndarray], device: torch.device, bos: int | None
+) -> np.ndarray:
     n = len(stacked[INPUT_IDS])
-    batch = collate(stacked, np.zeros(n, np.int64), lse_key=TEACHER_LSE, with_topk=False).to(device)
+    batch = collate(stacked, np.zeros(n, np.int64), lse_key=TEACHER_LSE, with_topk=False, bos_id=bos)
+    batch = batch.to(device)
     with autocast(device):
         logits = model(input_ids=batch.input_ids).logits
     flat = logits.float().reshape(-1, logits.shape[-1])

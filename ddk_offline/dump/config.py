@@ -34,6 +34,8 @@ class DumpConfig:
         encode_workers: processes that run the top-k codec beside the teacher (None: the spare cores, see
             :func:`ddk_offline.format.workers.auto_workers`; 0: the writer thread). Shards are byte-identical for
             every value.
+        bos: ``auto`` (the tokenizer's convention), ``always`` or ``never``: whether each document and packed row
+            starts with the teacher's BOS token (see :mod:`ddk_offline.dump.bos`; a resume keeps the dump's own).
     """
 
     teacher: str
@@ -54,6 +56,7 @@ class DumpConfig:
     gguf_file: str | None = None
     teacher_backend: str = "hf"
     encode_workers: int | None = None
+    bos: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the option for any value out of range."""
@@ -63,6 +66,7 @@ class DumpConfig:
             (self.batch_size >= 1, "--batch-size", f"{self.batch_size}: must be at least 1"),
             (0 <= self.val_fraction < 1, "--val-fraction", f"{self.val_fraction}: must be in [0, 1)"),
             (self.shard_tokens >= 1, "--shard-tokens", f"{self.shard_tokens}: must be positive"),
+            (self.bos in ("auto", "always", "never"), "--bos", f"{self.bos!r}: choose one of auto, always, never"),
             (
                 self.encode_workers is None or self.encode_workers >= 0,
                 "--encode-workers",
@@ -93,6 +97,10 @@ class DumpConfig:
         return max(1, self.shard_tokens // self.seq_len)
 
 
+class PackingMismatchWarning(UserWarning):
+    """The start-up check found the teacher's loss on packed rows far from its loss on standard tokenisation."""
+
+
 class DumpProgress(Protocol):
     """What the dump reports while it runs (the CLI draws a rich progress bar from it)."""
 
@@ -113,6 +121,7 @@ class DumpStats:
 
     prepass_s: float = 0.0
     load_s: float = 0.0
+    check_s: float = 0.0  # the start-up check of the packing (bos_check), once per dump
     forward_s: float = 0.0
     loop_s: float = 0.0
     total_s: float = 0.0

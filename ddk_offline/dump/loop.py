@@ -92,6 +92,7 @@ class DumpLoop:
             seq_len=config.seq_len,
             val_fraction=config.val_fraction,
             max_tokens_per_domain=config.max_tokens_per_domain,
+            bos_token_id=manifest.bos_token_id,  # the dump's own policy (a resume keeps it)
         )
         pending: dict[tuple[str, str], list[PackedSequence]] = {}
         start = time.perf_counter()
@@ -104,6 +105,7 @@ class DumpLoop:
                 on_shard=self._on_shard,
                 extra_temperatures=tuple(manifest.temperatures[1:]),
                 encode_workers=auto_workers() if config.encode_workers is None else config.encode_workers,
+                format_version=manifest.format_version,
             ) as writer:
                 for seq in packer.pack(self.corpus.documents()):
                     key = (seq.domain, seq.split)
@@ -142,6 +144,10 @@ class DumpLoop:
         temps = tuple(self.manifest.temperatures[1:])
         t = self.teacher.targets(ids, k=self.manifest.k, extra_temperatures=temps)
         self.stats.forward_s += t.forward_s
+        bos = self.manifest.bos_token_id
+        if bos is not None:
+            # Nothing should learn to predict BOS (it marks a document start the packing chose): no target there.
+            t.nll[:, :-1][ids[:, 1:].numpy() == bos] = np.nan
         for b, seq in enumerate(batch):
             writer.put(
                 SequenceRecord(

@@ -111,6 +111,18 @@ def existing_manifest(out: Path | Storage) -> Manifest | None:
     return None
 
 
+def peek_manifest(out: Path | Storage | str) -> Manifest | None:
+    """The manifest of a dump already in ``out``, read without the lock; None when there is none or it is unusable.
+
+    Only for choices that must precede the pre-pass (the BOS policy of a resumed dump): :func:`open_manifest`
+    reads it again under the lock, and refuses it there with the reason when it cannot be trusted.
+    """
+    try:
+        return existing_manifest(as_storage(out))
+    except (UserError, ValueError, OSError):
+        return None
+
+
 def compare(existing: Manifest, wanted: Manifest, out: Path) -> None:
     """Refuse to continue a dump made with anything that changes the stored bytes.
 
@@ -142,6 +154,7 @@ def _identity(m: Manifest) -> dict[str, Any]:
         "codec": m.codec,
         "temperatures": list(m.temperatures),
         "corpus.sha256": m.corpus.get("sha256"),
+        "packing.bos_token_id": m.bos_token_id,
     }
     flat |= {f"tokenizer.{k}": v for k, v in m.tokenizer.items() if k != "class"}
     flat |= {f"settings.{k}": v for k, v in m.settings.items()}

@@ -4,6 +4,10 @@ Rules (docs/FORMAT.md, "Packing"):
 
 - each non-empty document is tokenised without special tokens and followed by the tokenizer's EOS; documents whose
   text is empty or only whitespace are skipped and counted (``empty_documents``);
+- with a BOS (``bos_token_id``, see :mod:`.bos`) each document is also preceded by it, and every sequence starts
+  with it: a sequence that would begin inside a document gets a BOS inserted in front (``row_bos_tokens``), so the
+  teacher never sees a context its training never showed it (a BOS-trained teacher without one runs out of
+  distribution: docs/FORMAT.md, "BOS");
 - a domain's tokens are concatenated in corpus order and cut into non-overlapping sequences of exactly
   ``seq_len`` tokens (a document may span two sequences); the final remainder (< seq_len) is dropped and counted;
 - with ``max_tokens`` the domain stops after ``max_tokens // seq_len`` sequences (later documents are not read);
@@ -50,9 +54,10 @@ class DomainStats:
     dropped_tokens: int = 0
     sequences: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
     sha256: str = ""
+    row_bos_tokens: int | None = None  # BOS tokens inserted at sequence starts (None: packed without BOS)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "documents": self.documents,
             "empty_documents": self.empty_documents,
             "unread_documents": self.unread_documents,
@@ -61,6 +66,25 @@ class DomainStats:
             "sequences": dict(self.sequences),
             "sha256": self.sha256,
         }
+        if self.row_bos_tokens is not None:  # dumps without BOS keep their manifest record as it was
+            d["row_bos_tokens"] = self.row_bos_tokens
+        return d
+
+
+def document_tokens(ids: list[int], eos: int, bos: int | None) -> list[int]:
+    """A document's tokens in the packed stream: ``[BOS] + ids + [EOS]`` (no BOS when ``bos`` is None)."""
+    return [*ids, eos] if bos is None else [bos, *ids, eos]
+
+
+def take_row(buffer: list[int], seq_len: int, bos: int | None) -> tuple[list[int], int] | None:
+    """The next packed sequence cut from the front of ``buffer`` and the stream tokens it used; None: too short.
+
+    Without a BOS a sequence is the next ``seq_len`` tokens. With one, a sequence always starts with it: when the
+    buffer does not (the sequence begins inside a document), a BOS is inserted and ``seq_len - 1`` tokens are used.
+    """
+    if bos is None or buffer[:1] == [bos]:
+        return (buffer[:seq_len], seq_len) if len(buffer) >= seq_len else None
+    return ([bos, *buffer[: seq_len - 1]], seq_len - 1) if len(buffer) >= seq_len - 1 else None
 
 
 def is_val(i: int, fraction: Fraction) -> bool:
@@ -70,11 +94,12 @@ def is_val(i: int, fraction: Fraction) -> bool:
 
 
 class _DomainPacker:
-    def __init__(self, domain: str, seq_len: int, fraction: Fraction, max_sequences: int | None):
+    def __init__(self, domain: str, seq_len: int, fraction: Fraction, max_sequences: int | None, bos: int | None):
         self.domain, self.seq_len, self.fraction, self.max_sequences = domain, seq_len, fraction, max_sequences
+        self.bos = bos
         self.buffer: list[int] = []
         self.count = 0  # sequences emitted, both splits
-        self.stats = DomainStats()
+        self.stats = DomainStats(row_bos_tokens=None if bos is None else 0)
         self.hash = hashlib.sha256()
 
     @property
@@ -87,8 +112,11 @@ class _DomainPacker:
         self.stats.documents += 1
         self.stats.tokens += len(ids)
         self.buffer.extend(ids)
-        while len(self.buffer) >= self.seq_len and not self.full:
-            seq, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len :]
+        while not self.full and (cut := take_row(self.buffer, self.seq_len, self.bos)) is not None:
+            seq, used = cut
+            self.buffer = self.buffer[used:]
+            if used < self.seq_len:  # a BOS was inserted in front
+                self.stats.row_bos_tokens += 1
             split = "val" if is_val(self.count, self.fraction) else "train"
             index = self.stats.sequences[split]
             self.stats.sequences[split] += 1
@@ -96,7 +124,7 @@ class _DomainPacker:
             yield PackedSequence(self.domain, split, index, np.asarray(seq, dtype=np.int64))
 
     def finish(self) -> DomainStats:
-        self.stats.dropped_tokens = self.stats.tokens - self.count * self.seq_len
+        self.stats.dropped_tokens = len(self.buffer)  # every stream token is in a sequence or still buffered
         self.stats.sha256 = self.hash.hexdigest()
         return self.stats
 
@@ -109,11 +137,21 @@ class Packer:
         seq_len: tokens per sequence (L).
         val_fraction: fraction f in [0, 1) of each domain's sequences held out as ``val``.
         max_tokens_per_domain: stop a domain after ``max_tokens_per_domain // seq_len`` sequences (None: no limit).
+        bos_token_id: the BOS that starts each document and sequence (None: no BOS, see :mod:`.bos`).
     """
 
-    def __init__(self, tokenizer, *, seq_len: int, val_fraction: float, max_tokens_per_domain: int | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        seq_len: int,
+        val_fraction: float,
+        max_tokens_per_domain: int | None = None,
+        bos_token_id: int | None = None,
+    ):
         self.tokenizer = tokenizer
         self.eos = int(tokenizer.eos_token_id)
+        self.bos = bos_token_id
         self.seq_len = seq_len
         self.fraction = Fraction(repr(float(val_fraction)))
         self.max_sequences = None if max_tokens_per_domain is None else max_tokens_per_domain // seq_len
@@ -140,7 +178,7 @@ class Packer:
 
     def _packer(self, domain: str) -> _DomainPacker:
         if domain not in self._packers:
-            self._packers[domain] = _DomainPacker(domain, self.seq_len, self.fraction, self.max_sequences)
+            self._packers[domain] = _DomainPacker(domain, self.seq_len, self.fraction, self.max_sequences, self.bos)
         return self._packers[domain]
 
     def _flush(self, batch: list[Document]) -> Iterator[PackedSequence]:
@@ -152,4 +190,4 @@ class Packer:
             if packer.full:  # filled up by an earlier document of this batch
                 packer.stats.unread_documents += 1
                 continue
-            yield from packer.add(doc.text, [*ids, self.eos])
+            yield from packer.add(doc.text, document_tokens(ids, self.eos, self.bos))

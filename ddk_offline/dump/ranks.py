@@ -83,7 +83,7 @@ def sum_stats(per_rank: list):
         total.shards_written += s.shards_written
         for name, n in s.tokens.items():
             total.tokens[name] = total.tokens.get(name, 0) + n
-    for key in ("prepass_s", "load_s", "loop_s"):
+    for key in ("prepass_s", "load_s", "check_s", "loop_s"):
         setattr(total, key, max(getattr(s, key) for s in per_rank))
     total.shards_kept = per_rank[0].shards_kept
     return total

@@ -1,9 +1,10 @@
 """``dumps verify --repair``: recompute only the broken shards of a dump, from its own corpus and teacher.
 
 The dump's options are rebuilt from its manifest (seq_len, k, temperatures, every ``settings`` field, the corpus
-columns), so a repair cannot change what the other shards mean. The corpus and the teacher are the ones the manifest
-names, or ``--data`` / ``--teacher`` when they moved; either way :func:`ddk_offline.dump.run_dump` re-hashes them
-(corpus content, teacher config and weights, tokenizer) and a mismatch is refused before any file is touched. The
+columns, the BOS policy), so a repair cannot change what the other shards mean. The corpus and the teacher are the
+ones the manifest names, or ``--data`` / ``--teacher`` when they moved; either way
+:func:`ddk_offline.dump.run_dump` re-hashes them (corpus content, teacher config and weights, tokenizer) and a
+mismatch is refused before any file is touched. The
 broken shards are then unlisted and deleted under the writer lock and recomputed; a repaired shard has the same
 bytes as the original (the dump is deterministic per shard). Finally the dump is verified again.
 """
@@ -88,6 +89,7 @@ def config_from_manifest(
         trust_remote_code=trust_remote_code,
         gguf_file=gguf_file,
         teacher_backend=str(manifest.teacher.get("backend", "hf")),
+        bos=manifest.bos_policy,
     )
 
 

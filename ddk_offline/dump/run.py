@@ -1,10 +1,12 @@
 """Phase one: run the teacher over a packed corpus and write its top-k targets as a resumable sharded dump.
 
-Flow: validate options -> resolve corpus and teacher (config + tokenizer only) -> pre-pass (tokenise and pack the
-whole corpus, count sequences per (domain, split), hash the corpus; catches bad input before anything is written)
--> identity hashes -> check / create ``--out`` under a lock -> skip the shards the manifest already lists ->
-load the model only if work remains -> second pass (:mod:`.loop`): batches of one shard's rows -> teacher ->
-:class:`~ddk_offline.format.writer.ShardWriter` (writer thread: codec, Parquet, checksum, manifest update).
+Flow: validate options -> resolve corpus and teacher (config + tokenizer only) -> the BOS policy (:mod:`.bos`; a
+resumed dump keeps its own) -> pre-pass (tokenise and pack the whole corpus, count sequences per (domain, split),
+hash the corpus; catches bad input before anything is written) -> identity hashes -> check / create ``--out`` under
+a lock -> skip the shards the manifest already lists -> load the model only if work remains -> the start-up check
+of the packing (:mod:`.bos_check`, once per dump, before its first shard) -> second pass (:mod:`.loop`): batches of
+one shard's rows -> teacher -> :class:`~ddk_offline.format.writer.ShardWriter` (writer thread: codec, Parquet,
+checksum, manifest update).
 
 Bit-identical resume: a work item is one shard, (domain, split, shard index), holding the stream's sequences
 ``[j * R, (j + 1) * R)``; its batches are cut inside the shard (``batch_size`` rows, the last one shorter), so a
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -24,7 +27,9 @@ import torch
 
 import ddk_offline
 from ddk_offline.dump import outdir, ranks
-from ddk_offline.dump.config import DumpConfig, DumpProgress, DumpResult, DumpStats
+from ddk_offline.dump.bos import BosPolicy, resolve_bos
+from ddk_offline.dump.bos_check import SampleDocuments, mismatch_message, packing_check
+from ddk_offline.dump.config import DumpConfig, DumpProgress, DumpResult, DumpStats, PackingMismatchWarning
 from ddk_offline.dump.corpus import open_corpus
 from ddk_offline.dump.loop import DumpLoop
 from ddk_offline.dump.packing import DomainStats, Packer
@@ -32,6 +37,7 @@ from ddk_offline.dump.teachers import TeacherBackend, open_teacher, tokenizer_id
 from ddk_offline.errors import UserError
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import DomainInfo, Manifest, ShardInfo
+from ddk_offline.format.schema import BOS_FORMAT_VERSION, FORMAT_VERSION
 from ddk_offline.format.storage import Storage
 from ddk_offline.runtime import distributed
 from ddk_offline.runtime.device import resolve_device, resolve_dtype
@@ -106,7 +112,8 @@ class _Dump:
     def run(self, progress: DumpProgress | None, after_shard: AfterShard | None, redo: frozenset[str]) -> DumpResult:
         config, env, out = self.config, self.env, self.out
         stats = DumpStats()
-        domain_stats = _prepass(config, self.corpus, self.tokenizer)
+        self.bos = resolve_bos(config.bos, self.tokenizer, outdir.peek_manifest(out), config.out)
+        domain_stats, self.samples = _prepass(config, self.corpus, self.tokenizer, self.bos)
         stats.prepass_s = time.perf_counter() - self.t0
         wanted = self._new_manifest(domain_stats)
         created = False  # whether this run made --out (removed again if it fails before its first shard)
@@ -148,7 +155,8 @@ class _Dump:
         stats.shards_kept = sum(len(s.shards) for d in manifest.domains.values() for s in d.splits.values())
         items = [(name, split, j) for (name, split), js in sorted(todo.items()) for j in sorted(js)]
         mine = distributed.shard_of(items, self.env)
-        if not mine:
+        check = bool(items) and self.env.is_main and manifest.packing_check is None
+        if not mine and not check:
             return
         my_todo: dict[tuple[str, str], set[int]] = {key: set() for key in todo}
         for name, split, j in mine:
@@ -156,6 +164,12 @@ class _Dump:
         t1 = time.perf_counter()
         self.teacher.load(device=self.device, dtype=self.dtype)
         stats.load_s = time.perf_counter() - t1
+        if check:
+            t2 = time.perf_counter()
+            self._check_packing(manifest)
+            stats.check_s = time.perf_counter() - t2
+        if not mine:
+            return
         loop = DumpLoop(
             self.config,
             self.corpus,
@@ -169,6 +183,14 @@ class _Dump:
             after_shard=after_shard,
         )
         loop.run(my_todo)
+
+    def _check_packing(self, manifest: Manifest) -> None:
+        """Rank 0, once per dump: the start-up check of the packing, recorded before the first shard is written."""
+        check = packing_check(self.teacher, self.tokenizer, self.samples, seq_len=self.config.seq_len, policy=self.bos)
+        manifest.packing = {**(manifest.packing or self.bos.record()), "check": check}
+        manifest.write_atomic(self.out)
+        if (message := mismatch_message(check, self.bos)) is not None:
+            warnings.warn(PackingMismatchWarning(message), stacklevel=2)
 
     def _finish(self, manifest: Manifest, stats: DumpStats) -> None:
         """Rank 0: merge the other ranks' shards, check every planned shard is there, mark the dump complete."""
@@ -210,6 +232,8 @@ class _Dump:
             temperatures=[1.0, *config.temperatures],
             domains={n: DomainInfo(n, d) for n, d in outdir.domain_dirs(sorted(domain_stats)).items()},
             created_by=f"ddk-offline {ddk_offline.__version__}",
+            format_version=FORMAT_VERSION if self.bos.token_id is None else BOS_FORMAT_VERSION,
+            packing=self.bos.record(),
         )
 
 
@@ -229,15 +253,23 @@ def _check_teacher_limits(config: DumpConfig, teacher: TeacherBackend, vocab: in
         )
 
 
-def _prepass(config: DumpConfig, corpus, tokenizer) -> dict[str, DomainStats]:
-    """Tokenise and pack everything once, counting only: validates the corpus before any output exists."""
+def _prepass(
+    config: DumpConfig, corpus, tokenizer, bos: BosPolicy
+) -> tuple[dict[str, DomainStats], dict[str, list[str]]]:
+    """Tokenise and pack everything once, counting only: validates the corpus before any output exists.
+
+    Returns:
+        The per-domain counts and the first documents of each domain (for the start-up check).
+    """
     packer = Packer(
         tokenizer,
         seq_len=config.seq_len,
         val_fraction=config.val_fraction,
         max_tokens_per_domain=config.max_tokens_per_domain,
+        bos_token_id=bos.token_id,
     )
-    for _ in packer.pack(corpus.documents()):
+    samples = SampleDocuments()
+    for _ in packer.pack(samples.watch(corpus.documents())):
         pass
     if not packer.stats:
         raise UserError(f"--data {config.data}: the corpus holds no documents; check the path and the files")
@@ -253,4 +285,4 @@ def _prepass(config: DumpConfig, corpus, tokenizer) -> dict[str, DomainStats]:
                 f"--data {config.data}: domain {name!r} has {s.tokens} tokens, fewer than one sequence of --seq-len "
                 f"{config.seq_len}; add text to the domain, remove it, or lower --seq-len"
             )
-    return packer.stats
+    return packer.stats, samples.texts

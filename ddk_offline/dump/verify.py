@@ -3,8 +3,9 @@
 Per listed shard: the file exists inside the dump (no symlink out of it), its size and sha256 equal the manifest's,
 it opens as Parquet with this format's schema and version, it holds ``rows`` rows whose ``seq_index`` runs from
 ``first_seq``, every list column has ``seq_len`` values per row, the teacher NLL sums to the manifest's
-``teacher_nll_sum``, and a sample of rows decodes (top-k codec) to in-range ids and finite numbers. Per dump: the
-manifest loads (checksum, paths), every planned sequence is in a listed shard (``complete``), and the saved
+``teacher_nll_sum``, and a sample of rows decodes (top-k codec) to in-range ids and finite numbers, with a NaN
+teacher NLL exactly where no target is (each row's last position; in a BOS dump, the positions before a BOS). Per
+dump: the manifest loads (checksum, paths), every planned sequence is in a listed shard (``complete``), and the saved
 tokenizer is the one the manifest names. The checks never stop at the first problem: the report lists them all.
 
 The sha256 alone proves the bytes are the ones written; the structural and decode checks say *what* is wrong with
@@ -26,7 +27,6 @@ from ddk_offline.format.manifest import Manifest, ManifestError, ShardInfo
 from ddk_offline.format.reader import DumpReader
 from ddk_offline.format.schema import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     INPUT_IDS,
     MANIFEST_NAME,
     SEQ_INDEX,
@@ -148,8 +148,9 @@ def _check_shard(
     except (OSError, pa.ArrowException) as e:
         return [*reasons, f"cannot be opened as Parquet ({e})"], 0
     meta = pf.schema_arrow.metadata or {}
-    if meta.get(b"ddk_format") != FORMAT_NAME.encode() or meta.get(b"ddk_version") != str(FORMAT_VERSION).encode():
-        reasons.append(f"not a format-{FORMAT_VERSION} {FORMAT_NAME} shard (schema metadata {meta})")
+    version = m.format_version
+    if meta.get(b"ddk_format") != FORMAT_NAME.encode() or meta.get(b"ddk_version") != str(version).encode():
+        reasons.append(f"not a format-{version} {FORMAT_NAME} shard like its manifest (schema metadata {meta})")
     want = shard_schema(tuple(m.temperatures[1:])).remove_metadata()
     if not pf.schema_arrow.remove_metadata().equals(want):
         return [*reasons, f"schema differs from the format's ({pf.schema_arrow.names} vs {want.names})"], 0
@@ -159,7 +160,7 @@ def _check_shard(
         reasons += _check_columns(pf, shard, m.seq_len)
         rows = _sample(shard.rows, sample_rows)
         got = reader.read_rows(domain, split, index, rows)
-        reasons += _check_values(got, m.vocab_size, rows)
+        reasons += _check_values(got, m.vocab_size, rows, m.bos_token_id)
     except Exception as e:  # noqa: BLE001 - any failure to read or decode is the finding itself
         reasons.append(f"cannot be decoded ({type(e).__name__}: {e})")
         return reasons, 0
@@ -197,8 +198,8 @@ def _sample(rows: int, n: int) -> list[int]:
     return sorted({round(i * (rows - 1) / max(1, n - 1)) for i in range(n)})
 
 
-def _check_values(got: dict[str, np.ndarray], vocab: int, rows: list[int]) -> list[str]:
-    """Decoded rows: ids in [0, V), finite logits and lse, NaN NLL exactly at each row's last position."""
+def _check_values(got: dict[str, np.ndarray], vocab: int, rows: list[int], bos: int | None) -> list[str]:
+    """Decoded rows: ids in [0, V), finite logits and lse, NaN NLL exactly where no target is (last, before BOS)."""
     reasons = []
     for key in (INPUT_IDS, TOPK_IDS):
         a = got[key]
@@ -207,9 +208,14 @@ def _check_values(got: dict[str, np.ndarray], vocab: int, rows: list[int]) -> li
     for key in (TOPK_LOGITS, TEACHER_LSE):
         if not np.isfinite(got[key]).all():
             reasons.append(f"sampled rows {rows}: non-finite {key}")
-    nll = got[TEACHER_NLL]
-    if not (np.isfinite(nll[:, :-1]).all() and np.isnan(nll[:, -1]).all()):
-        reasons.append(f"sampled rows {rows}: teacher_nll must be finite except NaN at each row's last position")
+    nll, ids = got[TEACHER_NLL], got[INPUT_IDS]
+    no_target = np.zeros(nll.shape, bool)
+    no_target[:, -1] = True
+    if bos is not None:
+        no_target[:, :-1] = ids[:, 1:] == bos
+    if not (np.isfinite(nll[~no_target]).all() and np.isnan(nll[no_target]).all()):
+        where = "each row's last position" + ("" if bos is None else f" and before each BOS (id {bos})")
+        reasons.append(f"sampled rows {rows}: teacher_nll must be finite except NaN at {where}")
     return reasons
 
 

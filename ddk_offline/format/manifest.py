@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddk_offline.format.schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, SUPPORTED_VERSIONS
+from ddk_offline.format.schema import (
+    BOS_FORMAT_VERSION,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SPLITS,
+    SUPPORTED_VERSIONS,
+)
 from ddk_offline.format.storage import Storage, as_storage
 from ddk_offline.runtime.files import json_bytes
 
@@ -33,7 +40,8 @@ class ShardInfo:
         first_seq: ``seq_index`` of the shard's first row; rows are consecutive.
         rows: sequences in the shard.
         tokens: ``rows * seq_len``.
-        labelled: positions with a teacher loss (all but the last of each row).
+        labelled: positions with a teacher loss (all but the last of each row and, in a BOS dump, those that
+            predict a BOS).
         teacher_nll_sum: sum of the teacher's NLL over the labelled positions.
         bytes: file size.
         sha256: hex digest of the file's bytes.
@@ -100,6 +108,9 @@ class Manifest:
     created_by: str = ""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    #: How documents were framed with special tokens, and the start-up check's measurement (docs/FORMAT.md,
+    #: "Packing"); None in dumps written before it was recorded (they were packed without BOS).
+    packing: dict[str, Any] | None = None
 
     # --- typed accessors: readers use these, never dict paths into the JSON ------------------------
     @property
@@ -132,6 +143,25 @@ class Manifest:
         return str(path)
 
     @property
+    def bos_token_id(self) -> int | None:
+        """The BOS id the rows were packed with (each document and row starts with it); None: no BOS.
+
+        Positions whose next token is this id carry no target: phase two masks their labels.
+        """
+        value = (self.packing or {}).get("bos_token_id")
+        return None if value is None else int(value)
+
+    @property
+    def bos_policy(self) -> str:
+        """``--bos`` as the dump was created with (``auto``, ``always``, ``never``); ``never`` for older dumps."""
+        return str((self.packing or {}).get("bos") or "never")
+
+    @property
+    def packing_check(self) -> dict[str, Any] | None:
+        """The start-up check (teacher bits per byte on packed rows vs standard tokenisation), if it ran."""
+        return (self.packing or {}).get("check")
+
+    @property
     def has_plan(self) -> bool:
         """Whether the corpus record holds the planned sequence counts (dumps written by ``dump-teacher`` do)."""
         return isinstance(self.corpus.get("domains"), dict)
@@ -147,6 +177,8 @@ class Manifest:
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["packing"] is None:
+            del d["packing"]  # a dump that never recorded it is rewritten byte for byte as it was
         d["domains"] = {name: asdict(info) for name, info in sorted(self.domains.items())}
         d["checksum"] = _content_checksum(d)
         return d
@@ -179,6 +211,7 @@ class Manifest:
         for key in ("teacher", "tokenizer", "codec", "corpus", "settings"):
             _check(isinstance(d.get(key), dict), source, key, "must be an object")
         _check(isinstance(d["tokenizer"].get("vocab_size"), int), source, "tokenizer.vocab_size", "must be an integer")
+        _check_packing(d.get("packing"), version, source)
         domains: dict[str, DomainInfo] = {}
         for name, info in d.get("domains", {}).items():
             _check(isinstance(info, dict), source, f"domains.{name}", "must be an object")
@@ -228,6 +261,20 @@ def _content_checksum(d: dict[str, Any]) -> str:
     body = {k: v for k, v in d.items() if k != "checksum"}
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode("utf-8")
     return "sha256:" + hashlib.sha256(canon).hexdigest()
+
+
+def _check_packing(packing: Any, version: int, source: str) -> None:
+    """A BOS id is recorded exactly when the version says so: an older reader must never see BOS rows as v2."""
+    _check(packing is None or isinstance(packing, dict), source, "packing", "must be an object")
+    bos = (packing or {}).get("bos_token_id")
+    _check(bos is None or (isinstance(bos, int) and bos >= 0), source, "packing.bos_token_id", "must be an id or null")
+    want_bos = version >= BOS_FORMAT_VERSION
+    _check(
+        (bos is not None) == want_bos,
+        source,
+        "packing.bos_token_id",
+        f"must be {'an id' if want_bos else 'null'} in a format-{version} dump",
+    )
 
 
 def _check(ok: bool, source: str, fieldname: str, what: str) -> None:

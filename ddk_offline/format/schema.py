@@ -7,8 +7,13 @@ import pyarrow as pa
 #: Bump on any change to the row layout, the manifest's meaning or the codec's byte layout, and record
 #: the bump in CHANGELOG.md: dumps outlive the code that wrote them.
 FORMAT_VERSION = 2  # 2: the top-k codec's layout 2 (decoding a row's topk needs its input_ids)
+#: Version 3 = version 2 + BOS packing: rows hold the teacher's BOS token (at each document and row start) and the
+#: positions that predict it carry no target (``teacher_nll`` NaN, masked in phase two by ``manifest.bos_token_id``).
+#: Only dumps that use a BOS are written as version 3, so dumps without one keep version 2's bytes, and an older
+#: ddk-offline refuses a BOS dump instead of training on targets it would not mask.
+BOS_FORMAT_VERSION = 3
 FORMAT_NAME = "ddk-offline-teacher-dump"
-SUPPORTED_VERSIONS = (1, 2)  # version-1 dumps hold layout-1 topk blobs, which every reader still decodes
+SUPPORTED_VERSIONS = (1, 2, 3)  # version-1 dumps hold layout-1 topk blobs, which every reader still decodes
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -35,15 +40,18 @@ def lse_column(temperature: float) -> str:
     return f"teacher_lse_t{temperature:g}".replace(".", "p")
 
 
-def shard_schema(extra_temperatures: tuple[float, ...] = ()) -> pa.Schema:
-    """The Arrow schema of one shard. One row = one packed sequence of L tokens.
+def shard_schema(extra_temperatures: tuple[float, ...] = (), version: int = FORMAT_VERSION) -> pa.Schema:
+    """The Arrow schema of one shard (``version``: the dump's format version, stored in the metadata).
+
+    One row = one packed sequence of L tokens.
 
     Columns:
         seq_index: int64, the sequence's index within its (domain, split) stream.
         input_ids: list<int32> [L], token ids.
         topk: binary, the codec blob for the sequence's top-k ids and logits [L, k].
         teacher_lse: list<float32> [L], logsumexp of the teacher's full logit row (T = 1).
-        teacher_nll: list<float32> [L], teacher loss on input_ids[n + 1]; NaN at n = L - 1.
+        teacher_nll: list<float32> [L], teacher loss on input_ids[n + 1]; NaN at n = L - 1 (and, in a BOS dump,
+            where input_ids[n + 1] is the BOS).
         teacher_lse_t<T>: list<float32> [L], one per extra temperature (logsumexp of logits / T).
     """
     fields = [
@@ -54,9 +62,7 @@ def shard_schema(extra_temperatures: tuple[float, ...] = ()) -> pa.Schema:
         pa.field(TEACHER_NLL, pa.list_(pa.float32()), nullable=False),
     ]
     fields += [pa.field(lse_column(t), pa.list_(pa.float32()), nullable=False) for t in extra_temperatures]
-    return pa.schema(
-        fields, metadata={b"ddk_format": FORMAT_NAME.encode(), b"ddk_version": str(FORMAT_VERSION).encode()}
-    )
+    return pa.schema(fields, metadata={b"ddk_format": FORMAT_NAME.encode(), b"ddk_version": str(version).encode()})
 
 
 def float_columns(extra_temperatures: tuple[float, ...] = ()) -> list[str]:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import ShardInfo
 from ddk_offline.format.schema import (
+    FORMAT_VERSION,
     INPUT_IDS,
     ROW_GROUP_ROWS,
     SEQ_INDEX,
@@ -54,7 +55,8 @@ class SequenceRecord:
         topk_ids: [L, k] teacher top-k ids.
         topk_logits: [L, k] float32 raw teacher logits at those ids.
         teacher_lse: [L] float32 logsumexp of the full logit row.
-        teacher_nll: [L] float32 loss on the next token, NaN at the last position.
+        teacher_nll: [L] float32 loss on the next token, NaN where there is no target (the last position; in a
+            BOS dump, positions whose next token is the BOS).
         extra_lse: {T: [L] float32 logsumexp(logits / T)} for extra temperatures.
     """
 
@@ -90,6 +92,7 @@ class ShardWriter:
         on_shard: called on the writer thread after a shard is durable, with
             ``(domain, split, shard_index, info)``; the dump updates its manifest there.
         extra_temperatures: temperatures with an extra lse column.
+        format_version: the dump's format version (written into each shard's schema metadata).
         queue_size: records in flight; bounds memory and back-pressures the teacher.
         encode_workers: processes that run the codec (0: the writer thread itself). Shards are byte-identical
             for every value: each blob is the same function of the same record, and rows keep their order.
@@ -104,6 +107,7 @@ class ShardWriter:
         domain_dirs: dict[str, str],
         on_shard: OnShard,
         extra_temperatures: tuple[float, ...] = (),
+        format_version: int = FORMAT_VERSION,
         queue_size: int = 64,
         compression_level: int = 9,
         encode_workers: int = 0,
@@ -115,7 +119,7 @@ class ShardWriter:
         self.on_shard = on_shard
         self.extra_temperatures = tuple(extra_temperatures)
         self.compression_level = compression_level
-        self._schema = shard_schema(self.extra_temperatures)
+        self._schema = shard_schema(self.extra_temperatures, format_version)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._buffers: dict[tuple[str, str], list[tuple[SequenceRecord, bytes]]] = {}
         self._error: BaseException | None = None
