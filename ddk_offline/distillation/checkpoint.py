@@ -51,7 +51,15 @@ class Checkpoint:
         """Load the saved weights into ``model`` (strict: every key must match)."""
         from safetensors.torch import load_model
 
-        load_model(model, str(self.path / "model.safetensors"), strict=True)
+        try:
+            load_model(model, str(self.path / "model.safetensors"), strict=True)
+        except RuntimeError as e:  # missing / unexpected keys: the checkpoint of another model
+            raise UserError(
+                f"{self.path / 'model.safetensors'}: does not fit this student ({e}); resume with the student the "
+                "run started with"
+            ) from None
+        except Exception as e:  # a damaged file
+            raise _damaged(self.path / "model.safetensors", e) from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -136,16 +144,34 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint directory (tensors with ``weights_only=True``)."""
+    """Read a checkpoint directory (tensors with ``weights_only=True``); a damaged file is a :class:`UserError`."""
+    from safetensors import safe_open
+
     path = Path(path)
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _damaged(path / "state.json", e) from None
     try:
         tensors = torch.load(path / "tensors.pt", map_location=map_location, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError: the file asks to build arbitrary Python objects
         if type(e).__name__ != "UnpicklingError":
-            raise
+            raise _damaged(path / "tensors.pt", e) from None
         raise UserError(
             f"{path / 'tensors.pt'}: holds objects other than tensors and plain data, so it was not written by "
             "ddk-offline; refusing to unpickle it. Restore the checkpoint, or start the run again without --resume"
         ) from None
+    try:  # the header and the tensor extents, before minutes of set-up: a truncated file fails here
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            f.keys()
+    except Exception as e:
+        raise _damaged(path / "model.safetensors", e) from None
     return Checkpoint(path=path, state=state, tensors=tensors)
+
+
+def _damaged(file: Path, exc: BaseException) -> UserError:
+    return UserError(
+        f"{file}: damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}), so this "
+        "checkpoint cannot be resumed (ddk-offline writes checkpoints atomically: the file was changed or truncated "
+        "afterwards). Restore it from a copy, or start a new run with another --out"
+    )

@@ -11,7 +11,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ddk_offline.distillation.loss import KD_MODES
+from ddk_kernels import KD_MODES
+
 from ddk_offline.distillation.samplers import SIGNALS, parse_spec
 from ddk_offline.errors import UserError
 
@@ -19,7 +20,14 @@ from ddk_offline.errors import UserError
 GAP_SOURCES = ("train", "val")
 DRAWS = ("quota", "sample")
 #: Fields a resumed run may change; everything else must match the checkpoint or the run would not reproduce.
-RESUMABLE_CHANGES = frozenset({"resume", "log_every", "save_every", "eval_every", "device", "data_workers"})
+#: Bounds of options beyond which no run is sane (docs/RELIABILITY.md): the KD temperature, AdamW's learning rate.
+TEMPERATURE_RANGE = (0.1, 20.0)
+MAX_LR = 1.0
+# "dump" and "out" are paths: a resume checks the dump's identity instead (Manifest.identity), so a moved folder or
+# another spelling of the same path still resumes, and another dump at the same path does not.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "log_every", "save_every", "eval_every", "device", "data_workers", "dump", "out"}
+)
 
 
 @dataclass
@@ -144,17 +152,20 @@ class DistillConfig:
             ("--grad-clip", self.grad_clip),
             ("--eval-every", self.eval_every),
         ):
-            if not value >= 0:
-                raise UserError(f"{name} must be >= 0, got {value}")
+            if not (value >= 0 and math.isfinite(value)):
+                raise UserError(f"{name} must be a finite number >= 0, got {value}")
         if self.eval_max_sequences is not None and self.eval_max_sequences < 1:
             # 0 would evaluate nothing: no val numbers, and --gap-source val would never leave the uniform mix.
             raise UserError(f"--eval-max-sequences must be >= 1 (or left out for all), got {self.eval_max_sequences}")
         if self.ce_weight == 0 and self.kd_weight == 0:
             raise UserError("--ce-weight and --kd-weight are both 0: nothing to train; set at least one > 0")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise UserError(f"--temperature must be > 0, got {self.temperature}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:
+            raise UserError(
+                f"--temperature must be in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], got "
+                f"{self.temperature} (below, exp(logit / T) overflows; above, every teacher distribution is flat)"
+            )
+        if not 0 < self.lr <= MAX_LR:
+            raise UserError(f"--lr must be in (0, {MAX_LR:g}] (an AdamW step moves each weight by ~lr), got {self.lr}")
         if not 0 <= self.ddk_alpha <= 1:
             raise UserError(f"--ddk-alpha must be in [0, 1], got {self.ddk_alpha}")
         dumped = [float(t) for t in temperatures]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -130,9 +129,3 @@ def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
         return (step + 1) / warmup
     span = max(1, total - warmup - 1)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
-def check_out(out: Path, resume: bool) -> None:
-    """A new run needs an ``--out`` without an earlier run in it (``--resume`` continues one instead)."""
-    if not resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
-        raise UserError(f"--out {out}: holds an earlier run; pass --resume to continue it, or another --out")

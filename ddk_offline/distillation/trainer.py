@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddk_offline.distillation import setup
+from ddk_offline.distillation import guards, setup
 from ddk_offline.distillation.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -41,6 +40,7 @@ from ddk_offline.distillation.checkpoint import (
 from ddk_offline.distillation.config import DistillConfig
 from ddk_offline.distillation.evaluation import domain_sums, evaluate_model
 from ddk_offline.distillation.loss import LossSpec, loss_step
+from ddk_offline.distillation.rundir import RunDir, check_out
 from ddk_offline.distillation.runlog import MetricsWriter, Window
 from ddk_offline.distillation.samplers import GapStats
 from ddk_offline.distillation.setup import RunParts
@@ -79,8 +79,21 @@ class Trainer:
     """
 
     def __init__(self, config: DistillConfig, env: distributed.DistEnv | None = None, parts: RunParts | None = None):
-        self.env = env = env or distributed.DistEnv()
-        parts = parts or RunParts()
+        self.env = env or distributed.DistEnv()
+        self.run_dir = RunDir(Path(config.out))  # opened (made, locked, marked) on rank 0 once the options are checked
+        try:
+            self._setup(config, parts or RunParts())
+        except BaseException:
+            self.run_dir.discard()  # removes --out only if this process made it and holds its lock
+            raise
+
+    def close(self) -> None:
+        """Release ``--out``'s lock (the end of :meth:`run`, or when a caller stops stepping)."""
+        self.loader.close()
+        self.run_dir.close()
+
+    def _setup(self, config: DistillConfig, parts: RunParts) -> None:
+        env = self.env
         self.reader = open_dump(config.dump)
         m = self.reader.manifest
         cfg = config.resolve(seq_len=m.seq_len, temperatures=list(m.temperatures), world=env.world)
@@ -95,7 +108,7 @@ class Trainer:
         self.sampler = (parts.sampler or setup.build_sampler)(cfg, self.reader)
         distributed.barrier(env)  # every rank has checked --out before rank 0 writes into it
         if env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            self.run_dir.open()
             write_json_atomic(self.out / "config.json", cfg.to_dict())
 
         self.device = resolve_device(cfg.device)
@@ -122,7 +135,11 @@ class Trainer:
 
     def _checkpoint_to_resume(self, cfg: DistillConfig):
         """The checkpoint ``--resume`` continues (refused if its settings or process count differ), else None."""
-        setup.check_out(self.out, cfg.resume)
+        m = self.reader.manifest
+        corpus = m.corpus.get("data") if m.corpus.get("layout") != "hub" else None
+        protected = {"the dump": cfg.dump, "the --student checkpoint": cfg.student, "the teacher": m.local_teacher()}
+        protected["the dump's corpus folder"] = corpus
+        check_out(self.out, resume=cfg.resume, protected=protected, probe_lock=self.env.is_main)
         if not cfg.resume:
             return None
         path = latest_checkpoint(self.out)
@@ -130,6 +147,7 @@ class Trainer:
             raise UserError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; start without --resume")
         ckpt = load_checkpoint(path)
         cfg.check_resume(ckpt.state["config"], str(path))
+        guards.check_same_dump(ckpt.state.get("dump_identity"), self.reader.manifest.identity(), str(path), cfg.dump)
         saved_world = int(ckpt.state.get("world", 1))
         if saved_world != self.env.world:
             raise UserError(
@@ -153,9 +171,11 @@ class Trainer:
         gap, window = distributed.reduced_copy(self.env, self.gap), distributed.reduced_copy(self.env, self.window)
         if not self.env.is_main:
             return
+        guards.check_weights(self.module, self.cfg, self.step, f"the checkpoint of step {self.step}")
         rng = rng_state()
         state = {
             "config": self.cfg.to_dict(),
+            "dump_identity": self.reader.manifest.identity(),
             "world": self.env.world,
             "tokens_seen": self.tokens_seen,
             "sampler": self.sampler.state_dict(),
@@ -236,11 +256,13 @@ class Trainer:
             total = float(distributed.all_reduce_sum(self.env, np.array([total]))[0]) / self.env.world
         lr = self.opt.param_groups[0]["lr"]
         self.opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
         for i, b in enumerate(batches):
             n = b.labelled
             b = b.to(self.device, non_blocking=True)
             with distributed.no_sync(self.model, last=i == len(batches) - 1):  # one gradient all-reduce per step
                 r = loss_step(self.model, b, self.loss_spec, n, total)
+            step_loss += r["loss"]
             args = (b.domain, r["row_ce"], r["row_nll"], r["row_n"])
             if cfg.gap_source == "train":
                 self.gap.add_rows(*args)
@@ -251,6 +273,8 @@ class Trainer:
             self.tokens_seen += b.input_ids.numel() * self.env.world
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        # Before the update: a non-finite step stops the run with the weights of this step untouched.
+        guards.check_finite(self.env, self.cfg, step, step_loss, float(norm))
         self.opt.step()
         self.sched.step()
         if self.device.type == "cuda":
@@ -298,7 +322,7 @@ class Trainer:
                 self.log.close()  # rows so far stay on disk; a --resume continues from the last checkpoint
             raise
         finally:
-            self.loader.close()
+            self.loader.close()  # the lock on --out stays held until close(): the final save and model follow
         seconds = time.perf_counter() - t0
         if self.cfg.save_every == 0 or self.step % self.cfg.save_every:
             self._save()
@@ -310,6 +334,7 @@ class Trainer:
         from ddk_offline.distillation.plots import read_metrics, write_plots
 
         final = self.out / "final"
+        guards.check_weights(self.module, self.cfg, self.step, "the final model")
         self.module.save_pretrained(final)
         self.reader.tokenizer().save_pretrained(final)
         has_val = any(self.reader.num_sequences(d, "val") for d in self.domains)
@@ -350,15 +375,11 @@ def distill(config: DistillConfig, *, progress=None, parts: RunParts | None = No
     """
     env = distributed.setup(resolve_device(config.device).type)  # a no-op without torchrun
     try:
-        out = Path(config.out)
-        fresh = not out.exists()
+        run = Trainer(config, env, parts)  # a refused run leaves no folder it made behind
         try:
-            run = Trainer(config, env, parts)
-        except BaseException:
-            if fresh and env.is_main:  # a refused run (bad student, bad options) leaves no half-made output folder
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-        summary = run.run(progress)
+            summary = run.run(progress)
+        finally:
+            run.close()
         del run  # its DDP reducer holds the process group: drop it before teardown destroys the group
         return summary
     finally:

@@ -74,6 +74,17 @@ class Corpus:
     layout: str
     files: list[tuple[str | None, Path]] = field(default_factory=list)
 
+    def folders(self) -> list[Path]:
+        """Local folders whose contents this corpus reads, now or on a rerun (a folder, or a glob's fixed prefix)."""
+        data = os.path.expanduser(self.data)
+        if self.layout == "hub":
+            return []
+        if any(ch in data for ch in "*?["):
+            prefix = re.split(r"[*?\[]", data, maxsplit=1)[0]
+            return [Path(prefix if prefix.endswith(os.sep) else os.path.dirname(prefix) or ".").resolve()]
+        path = Path(data)
+        return [path.resolve()] if path.is_dir() else []
+
     def describe(self) -> dict[str, Any]:
         """What the manifest records about the source (the content hash is added by the dump's pre-pass)."""
         return {

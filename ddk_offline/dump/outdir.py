@@ -21,17 +21,12 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 from ddk_offline.errors import UserError
 from ddk_offline.format.manifest import Manifest
 from ddk_offline.format.schema import LOCK_NAME, MANIFEST_NAME, SPLITS, TMP_DIR, TOKENIZER_DIR
 from ddk_offline.format.storage import Storage, as_storage
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; a second writer is not detected there.
-    fcntl = None  # type: ignore[assignment]
+from ddk_offline.runtime.lock import FolderLock
 
 # Files a run may leave before its first manifest write; a directory holding only these counts as empty.
 _OWN_LEFTOVERS = {LOCK_NAME, TMP_DIR, TOKENIZER_DIR}
@@ -55,37 +50,33 @@ class DiskFullError(UserError):
     """The disk filled up mid-dump; complete shards are kept and a rerun resumes once space is back."""
 
 
-class DumpLock:
-    """An exclusive, non-blocking ``flock`` on ``<dir>/.lock``; a context manager (a no-op on fsspec URLs)."""
+class DumpLock(FolderLock):
+    """The dump folder's writer lock on ``<dir>/.lock`` (see :mod:`ddk_offline.runtime.lock`; a no-op on URLs)."""
 
     def __init__(self, directory: Path | Storage):
         local = as_storage(directory).local
-        self.path = local / LOCK_NAME if local is not None else None
-        self._fd: int | None = None
+        path = local / LOCK_NAME if local is not None else None
+        super().__init__(
+            path,
+            lambda holder: DumpDirError(
+                f"{path}: another dump-teacher (pid {holder}) is writing to {path.parent}; "
+                "wait for it to finish, or use another --out"
+            ),
+        )
 
-    def __enter__(self) -> DumpLock:
-        if self.path is None:
-            return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise DumpDirError(
-                    f"{self.path}: another dump-teacher (pid {holder}) is writing to {self.path.parent}; "
-                    "wait for it to finish, or use another --out"
-                ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
 
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
+def refuse_out_in_corpus(out: Storage, corpus_folders: list[Path]) -> None:
+    """Refuse an ``--out`` inside a folder the corpus reads: the next run (a resume, a repair) would read the dump's
+    own shards and tokenizer as corpus text, so the dump could never be resumed or repaired."""
+    if out.local is None:
+        return
+    target = out.local.resolve()
+    for folder in corpus_folders:
+        if target == folder or folder in target.parents:
+            raise DumpDirError(
+                f"--out {out.local}: inside the corpus folder {folder} that --data reads, so a rerun would read the "
+                "dump as corpus text; put --out outside that folder"
+            )
 
 
 def existing_manifest(out: Path | Storage) -> Manifest | None:
@@ -129,7 +120,7 @@ def compare(existing: Manifest, wanted: Manifest, out: Path) -> None:
     Raises:
         DumpDirError: listing every difference, the file, and the fix.
     """
-    have, want = _identity(existing), _identity(wanted)
+    have, want = existing.identity(), wanted.identity()
     diffs = [
         f"{key}: {have.get(key)!r} in the dump vs {want.get(key)!r} now" for key in want if have.get(key) != want[key]
     ]
@@ -142,23 +133,6 @@ def compare(existing: Manifest, wanted: Manifest, out: Path) -> None:
             f"Use another --out, or delete {out} to start over",
             diffs,
         )
-
-
-def _identity(m: Manifest) -> dict[str, Any]:
-    flat: dict[str, Any] = {
-        "format_version": m.format_version,
-        "teacher.config_sha256": m.teacher.get("config_sha256"),
-        "teacher.weights_sha256": m.teacher.get("weights_sha256"),
-        "seq_len": m.seq_len,
-        "k": m.k,
-        "codec": m.codec,
-        "temperatures": list(m.temperatures),
-        "corpus.sha256": m.corpus.get("sha256"),
-        "packing.bos_token_id": m.bos_token_id,
-    }
-    flat |= {f"tokenizer.{k}": v for k, v in m.tokenizer.items() if k != "class"}
-    flat |= {f"settings.{k}": v for k, v in m.settings.items()}
-    return flat
 
 
 def keep_valid_shards(manifest: Manifest, out: Path | Storage) -> list[str]:
@@ -259,13 +233,25 @@ def open_manifest(out: Path | Storage, wanted: Manifest) -> Manifest:
     return existing
 
 
+# The dump's own entries (a domain folder must never be one of them, in any letter case) and the longest folder
+# name a domain gets (file systems allow 255 bytes; the shard names below it are short).
+_RESERVED = {n.lower() for n in (MANIFEST_NAME, TOKENIZER_DIR, TMP_DIR, LOCK_NAME, "dump_config.json")}
+_MAX_DIR = 64
+
+
 def domain_dirs(names: list[str]) -> dict[str, str]:
-    """Folder name per domain: the name with unsafe characters replaced; a hash suffix only on collisions."""
+    """Folder name per domain: the name with unsafe characters replaced; a hash suffix on any change or collision.
+
+    A name that is not a safe folder name as it stands (other characters, a leading dot, longer than 64 bytes, one
+    of the dump's own files such as ``manifest.json``, or equal to another domain's folder up to case) gets
+    ``<safe prefix>-<8 hex of sha256(name)>``; the manifest maps names to folders, so readers never guess.
+    """
     dirs: dict[str, str] = {}
     for name in names:
         slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "domain"
-        if slug != name or slug.lower() in {d.lower() for d in dirs.values()} or slug in {"tokenizer"}:
-            slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        taken = {d.lower() for d in dirs.values()} | _RESERVED
+        if slug != name or len(slug) > _MAX_DIR or slug.lower() in taken:
+            slug = f"{slug[:_MAX_DIR].rstrip('.')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
         dirs[name] = slug
     return dirs
 

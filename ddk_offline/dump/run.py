@@ -98,6 +98,7 @@ class _Dump:
         config.validate()
         self.out = Storage(config.out)  # a local folder or an fsspec URL
         self.corpus = open_corpus(config.data, text_column=config.text_column, domain_column=config.domain_column)
+        outdir.refuse_out_in_corpus(self.out, self.corpus.folders())
         self.teacher = teacher or open_teacher(
             config.teacher_backend,
             config.teacher,

@@ -133,6 +133,27 @@ class Manifest:
         """The GGUF file inside the teacher folder, if the teacher was a GGUF."""
         return self.teacher.get("gguf_file") or None
 
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines a dump's stored bytes, flat (``"field.sub": value``), paths left out.
+
+        Two manifests with equal identities describe the same dump: a resumed dump must match the one in its folder,
+        and a resumed distill run the dump it was checkpointed on (wherever either folder lives now).
+        """
+        flat: dict[str, Any] = {
+            "format_version": self.format_version,
+            "teacher.config_sha256": self.teacher.get("config_sha256"),
+            "teacher.weights_sha256": self.teacher.get("weights_sha256"),
+            "seq_len": self.seq_len,
+            "k": self.k,
+            "codec": self.codec,
+            "temperatures": list(self.temperatures),
+            "corpus.sha256": self.corpus.get("sha256"),
+            "packing.bos_token_id": self.bos_token_id,
+        }
+        flat |= {f"tokenizer.{k}": v for k, v in self.tokenizer.items() if k != "class"}
+        flat |= {f"settings.{k}": v for k, v in self.settings.items()}
+        return flat
+
     def local_teacher(self) -> str | None:
         """The teacher on this machine: its folder, or the ``.gguf`` file in it; None when the path is not here."""
         path = Path(self.teacher_name).expanduser()

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from ddk_offline.errors import UserError
 from ddk_offline.runtime.files import fsync_dir, write_bytes_atomic
 
 
@@ -42,7 +43,14 @@ class Storage:
         if is_url(location):
             import fsspec
 
-            self.fs, root = fsspec.core.url_to_fs(str(location), **storage_options)
+            try:
+                self.fs, root = fsspec.core.url_to_fs(str(location), **storage_options)
+            except (ValueError, ImportError) as e:  # an unknown scheme, or its package is not installed
+                scheme = str(location).split("://", 1)[0]
+                raise UserError(
+                    f"{location}: no filesystem for the scheme '{scheme}://' ({e}). Check the URL; for cloud storage "
+                    "install its fsspec package (s3fs for s3://, gcsfs for gs://, adlfs for az://)"
+                ) from None
             self.root = root.rstrip("/") or root
             self.local: Path | None = None
             self.url = str(location).rstrip("/")
