@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
             help="Comma list of providers; unavailable ones are reported as skipped with the reason.",
         ),
         modes: str = typer.Option("forward,backward,full", help="Comma list of forward, backward, full."),
-        loss_mode: str = typer.Option("renorm", help="KD target mode: renorm or tail."),
+        loss_mode: str = typer.Option("renorm", help="KD target mode: renorm (top-k renormalised) or tail (exact)."),
         out_dir: str = typer.Option("benchmarks/results", help="Where the CSV (appended), JSON and PNG go."),
         cpu_reps: int = typer.Option(5, min=1, help="Timed repetitions per measurement on CPU (median reported)."),
     ) -> None:
@@ -35,8 +35,10 @@ def register(app: typer.Typer) -> None:
 
         if shapes not in ("quick", "full"):
             raise typer.BadParameter(f"--shapes: {shapes!r}; choose quick or full")
-        if loss_mode not in ("renorm", "tail"):
-            raise typer.BadParameter(f"--loss-mode: {loss_mode!r}; choose renorm or tail")
+        from ddk_kernels import KD_MODES
+
+        if loss_mode not in KD_MODES:
+            raise typer.BadParameter(f"--loss-mode: {loss_mode!r}; choose one of {', '.join(KD_MODES)}")
         cfg = BenchConfig(
             device=device,
             dtype=dtype,

@@ -17,7 +17,6 @@ from ddk_offline.distillation.data import IGNORE_INDEX, Batch
 from ddk_offline.runtime.device import autocast
 
 #: The teacher-target modes (``--kd-mode``): how the mass outside the stored top-k is treated (DESIGN.md §3).
-KD_MODES = ("renorm", "tail")
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class KDTargets:
         ids: [N, k] int64 top-k ids.
         logits: [N, k] float32 raw logits at those ids (T = 1).
         lse: [N] float32 logsumexp of the full teacher row at the run's temperature.
-        mode: ``renorm`` or ``tail`` (one of :data:`KD_MODES`).
+        mode: ``renorm`` or ``tail`` (one of ``ddk_kernels.KD_MODES``).
     """
 
     ids: torch.Tensor

@@ -8,7 +8,8 @@ import torch
 
 from ddk_kernels.kd_torch import TorchKDLoss
 
-_MODES = ("renorm", "tail")
+#: The KD target modes, the one list every caller validates against (ddk_offline imports it from here).
+KD_MODES = ("renorm", "tail")
 _BACKENDS = ("auto", "triton", "torch")
 
 
@@ -17,8 +18,8 @@ def _fail(field: str, problem: str, fix: str) -> None:
 
 
 def _check(logits, labels, topk_ids, topk_logits, teacher_lse, temperature, mode, backend) -> None:
-    if mode not in _MODES:
-        _fail("mode", f"is {mode!r}", f"use one of {_MODES}")
+    if mode not in KD_MODES:
+        _fail("mode", f"is {mode!r}", f"use one of {KD_MODES}")
     if backend not in _BACKENDS:
         _fail("backend", f"is {backend!r}", f"use one of {_BACKENDS}")
     if not temperature > 0:
