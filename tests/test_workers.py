@@ -139,7 +139,7 @@ def test_dump_shards_are_byte_identical_for_every_encode_worker_count(teacher_di
     def targets(*args, **kwargs):
         kids = _children()  # the pool exists from the dump loop's first blob on (the start-up check runs before)
         calls[0] += bool(kids)
-        if calls[0] == 4:
+        if calls[0] == 1:  # the first forward after the pool started: most of the dump is still ahead
             for pid in kids:
                 os.kill(pid, signal.SIGKILL)
         return real(*args, **kwargs)
