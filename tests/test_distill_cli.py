@@ -37,6 +37,21 @@ def test_dump_distill_eval_via_cli(cli, e2e_dump, teacher_dir, tmp_path):
     assert "ppl ratio" in proc.stdout and "final model" in proc.stdout  # the summary table
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [0, 5, 10, 15, 19]
+    # A periodic line per logged row in non-terminal output (a log file, Slurm), and what the long phases are.
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1]) for line in lines] == [1, 6, 11, 16, 20]
+    assert all(" | kl " in line and " tok/s | weights code=" in line for line in lines)
+    assert "loading the dump" in proc.stdout and "evaluating the final model on the val split" in proc.stdout
+
+    # --resume of the finished run: says so and changes nothing.
+    def stamps():  # every file but the lock, whose content is the pid of the run holding it
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = stamps()
+    again = cli("distill", "--dump", str(e2e_dump), "--out", str(out), "--derive-from-teacher", "layers=1", *TRAIN,
+                "--sampler", "ddk", "--ddk-interval", "5", "--ddk-signal", "loss-ratio", "--resume")  # fmt: skip
+    assert "is complete (20 of 20 steps); nothing to do" in again.stdout
+    assert stamps() == before
     assert all(sorted(r["weights"]) == DOMAINS for r in rows)
     assert rows[-1]["weights"] != rows[0]["weights"]  # DDK moved the mix
     assert rows[-1]["ce"] < rows[0]["ce"]  # it learns

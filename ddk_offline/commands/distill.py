@@ -117,8 +117,29 @@ def register(app: typer.Typer) -> None:
 
         with Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
             task = bar.add_task("steps", total=None)
-            summary = run(config, progress=lambda step, total: bar.update(task, completed=step, total=total))
-        print_summary(Console(), summary)
+
+            def say(line: str) -> None:  # above the bar in a terminal; plain lines in a log file
+                bar.console.print(line, soft_wrap=True, highlight=False)
+
+            summary = run(
+                config,
+                progress=lambda step, total: bar.update(task, completed=step, total=total),
+                say=lambda message: say(f"{message} ..."),
+                on_log=lambda row: say(row_line(row)),
+            )
+        print_summary(Console(soft_wrap=True), summary)
+
+
+def row_line(row: dict) -> str:
+    """One metrics row as the periodic log line: step, loss terms, lr, throughput and the domain mix."""
+    parts = [f"step {row['step'] + 1}", f"loss {row['loss']:.4f}", f"ce {row['ce']:.4f}"]
+    if row.get("kl") is not None:
+        parts.append(f"kl {row['kl']:.4f}")
+    parts.append(f"lr {row['lr']:.2e}")
+    if row.get("tokens_per_s"):
+        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    weights = " ".join(f"{d}={w:.3f}" for d, w in row["weights"].items())
+    return " | ".join(parts) + f" | weights {weights}"
 
 
 def print_summary(console, summary) -> None:

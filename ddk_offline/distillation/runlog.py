@@ -1,4 +1,5 @@
-"""The run's logs: ``metrics.jsonl`` (one row per logged step), optional TensorBoard, and a per-window accumulator.
+"""The run's record: ``metrics.jsonl`` (one row per logged step), optional TensorBoard, a per-window accumulator, and
+the run summary (``summary.json``).
 
 Each training row holds the loss terms averaged over the labelled positions of the steps since the previous row,
 plus per-domain student CE and teacher NLL over the same positions (keyed by domain name; ``null`` for a domain
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,19 @@ def _summary_writer(path: Path):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(path))
+
+
+@dataclass
+class DistillSummary:
+    """What a finished run reports (also written to ``OUT/summary.json``)."""
+
+    out: str
+    final_model: str
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    final_loss: float
+    weights: dict[str, float]
+    eval: dict[str, Any] | None = None
+    plots: list[str] = field(default_factory=list)

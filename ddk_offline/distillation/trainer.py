@@ -22,7 +22,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from ddk_offline.distillation.config import DistillConfig
 from ddk_offline.distillation.evaluation import domain_sums, evaluate_model
 from ddk_offline.distillation.loss import LossSpec, loss_step
 from ddk_offline.distillation.rundir import RunDir, check_out
-from ddk_offline.distillation.runlog import MetricsWriter, Window
+from ddk_offline.distillation.runlog import DistillSummary, MetricsWriter, Window
 from ddk_offline.distillation.samplers import GapStats
 from ddk_offline.distillation.setup import RunParts
 from ddk_offline.errors import UserError
@@ -51,22 +51,6 @@ from ddk_offline.runtime.device import resolve_device
 from ddk_offline.runtime.files import write_json_atomic
 
 __all__ = ["DistillConfig", "DistillSummary", "RunParts", "Trainer", "distill"]
-
-
-@dataclass
-class DistillSummary:
-    """What a finished run reports (also written to ``OUT/summary.json``)."""
-
-    out: str
-    final_model: str
-    steps: int
-    tokens: int
-    seconds: float
-    tokens_per_s: float
-    final_loss: float
-    weights: dict[str, float]
-    eval: dict[str, Any] | None = None
-    plots: list[str] = field(default_factory=list)
 
 
 class Trainer:
@@ -80,6 +64,9 @@ class Trainer:
 
     def __init__(self, config: DistillConfig, env: distributed.DistEnv | None = None, parts: RunParts | None = None):
         self.env = env or distributed.DistEnv()
+        #: Hooks for a front end (the CLI prints both): a status line, and each metrics row as it is logged.
+        self.say: Callable[[str], None] = lambda message: None
+        self.on_log: Callable[[dict[str, Any]], None] = lambda row: None
         self.run_dir = RunDir(Path(config.out))  # opened (made, locked, marked) on rank 0 once the options are checked
         try:
             self._setup(config, parts or RunParts())
@@ -109,7 +96,8 @@ class Trainer:
         distributed.barrier(env)  # every rank has checked --out before rank 0 writes into it
         if env.is_main:
             self.run_dir.open()
-            write_json_atomic(self.out / "config.json", cfg.to_dict())
+            if ckpt is None or ckpt.step < cfg.max_steps:  # a --resume of a finished run rewrites nothing
+                write_json_atomic(self.out / "config.json", cfg.to_dict())
 
         self.device = resolve_device(cfg.device)
         if env.active and self.device.type == "cuda" and self.device.index is None:
@@ -131,7 +119,9 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         if ckpt is not None:
             self._restore(ckpt)
-        self.log = MetricsWriter(self.out, resume_step=self.step if ckpt is not None else None) if env.is_main else None
+        finished = ckpt is not None and self.step >= cfg.max_steps  # run() reports it and rewrites no log
+        resumed_at = self.step if ckpt is not None else None
+        self.log = MetricsWriter(self.out, resume_step=resumed_at) if env.is_main and not finished else None
 
     def _checkpoint_to_resume(self, cfg: DistillConfig):
         """The checkpoint ``--resume`` continues (refused if its settings or process count differ), else None."""
@@ -291,7 +281,9 @@ class Trainer:
                 },
             }
             if self.log is not None:
-                self.log.write(self.window.row(step, lr=lr, weights=weights, kd=cfg.kd_weight > 0, extra=extra))
+                row = self.window.row(step, lr=lr, weights=weights, kd=cfg.kd_weight > 0, extra=extra)
+                self.log.write(row)
+                self.on_log(row)
             self.window.reset()
         self.step += 1
         if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and self.log is not None:
@@ -312,6 +304,12 @@ class Trainer:
 
     def run(self, progress=None) -> DistillSummary:
         start, t0 = self.step, time.perf_counter()
+        done = self.out / "summary.json"
+        if self.cfg.resume and start >= self.cfg.max_steps and done.is_file() and (self.out / "final").is_dir():
+            # A --resume of a finished run: nothing to train, and nothing is rewritten.
+            self.say(f"the run in {self.out} is complete ({start} of {self.cfg.max_steps} steps); nothing to do")
+            summary = DistillSummary(**json.loads(done.read_text())) if self.env.is_main else None
+            return distributed.broadcast_object(self.env, summary)
         try:
             while self.step < self.cfg.max_steps:
                 self.train_step()
@@ -335,9 +333,12 @@ class Trainer:
 
         final = self.out / "final"
         guards.check_weights(self.module, self.cfg, self.step, "the final model")
+        self.say(f"saving the final model to {final}")
         self.module.save_pretrained(final)
         self.reader.tokenizer().save_pretrained(final)
         has_val = any(self.reader.num_sequences(d, "val") for d in self.domains)
+        if has_val:
+            self.say("evaluating the final model on the val split")
         result = self.evaluate().to_dict() if has_val else None
         if result is not None:
             self.log.write_eval(self.step, result)
@@ -361,13 +362,22 @@ class Trainer:
         return summary
 
 
-def distill(config: DistillConfig, *, progress=None, parts: RunParts | None = None) -> DistillSummary:
+def distill(
+    config: DistillConfig,
+    *,
+    progress=None,
+    parts: RunParts | None = None,
+    say: Callable[[str], None] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> DistillSummary:
     """Run phase two end to end (see the module docstring).
 
     Args:
         config: the run's settings (resolved and saved to ``OUT/config.json``).
         progress: optional callback ``(step, max_steps)`` after each step (the CLI's progress bar).
         parts: components to use instead of the defaults built from ``config`` (see :class:`RunParts`).
+        say: called with a status line when a long phase starts (loading, the final save and eval).
+        on_log: called with each metrics row (every ``log_every`` steps; the row ``metrics.jsonl`` gets).
 
     Returns:
         A :class:`DistillSummary`; ``OUT`` holds ``final/`` (model + tokenizer), ``metrics.jsonl``, ``eval.jsonl``,
@@ -375,7 +385,11 @@ def distill(config: DistillConfig, *, progress=None, parts: RunParts | None = No
     """
     env = distributed.setup(resolve_device(config.device).type)  # a no-op without torchrun
     try:
+        if say is not None and env.is_main:
+            say(f"loading the dump {config.dump} and the student")
         run = Trainer(config, env, parts)  # a refused run leaves no folder it made behind
+        if env.is_main:
+            run.say, run.on_log = say or run.say, on_log or run.on_log
         try:
             summary = run.run(progress)
         finally:
