@@ -4,6 +4,7 @@ Never imports ``ddk_offline``. The Triton module is imported lazily, on the firs
 call, so that TRITON_INTERPRET (CPU testing) is read when it matters and CPU users never import triton.
 """
 
-from ddk_kernels.loss import KD_MODES, fused_kd_loss, fused_kd_loss_per_row
+from ddk_kernels.loss import fused_kd_loss, fused_kd_loss_per_row
+from ddk_kernels.spec import KD_MODES, KDSpec
 
-__all__ = ["KD_MODES", "fused_kd_loss", "fused_kd_loss_per_row"]
+__all__ = ["KD_MODES", "KDSpec", "fused_kd_loss", "fused_kd_loss_per_row"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ddk_kernels.spec import TAIL, KDSpec
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 20  # 4 MiB per fp32 [chunk, V] temporary: cache-friendly, ~5 alive at once
 
 
@@ -29,12 +31,12 @@ def _lse_state(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m, torch.log1p(rest)
 
 
-def teacher_probs(topk_ids, topk_logits, teacher_lse, inv_t: float, tail: bool):
+def teacher_probs(topk_ids, topk_logits, teacher_lse, spec: KDSpec):
     """Teacher side per row: (ids int64 clamped >= 0, ok [R, K] bool, p, log p, P [R], p_tail [R]); fp32."""
     ok = topk_ids >= 0
     ids = topk_ids.long().clamp_min(0)
-    u = topk_logits.float() * inv_t
-    if tail:
+    u = topk_logits.float() * spec.inv_t
+    if spec.mode == TAIL:
         logp = u - teacher_lse.float()[:, None]
         p = torch.where(ok, torch.exp(logp), torch.zeros_like(u))
         p_tail = (1.0 - p.sum(dim=1)).clamp_min(0.0)
@@ -58,12 +60,12 @@ def _in_topk(ids: torch.Tensor, ok: torch.Tensor, vocab: int) -> torch.Tensor:
     return mask[:, :vocab]
 
 
-def forward_chunk(z, labels, topk_ids, topk_logits, teacher_lse, inv_t, tail, ignore_index):
+def forward_chunk(z, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec):
     """One chunk: z [R, V] any float dtype. Returns ce [R], kl [R], stats [R, 8] fp32 (as the Triton kernel)."""
     R, V = z.shape
     zf = z.float()
-    valid = labels != ignore_index
-    ids, ok, p, logp, _P, p_tail = teacher_probs(topk_ids, topk_logits, teacher_lse, inv_t, tail)
+    valid, inv_t = labels != spec.ignore_index, spec.inv_t
+    ids, ok, p, logp, _P, p_tail = teacher_probs(topk_ids, topk_logits, teacher_lse, spec)
     m1, l1 = _lse_state(zf)
     zt = zf * inv_t
     mT, lT = (m1, l1) if inv_t == 1.0 else _lse_state(zt)
@@ -72,7 +74,7 @@ def forward_chunk(z, labels, topk_ids, topk_logits, teacher_lse, inv_t, tail, ig
     logq = (zf.gather(1, ids) * inv_t - mT[:, None]) - lT[:, None]
     kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(dim=1)
     stats = torch.zeros(R, 8, dtype=torch.float32, device=z.device)
-    if tail:
+    if spec.mode == TAIL:
         mC, lC = _lse_state(zt.masked_fill_(_in_topk(ids, ok, V), float("-inf")))
         log_qtail = (mC - mT) + (lC - lT)
         safe_pt = torch.where(p_tail > 0, p_tail, torch.ones_like(p_tail))
@@ -87,20 +89,20 @@ def forward_chunk(z, labels, topk_ids, topk_logits, teacher_lse, inv_t, tail, ig
     return torch.where(valid, ce, zero), torch.where(valid, kl, zero), stats
 
 
-def backward_chunk(z, labels, topk_ids, topk_logits, teacher_lse, stats, c_ce, c_kl, inv_t, tail, ignore_index):
+def backward_chunk(z, labels, topk_ids, topk_logits, teacher_lse, stats, c_ce, c_kl, spec: KDSpec):
     """One chunk of d loss / d z as fp32 [R, V]; c_ce = g·α/n, c_kl = g·γ·T/n (0-dim tensors)."""
     R, V = z.shape
     zf = z.float()
-    valid = labels != ignore_index
-    ids, ok, p, _logp, P, p_tail = teacher_probs(topk_ids, topk_logits, teacher_lse, inv_t, tail)
+    valid = labels != spec.ignore_index
+    ids, ok, p, _logp, P, p_tail = teacher_probs(topk_ids, topk_logits, teacher_lse, spec)
     m1, l1, mT, lT, mC, lC = (stats[:, i : i + 1] for i in range(6))
     y = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
     grad = torch.exp((zf - m1) - l1)
     grad.scatter_(1, y, torch.expm1((zf.gather(1, y) - m1) - l1))  # softmax - onehot, exact when confident
     grad.mul_(c_ce)
-    zt = zf * inv_t
+    zt = zf * spec.inv_t
     kl_part = torch.exp((zt - mT) - lT).mul_(P[:, None])
-    if tail:
+    if spec.mode == TAIL:
         comp = torch.exp((zt - mC) - lC).mul_(p_tail[:, None]).masked_fill_(_in_topk(ids, ok, V), 0.0)
         kl_part.sub_(comp)
         del comp
@@ -113,25 +115,23 @@ class TorchKDLoss(torch.autograd.Function):
     """Chunked torch version of ``TritonKDLoss`` (same formula, see there); saves only per-row stats."""
 
     @staticmethod
-    def forward(ctx, logits, labels, topk_ids, topk_logits, teacher_lse, temperature, alpha, gamma, tail, ii, inplace,
-                chunk_rows):  # fmt: skip
+    def forward(ctx, logits, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec, chunk_rows):
         N, V = logits.shape
-        inv_t = 1.0 / temperature
         step = _chunk_rows(N, V, chunk_rows)
         ce = torch.zeros(N, dtype=torch.float32, device=logits.device)
         kl = torch.zeros_like(ce)
         stats = torch.zeros(N, 8, dtype=torch.float32, device=logits.device)
         for s in range(0, N, step):
             e = min(N, s + step)
-            tl_ = teacher_lse[s:e] if tail else None
+            tl_ = teacher_lse[s:e] if spec.uses_lse else None
             ce[s:e], kl[s:e], stats[s:e] = forward_chunk(
-                logits[s:e], labels[s:e], topk_ids[s:e], topk_logits[s:e], tl_, inv_t, tail, ii
+                logits[s:e], labels[s:e], topk_ids[s:e], topk_logits[s:e], tl_, spec
             )
-        n_valid = (labels != ii).sum().clamp_min(1).to(torch.float32)
-        loss = (alpha * ce + (gamma * temperature * temperature) * kl).sum() / n_valid
-        tlse = teacher_lse if tail else stats
+        n_valid = (labels != spec.ignore_index).sum().clamp_min(1).to(torch.float32)
+        loss = (spec.alpha * ce + (spec.gamma * spec.temperature * spec.temperature) * kl).sum() / n_valid
+        tlse = teacher_lse if spec.uses_lse else stats
         ctx.save_for_backward(logits, labels, topk_ids, topk_logits, tlse, stats, n_valid)
-        ctx.cfg = (temperature, alpha, gamma, tail, ii, inplace, step)
+        ctx.spec, ctx.step = spec, step
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
 
@@ -141,19 +141,17 @@ class TorchKDLoss(torch.autograd.Function):
             raise RuntimeError("ddk_kernels.fused_kd_loss(inplace_grad=True): the first backward overwrote the logits "
                                "with their gradient, so backward cannot run again; use inplace_grad=False")  # fmt: skip
         logits, labels, topk_ids, topk_logits, tlse, stats, n_valid = ctx.saved_tensors
-        temperature, alpha, gamma, tail, ii, inplace, step = ctx.cfg
+        spec, step = ctx.spec, ctx.step
         g = grad_loss.to(torch.float32) / n_valid
-        c_ce, c_kl = g * alpha, g * (gamma * temperature)
+        c_ce, c_kl = g * spec.alpha, g * (spec.gamma * spec.temperature)
         N = logits.shape[0]
-        grad = logits if inplace else torch.empty_like(logits)
-        ctx.grad_written_in_place = inplace
+        grad = logits if spec.inplace else torch.empty_like(logits)
+        ctx.grad_written_in_place = spec.inplace
         for s in range(0, N, step):
             e = min(N, s + step)
-            tl_ = tlse[s:e] if tail else None
-            chunk = backward_chunk(
-                logits[s:e], labels[s:e], topk_ids[s:e], topk_logits[s:e], tl_, stats[s:e], c_ce, c_kl,
-                1.0 / temperature, tail, ii,
-            )  # fmt: skip
+            tl_ = tlse[s:e] if spec.uses_lse else None
+            chunk = backward_chunk(logits[s:e], labels[s:e], topk_ids[s:e], topk_logits[s:e], tl_, stats[s:e], c_ce,
+                                   c_kl, spec)  # fmt: skip
             grad[s:e].copy_(chunk)
             del chunk
-        return grad, None, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ddk_kernels.spec import KDSpec
+
 MAX_BLOCK_V = 4096  # tests lower it to exercise the cross-block merge on small vocabularies
 _NEG_INF = float("-inf")
 
@@ -57,14 +59,14 @@ def _merge_block(m, r, x):
 
 
 @triton.jit
-def _teacher_probs(ids_row_ptr, t_row_ptr, tlse_ptr, K, inv_t, TAIL: tl.constexpr, BLOCK_K: tl.constexpr):
+def _teacher_probs(ids_row_ptr, t_row_ptr, tlse_ptr, K, inv_t, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
     # ids_row_ptr: [K] int, t_row_ptr: [K] float, tlse_ptr: [] fp32 (tail only).
     # Returns ids [BLOCK_K] int64, ok (valid slot), p, log p, P = Σp + p_tail, p_tail.
     kk = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_row_ptr + kk, mask=kk < K, other=-1).to(tl.int64)
     ok = (kk < K) & (ids >= 0)
     u = tl.load(t_row_ptr + kk, mask=ok, other=0.0).to(tl.float32) * inv_t
-    if TAIL:
+    if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
         logp = u - tl.load(tlse_ptr)
         p = tl.where(ok, tl.exp(logp), 0.0)
         p_tail = tl.maximum(1.0 - tl.sum(p, 0), 0.0)
@@ -100,7 +102,7 @@ def _kd_fwd_kernel(
     K,
     ignore_index,
     inv_t,
-    TAIL: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -109,7 +111,7 @@ def _kd_fwd_kernel(
     valid = y != ignore_index
     row_ptr = logits_ptr + row * logits_stride
     ids, ok, p, logp, P, p_tail = _teacher_probs(
-        ids_ptr + row * ids_stride, tlogits_ptr + row * tlogits_stride, tlse_ptr + row, K, inv_t, TAIL, BLOCK_K
+        ids_ptr + row * ids_stride, tlogits_ptr + row * tlogits_stride, tlse_ptr + row, K, inv_t, MODE, BLOCK_K
     )
     m1 = tl.full((), float("-inf"), tl.float32)
     r1 = tl.zeros((), tl.float32)
@@ -126,7 +128,7 @@ def _kd_fwd_kernel(
         m1, r1 = _merge_block(m1, r1, z)
         zt = z * inv_t
         mT, rT = _merge_block(mT, rT, zt)
-        if TAIL:
+        if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
             # Mask the top-k ids that fall in this block: walk the row's sorted ids (K steps per row in all).
             hi = (b + 1) * BLOCK_V
             sid = tl.load(sorted_row + j, mask=j < K, other=2147483647)
@@ -148,7 +150,7 @@ def _kd_fwd_kernel(
     logq = (zk * inv_t - mT) - lT
     kl = tl.sum(tl.where(p > 0.0, p * (logp - logq), 0.0), 0)
     lC = _log1p(rC)
-    if TAIL:
+    if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
         log_qtail = (mC - mT) + (lC - lT)
         safe_pt = tl.where(p_tail > 0.0, p_tail, 1.0)
         kl += tl.where(p_tail > 0.0, p_tail * (tl.log(safe_pt) - log_qtail), 0.0)
@@ -181,7 +183,7 @@ def _kd_bwd_kernel(
     K,
     ignore_index,
     inv_t,
-    TAIL: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -200,7 +202,7 @@ def _kd_bwd_kernel(
     mC = tl.load(st + 4)
     lC = tl.load(st + 5)
     ids, ok, p, logp, P, p_tail = _teacher_probs(
-        ids_ptr + row * ids_stride, tlogits_ptr + row * tlogits_stride, tlse_ptr + row, K, inv_t, TAIL, BLOCK_K
+        ids_ptr + row * ids_stride, tlogits_ptr + row * tlogits_stride, tlse_ptr + row, K, inv_t, MODE, BLOCK_K
     )
     # Gather before the pass overwrites the row (in-place); the barrier orders these loads before its stores.
     zy = tl.load(row_ptr + y, mask=valid, other=0.0).to(tl.float32)
@@ -212,7 +214,7 @@ def _kd_bwd_kernel(
         z = tl.load(row_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
         zt = z * inv_t
         g = c_ce * tl.exp((z - m1) - l1) + c_kl * P * tl.exp((zt - mT) - lT)
-        if TAIL:
+        if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
             g -= c_kl * p_tail * tl.exp((zt - mC) - lC)  # ids in I are rewritten below without this term
         g = tl.where(valid, g, 0.0)
         tl.store(grow_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < V)
@@ -228,7 +230,7 @@ def _kd_bwd_kernel(
     y_in_ids = tl.sum((is_y & ok).to(tl.int32), 0) > 0
     zyt = zy * inv_t
     gy = c_ce * _expm1((zy - m1) - l1) + c_kl * P * tl.exp((zyt - mT) - lT)
-    if TAIL:
+    if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
         gy -= c_kl * p_tail * tl.exp((zyt - mC) - lC)
     tl.store(grow_ptr + y, gy.to(grad_ptr.dtype.element_ty), mask=valid & (y_in_ids == 0))
 
@@ -240,7 +242,7 @@ def _blocks(V: int, K: int) -> tuple[int, int, int]:
     return block_v, block_k, num_warps
 
 
-def kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, inv_t: float, tail: bool, ignore_index: int):
+def kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec):
     """Launch the forward kernel. Returns (ce [N], kl [N], stats [N, 8]) fp32."""
     N, V = logits.shape
     K = topk_ids.shape[1]
@@ -250,21 +252,21 @@ def kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, inv_t: float,
     stats = torch.zeros(N, 8, dtype=torch.float32, device=dev)
     if N == 0:
         return ce, kl, stats
-    if tail:
+    if spec.uses_lse:
         sorted_ids = topk_ids.to(torch.int32).sort(dim=1).values.contiguous()
     else:
-        sorted_ids, teacher_lse = topk_ids, ce  # never read (TAIL is a constexpr False)
+        sorted_ids, teacher_lse = topk_ids, ce  # never read (the branches that read them are compiled out)
     block_v, block_k, num_warps = _blocks(V, K)
     _kd_fwd_kernel[(N,)](
         logits, labels, topk_ids, topk_logits, teacher_lse, sorted_ids, ce, kl, stats,
         logits.stride(0), topk_ids.stride(0), topk_logits.stride(0), sorted_ids.stride(0),
-        V, K, ignore_index, inv_t,
-        TAIL=tail, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+        V, K, spec.ignore_index, spec.inv_t,
+        MODE=spec.mode, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return ce, kl, stats
 
 
-def kd_backward(logits, grad, labels, topk_ids, topk_logits, teacher_lse, stats, scale, inv_t, tail, ignore_index):
+def kd_backward(logits, grad, labels, topk_ids, topk_logits, teacher_lse, stats, scale, spec: KDSpec):
     """Launch the backward kernel, writing d loss / d logits into `grad` (which may be `logits`)."""
     N, V = logits.shape
     if N == 0:
@@ -272,10 +274,10 @@ def kd_backward(logits, grad, labels, topk_ids, topk_logits, teacher_lse, stats,
     K = topk_ids.shape[1]
     block_v, block_k, num_warps = _blocks(V, K)
     _kd_bwd_kernel[(N,)](
-        logits, grad, labels, topk_ids, topk_logits, teacher_lse if tail else stats, stats, scale,
+        logits, grad, labels, topk_ids, topk_logits, teacher_lse if spec.uses_lse else stats, stats, scale,
         logits.stride(0), grad.stride(0), topk_ids.stride(0), topk_logits.stride(0),
-        V, K, ignore_index, inv_t,
-        TAIL=tail, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+        V, K, spec.ignore_index, spec.inv_t,
+        MODE=spec.mode, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return grad
 
@@ -290,14 +292,13 @@ class TritonKDLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, topk_ids, topk_logits, teacher_lse, temperature, alpha, gamma, tail, ii, inplace):
-        inv_t = 1.0 / temperature
-        ce, kl, stats = kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, inv_t, tail, ii)
-        n_valid = (labels != ii).sum().clamp_min(1).to(torch.float32)
-        loss = (alpha * ce + (gamma * temperature * temperature) * kl).sum() / n_valid
+    def forward(ctx, logits, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec):
+        ce, kl, stats = kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, spec)
+        n_valid = (labels != spec.ignore_index).sum().clamp_min(1).to(torch.float32)
+        loss = (spec.alpha * ce + (spec.gamma * spec.temperature * spec.temperature) * kl).sum() / n_valid
         tlse = teacher_lse if teacher_lse is not None else stats
         ctx.save_for_backward(logits, labels, topk_ids, topk_logits, tlse, stats, n_valid)
-        ctx.cfg = (temperature, alpha, gamma, tail, ii, inplace)
+        ctx.spec = spec
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
 
@@ -307,10 +308,10 @@ class TritonKDLoss(torch.autograd.Function):
             raise RuntimeError("ddk_kernels.fused_kd_loss(inplace_grad=True): the first backward overwrote the logits "
                                "with their gradient, so backward cannot run again; use inplace_grad=False")  # fmt: skip
         logits, labels, topk_ids, topk_logits, tlse, stats, n_valid = ctx.saved_tensors
-        temperature, alpha, gamma, tail, ii, inplace = ctx.cfg
+        spec = ctx.spec
         g = grad_loss.to(torch.float32) / n_valid
-        scale = torch.stack([g * alpha, g * (gamma * temperature)]).contiguous()
-        grad = logits if inplace else torch.empty_like(logits)
-        ctx.grad_written_in_place = inplace
-        kd_backward(logits, grad, labels, topk_ids, topk_logits, tlse, stats, scale, 1.0 / temperature, tail, ii)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        scale = torch.stack([g * spec.alpha, g * (spec.gamma * spec.temperature)]).contiguous()
+        grad = logits if spec.inplace else torch.empty_like(logits)
+        ctx.grad_written_in_place = spec.inplace
+        kd_backward(logits, grad, labels, topk_ids, topk_logits, tlse, stats, scale, spec)
+        return grad, None, None, None, None, None

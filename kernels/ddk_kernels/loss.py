@@ -7,9 +7,8 @@ import os
 import torch
 
 from ddk_kernels.kd_torch import TorchKDLoss
+from ddk_kernels.spec import KD_MODES, KDSpec
 
-#: The KD target modes, the one list every caller validates against (ddk_offline imports it from here).
-KD_MODES = ("renorm", "tail")
 _BACKENDS = ("auto", "triton", "torch")
 
 
@@ -80,10 +79,10 @@ def _apply(logits, labels, topk_ids, topk_logits, teacher_lse, temperature, alph
            backend, inplace_grad, chunk_rows):  # fmt: skip
     _check(logits, labels, topk_ids, topk_logits, teacher_lse, temperature, mode, backend)
     _check_values(logits, labels, topk_ids, ignore_index)
-    tail = mode == "tail"
-    tlse = teacher_lse.float().contiguous() if tail else None
-    args = (logits, labels.contiguous(), topk_ids.contiguous(), topk_logits.contiguous(), tlse, float(temperature),
-            float(alpha), float(gamma), tail, int(ignore_index), bool(inplace_grad))  # fmt: skip
+    spec = KDSpec(float(temperature), float(alpha), float(gamma), KD_MODES.index(mode), int(ignore_index),
+                  bool(inplace_grad))  # fmt: skip
+    tlse = teacher_lse.float().contiguous() if spec.uses_lse else None
+    args = (logits, labels.contiguous(), topk_ids.contiguous(), topk_logits.contiguous(), tlse, spec)
     if _use_triton(logits, backend):
         from ddk_kernels.kd_triton import TritonKDLoss  # lazy: triton decides interpret vs compile at import
 
