@@ -18,8 +18,10 @@ Sections (time on 2 shared CPU cores):
    targets are left out: they spell no bytes), and the teacher's standard NLL of that token; bits per byte are
    sum(NLL) / ln 2 / the UTF-8 bytes those tokens spell. Over all tokens the dump scores worse than the standard
    figure whatever the BOS policy: a row cut inside a document loses the text before the cut. The same-context
-   columns keep the tokens whose document begins in the same row (the dump saw what the standard figure saw):
-   there, a dump that packs the way the teacher was trained matches the standard figure
+   columns keep the tokens whose document begins in the same row (the dump saw the whole document, plus the
+   domain's earlier documents in that row, which help it a little); the row-opener columns keep only the document
+   that opens each row, where the dump saw exactly what the standard figure saw: there a dump that packs the way the
+   teacher was trained matches the standard figure, and one that does not, does not
 5. row-start study (the BOS dump): rows that begin inside a document, scored three ways on the same tokens (the rest
    of that document in the row): as dumped (BOS inserted at the row start), without the inserted BOS, and with the
    whole document before them (the standard figure) (~1 min)
@@ -141,9 +143,13 @@ def compare(dump_dir: Path, corpus: Path, tok, standard: dict) -> dict:
         )
         # acc[0]: every text token; acc[1]: tokens whose document begins in the same row, so that the dump saw
         # the same context as the standard figure (a row cut mid-document loses the text before the cut).
-        acc = np.zeros((2, 4))  # dump nll, standard nll, tokens, bytes
+        # acc[2]: tokens of a document that opens the row: nothing but the framing (the BOS) comes before it, as in
+        # the standard figure; acc[1] also holds later documents, which see earlier documents of the domain too.
+        acc = np.zeros((3, 4))  # dump nll, standard nll, tokens, bytes
         for (_, origin), (_, nll) in zip(rows, got, strict=True):
             started = {o[0] for o in origin if o is not None and o[1] == 0}
+            head = next(o for o in origin if o is not None)
+            opener = head[0] if head[1] == 0 else None
             for n in range(SEQ_LEN - 1):
                 o = origin[n + 1]
                 if o is None or not math.isfinite(nll[n]) or not math.isfinite(std[o[0]][o[1]]):
@@ -152,6 +158,8 @@ def compare(dump_dir: Path, corpus: Path, tok, standard: dict) -> dict:
                 acc[0] += add
                 if o[0] in started:
                     acc[1] += add
+                if o[0] == opener:
+                    acc[2] += add
         out[domain] = {
             "tokens": int(acc[0, 2]),
             "bytes": int(acc[0, 3]),
@@ -160,6 +168,9 @@ def compare(dump_dir: Path, corpus: Path, tok, standard: dict) -> dict:
             "same_context_tokens": int(acc[1, 2]),
             "same_context_dump": acc[1, 0] / acc[1, 3] / LN2,
             "same_context_standard": acc[1, 1] / acc[1, 3] / LN2,
+            "row_opener_tokens": int(acc[2, 2]),
+            "row_opener_dump": acc[2, 0] / acc[2, 3] / LN2,
+            "row_opener_standard": acc[2, 1] / acc[2, 3] / LN2,
         }
     return out
 
@@ -214,8 +225,9 @@ def score_standard(teacher: str, corpus: Path, domains: list[str]) -> tuple[obje
 def markdown(results: dict) -> str:
     lines = [
         "| teacher | `--bos` | domain | tokens | dump bits/byte | standard bits/byte | dump vs standard "
-        "| same-context tokens | dump bits/byte | standard bits/byte | dump vs standard | start-up check |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| doc starts in row: tokens | dump vs standard | doc opens the row: tokens | dump bits/byte "
+        "| standard bits/byte | dump vs standard | start-up check |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["dumps"].values():
         check = r["check"]["relative_difference"] if r["check"] else None
@@ -225,8 +237,9 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {r['teacher'] if first else ''} | {r['bos'] if first else ''} | {domain} | {d['tokens']:,} | "
                 f"{d['dump']:.3f} | {d['standard']:.3f} | {rel:+.1%} | {d['same_context_tokens']:,} | "
-                f"{d['same_context_dump']:.3f} | {d['same_context_standard']:.3f} | "
-                f"{d['same_context_dump'] / d['same_context_standard'] - 1:+.1%} | "
+                f"{d['same_context_dump'] / d['same_context_standard'] - 1:+.1%} | {d['row_opener_tokens']:,} | "
+                f"{d['row_opener_dump']:.3f} | {d['row_opener_standard']:.3f} | "
+                f"{d['row_opener_dump'] / d['row_opener_standard'] - 1:+.1%} | "
                 f"{'' if not first or check is None else f'{check:+.1%}'} |"
             )
     study = results.get("row_start")
