@@ -18,8 +18,15 @@ def register(app: typer.Typer) -> None:
     @app.command("distill")
     @exit_on_user_error
     def distill(
-        dump: str = typer.Option(..., help="Teacher dump directory (from `ddk-offline dump-teacher`)."),
-        out: str = typer.Option(..., help="Output directory: final/ model, metrics.jsonl, plots, checkpoints/."),
+        ctx: typer.Context,
+        dump: Optional[str] = typer.Option(None, help="Teacher dump directory (from `ddk-offline dump-teacher`)."),
+        out: Optional[str] = typer.Option(None, help="Output directory: final/ model, metrics.jsonl, checkpoints/."),
+        config_file: Optional[str] = typer.Option(
+            None,
+            "--config",
+            help="YAML/JSON file of options (keys = option names); options given here override it. A run's "
+            "OUT/config.json is one.",
+        ),
         student: Optional[str] = typer.Option(None, help="Student checkpoint: a save_pretrained folder or .gguf."),
         student_config: Optional[str] = typer.Option(None, help="Student config JSON (random init)."),
         derive_from_teacher: Optional[str] = typer.Option(
@@ -67,43 +74,17 @@ def register(app: typer.Typer) -> None:
         Under `torchrun --nproc_per_node N -m ddk_offline distill ...` the student trains with DDP; --batch-size is
         per process.
         """
+        from dataclasses import fields
+
+        from ddk_offline.commands._configfile import merged_settings
         from ddk_offline.distillation.config import DistillConfig
         from ddk_offline.distillation.trainer import distill as run
 
-        config = DistillConfig(
-            dump=dump,
-            out=out,
-            student=student,
-            student_config=student_config,
-            derive_from_teacher=derive_from_teacher,
-            teacher=teacher,
-            sampler=sampler,
-            ddk_interval=ddk_interval,
-            ddk_alpha=ddk_alpha,
-            ddk_signal=ddk_signal,
-            gap_source=gap_source,
-            draw=draw,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            temperature=temperature,
-            kd_mode=kd_mode,
-            max_steps=max_steps,
-            max_tokens=max_tokens,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            lr=lr,
-            warmup_steps=warmup_steps,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            eval_every=eval_every,
-            eval_max_sequences=eval_max_sequences,
-            save_every=save_every,
-            seed=seed,
-            device=device,
-            resume=resume,
-            log_every=log_every,
-            data_workers=data_workers,
+        names = {f.name for f in fields(DistillConfig)}
+        settings = merged_settings(
+            ctx, DistillConfig, {k: v for k, v in ctx.params.items() if k in names}, config_file, ("dump", "out")
         )
+        config = DistillConfig(**settings)
         quiet_libraries()
         from ddk_offline.runtime.distributed import env_rank
 

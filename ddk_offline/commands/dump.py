@@ -17,11 +17,18 @@ def register(app: typer.Typer) -> None:
     @app.command("dump-teacher")
     @exit_on_user_error
     def dump_teacher(
-        teacher: str = typer.Option(..., help="Teacher: a model folder, a .gguf file, or a Hub name."),
-        data: str = typer.Option(
-            ..., help="Corpus: a file, folder, glob, saved dataset, or a folder with one sub-folder per domain."
+        ctx: typer.Context,
+        teacher: str | None = typer.Option(None, help="Teacher: a model folder, a .gguf file, or a Hub name."),
+        data: str | None = typer.Option(
+            None, help="Corpus: a file, folder, glob, saved dataset, or a folder with one sub-folder per domain."
         ),
-        out: str = typer.Option(..., help="Dump directory (created; rerun with the same options to resume)."),
+        out: str | None = typer.Option(None, help="Dump directory (created; rerun with the same options to resume)."),
+        config_file: Optional[str] = typer.Option(  # noqa: UP045
+            None,
+            "--config",
+            help="YAML/JSON file of options (keys = option names); options given here override it. A dump's "
+            "dump_config.json is one.",
+        ),
         text_column: str = typer.Option("text", help="Text field of structured corpora (jsonl, parquet, csv, ...)."),
         domain_column: str = typer.Option("domain", help="Domain field (not needed in the domain-folder layout)."),
         seq_len: int = typer.Option(512, help="Tokens per packed sequence."),
@@ -64,27 +71,15 @@ def register(app: typer.Typer) -> None:
             raise fail(
                 f"--extra-temperatures {extra_temperatures!r}: use comma-separated numbers, e.g. 2.0,4.0"
             ) from None
-        config = DumpConfig(
-            teacher=teacher,
-            data=data,
-            out=out,
-            text_column=text_column,
-            domain_column=domain_column,
-            seq_len=seq_len,
-            top_k=top_k,
-            batch_size=batch_size,
-            val_fraction=val_fraction,
-            max_tokens_per_domain=max_tokens_per_domain,
-            dtype=dtype,
-            device=device,
-            shard_tokens=shard_tokens,
-            extra_temperatures=temps,
-            trust_remote_code=trust_remote_code,
-            gguf_file=gguf_file,
-            teacher_backend=teacher_backend,
-            encode_workers=encode_workers,
-            bos=bos,
-        )
+        from dataclasses import fields
+
+        from ddk_offline.commands._configfile import merged_settings
+
+        names = {f.name for f in fields(DumpConfig)}
+        cli = {k: v for k, v in ctx.params.items() if k in names} | {"extra_temperatures": temps}
+        settings = merged_settings(ctx, DumpConfig, cli, config_file, ("teacher", "data", "out"))
+        config = DumpConfig(**settings)
+        out = config.out
         quiet_libraries()
         from ddk_offline.runtime.distributed import env_rank
 
