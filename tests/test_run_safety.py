@@ -240,3 +240,28 @@ def test_an_unknown_url_scheme_is_one_clear_error(teacher_dir, student, tmp_path
         run_dump(DumpConfig(teacher=str(teacher_dir), data=str(tmp_path), out="foo://bucket/dump"))
     with pytest.raises(UserError, match="no filesystem for the scheme 'foo://'"):
         distill(_config("foo://bucket/dump", student, tmp_path / "run"))
+
+
+def test_a_teacher_producing_nan_stops_the_dump_before_it_is_stored(teacher_dir, tmp_path):
+    from ddk_offline.dump.teachers import open_teacher
+    from ddk_offline.dump.verify import verify_dump
+
+    corpus = tiny.write_jsonl(tiny.make_corpus(12), tmp_path / "corpus.jsonl")
+    config = DumpConfig(teacher=str(teacher_dir), data=str(corpus), out=str(tmp_path / "dump"), seq_len=16, top_k=4,
+                        batch_size=4, val_fraction=0.2, dtype="float32", device="cpu", shard_tokens=64)  # fmt: skip
+    teacher = open_teacher("hf", str(teacher_dir))
+    real, calls = teacher.targets, [0]
+
+    def targets(input_ids, **kwargs):  # what an fp16 overflow looks like, on the dump loop's third batch
+        t = real(input_ids, **kwargs)
+        calls[0] += tuple(input_ids.shape) == (4, 16)  # the loop's batches (the start-up check scores documents)
+        if calls[0] == 3:
+            t.lse[0, 5] = math.inf
+        return t
+
+    teacher.targets = targets
+    with pytest.raises(UserError, match=r"logits hold NaN or inf .* Rerun with --dtype float32"):
+        run_dump(config, teacher=teacher)
+    assert not verify_dump(tmp_path / "dump", sample_rows=0).broken_shards
+    run_dump(config)  # the rerun resumes and finishes
+    assert verify_dump(tmp_path / "dump").ok

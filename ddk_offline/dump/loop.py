@@ -144,6 +144,14 @@ class DumpLoop:
         temps = tuple(self.manifest.temperatures[1:])
         t = self.teacher.targets(ids, k=self.manifest.k, extra_temperatures=temps)
         self.stats.forward_s += t.forward_s
+        if not (np.isfinite(t.lse).all() and np.isfinite(t.topk_logits).all()):
+            # Before any of it is encoded: a NaN target would poison every student trained from the dump.
+            raise UserError(
+                f"the teacher's logits hold NaN or inf in domain '{batch[0].domain}' (sequences "
+                f"{batch[0].seq_index}-{batch[-1].seq_index} of {batch[0].split}) at --dtype {self.config.dtype}: the "
+                "logits overflow in half precision, or the weights are broken. Rerun with --dtype float32 (or "
+                "bfloat16); the complete shards are kept and the rerun resumes"
+            )
         bos = self.manifest.bos_token_id
         if bos is not None:
             # Nothing should learn to predict BOS (it marks a document start the packing chose): no target there.
