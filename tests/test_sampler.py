@@ -290,3 +290,31 @@ def test_largest_remainder():
     np.testing.assert_array_equal(largest_remainder(np.array([0.5, 0.3, 0.2]), 4), [2, 1, 1])
     np.testing.assert_array_equal(largest_remainder(np.array([1 / 3] * 3), 4), [2, 1, 1])  # ties: lower index
     assert largest_remainder(np.array([0.25, 0.25, 0.5]), 7).sum() == 7
+
+
+def test_a_saturated_ddk_update_is_flagged_and_warned_once():
+    import warnings
+
+    import numpy as np
+
+    from ddk_offline.distillation.config import DistillConfig
+    from ddk_offline.distillation.guards import SamplerSaturationWarning, warn_if_saturated
+    from ddk_offline.distillation.samplers.ddk import DDKSampler
+
+    sampler = DDKSampler(["a", "b", "c"], alpha=0.5)
+    sampler._gaps = np.array([1.2, 1.1, 1.0])  # a pretrained student: gaps near 1, a smooth mix
+    sampler._reweight()
+    sampler._reweight()
+    assert not sampler.saturated
+    sampler._gaps = np.array([3000.0, 40.0, 35.0])  # a fresh student under ppl-ratio: exp(CE - NLL) in the thousands
+    sampler._reweight()
+    assert sampler.saturated
+    assert np.allclose(sampler.weights, [0.5 + 0.5 / 3, 0.5 / 3, 0.5 / 3])  # argmax + floor
+    cfg = DistillConfig(dump="d", out="o")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_saturated(sampler, cfg, 40)
+        warn_if_saturated(sampler, cfg, 80)  # once per run
+    assert len(caught) == 1 and issubclass(caught[0].category, SamplerSaturationWarning)
+    assert "step 40: the DDK update saturated" in str(caught[0].message)
+    assert "use --ddk-signal loss-ratio" in str(caught[0].message)

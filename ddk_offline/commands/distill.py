@@ -96,7 +96,13 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+        from ddk_offline.commands._warnings import loud_warnings
+        from ddk_offline.distillation.guards import SamplerSaturationWarning
+
+        with (
+            loud_warnings(SamplerSaturationWarning),
+            Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar,
+        ):
             task = bar.add_task("steps", total=None)
 
             def say(line: str) -> None:  # above the bar in a terminal; plain lines in a log file

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from typing import Optional
 
 import typer
@@ -63,7 +61,9 @@ def register(app: typer.Typer) -> None:
 
         Under `torchrun --nproc_per_node N -m ddk_offline dump-teacher ...` the ranks split the shards.
         """
+        from ddk_offline.commands._warnings import loud_warnings
         from ddk_offline.dump import DumpConfig, run_dump
+        from ddk_offline.dump.config import PackingMismatchWarning
 
         try:
             temps = tuple(float(t) for t in extra_temperatures.split(",") if t.strip())
@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         quiet = quiet or env_rank() != 0  # under torchrun only rank 0 draws progress and prints the summary
         progress = None if quiet else _RichProgress()
         try:
-            with _loud_packing_warnings():
+            with loud_warnings(PackingMismatchWarning):
                 result = run_dump(config, progress=progress)
         except KeyboardInterrupt:
             typer.secho("interrupted: complete shards are kept; rerun the same command to resume", fg="red", err=True)
@@ -96,26 +96,6 @@ def register(app: typer.Typer) -> None:
 
             print_info(result.manifest, out)
             _print_stats(result.stats, config.seq_len)
-
-
-@contextlib.contextmanager
-def _loud_packing_warnings():
-    """Print the start-up check's warning as a red block on stderr (every rank's other warnings stay as they are)."""
-    from ddk_offline.dump.config import PackingMismatchWarning
-
-    shown = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, PackingMismatchWarning):
-            typer.secho(f"WARNING: {message}", fg=typer.colors.RED, bold=True, err=True)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown
 
 
 class _RichProgress:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,27 @@ def check_same_dump(saved: dict[str, Any] | None, now: dict[str, Any], checkpoin
             f"({'; '.join(diffs[:4])}{more}). Fix: pass the original dump as --dump, or start a new run with "
             "another --out"
         )
+
+
+class SamplerSaturationWarning(UserWarning):
+    """A DDK update gave the whole smoothed share to one domain: the mix is argmax + floor."""
+
+
+def warn_if_saturated(sampler: Any, cfg: DistillConfig, step: int) -> None:
+    """Warn (once per run and sampler) when a DDK update saturated, naming the option that fixes it."""
+    if not getattr(sampler, "saturated", False) or getattr(sampler, "_saturation_warned", False):
+        return
+    sampler._saturation_warned = True
+    weights = ", ".join(f"{d}={w:.3f}" for d, w in zip(sampler.domains, sampler.weights, strict=True))
+    fix = (
+        "use --ddk-signal loss-ratio (meant for fresh or derived students, whose perplexity ratios are in the "
+        "thousands)"
+        if cfg.ddk_signal == "ppl-ratio"
+        else "raise --ddk-alpha's floor (lower --ddk-alpha) or shorten --ddk-interval"
+    )
+    warnings.warn(
+        f"step {step}: the DDK update saturated: one domain takes the whole smoothed share ({weights}), so the mix "
+        f"follows the largest gap only, not the gaps; {fix}",
+        SamplerSaturationWarning,
+        stacklevel=2,
+    )

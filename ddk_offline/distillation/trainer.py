@@ -120,8 +120,7 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         finished = ckpt is not None and self.step >= cfg.max_steps  # run() reports it and rewrites no log
-        resumed_at = self.step if ckpt is not None else None
-        self.log = MetricsWriter(self.out, resume_step=resumed_at) if env.is_main and not finished else None
+        self.log = MetricsWriter(self.out, resume_step=ckpt and self.step) if env.is_main and not finished else None
 
     def _checkpoint_to_resume(self, cfg: DistillConfig):
         """The checkpoint ``--resume`` continues (refused if its settings or process count differ), else None."""
@@ -215,6 +214,7 @@ class Trainer:
             self.gap.load_array(distributed.all_reduce_sum(self.env, self.gap.as_array()))
         self.sampler.update(self.gap, step)
         self.gap.reset()
+        guards.warn_if_saturated(self.sampler, self.cfg, step)
 
     def _plan_step(self) -> None:
         # The global step's draws, identical on every rank; each micro-batch plan is global too (see BatchLoader).

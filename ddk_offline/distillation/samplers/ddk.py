@@ -55,6 +55,7 @@ class DDKSampler(DomainSampler):
         super().__init__(domains, np.ones(len(domains)), **kwargs)
         self.alpha, self.smooth_init = float(alpha), bool(smooth_init)
         self.started = False  # False while in the uniform warm-up (some domain never measured)
+        self.saturated = False  # the last update gave (nearly) all the smoothed share to one domain
 
     @property
     def floor(self) -> float:
@@ -72,7 +73,11 @@ class DDKSampler(DomainSampler):
             return True
         with np.errstate(divide="ignore"):  # a zero weight (paper start) has log -inf: psi = 0
             log_psi = np.log(self._weights) + self._gaps
-        self._weights = self.alpha * softmax(log_psi) + self.floor
+        soft = softmax(log_psi)
+        self._weights = self.alpha * soft + self.floor
+        # Saturated: one domain takes the whole smoothed share (argmax + floor), as with ppl-ratio gaps in the
+        # thousands; the mix no longer tracks the gaps (the trainer warns once).
+        self.saturated = n > 1 and self.alpha > 0 and float(soft.max()) > 0.99
         return True
 
     def state_dict(self) -> dict[str, Any]:
