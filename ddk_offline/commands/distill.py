@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
@@ -114,7 +115,7 @@ def register(app: typer.Typer) -> None:
                 say=lambda message: say(f"{message} ..."),
                 on_log=lambda row: say(row_line(row)),
             )
-        print_summary(Console(soft_wrap=True), summary)
+        print_summary(Console() if sys.stdout.isatty() else Console(width=200), summary)  # a log file: full width
 
 
 def row_line(row: dict) -> str:

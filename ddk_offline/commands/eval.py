@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Optional
 
 import typer
@@ -63,7 +64,7 @@ def _print_tables(payload: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # a log file: never cut tables to 80 columns
     for r in payload:
         table = Table(title=f"{r['model']} ({r['split']})")
         for col in ("domain", "sequences", "loss", "ppl", "teacher loss", "teacher ppl", "ppl ratio"):
@@ -83,3 +84,21 @@ def _print_tables(payload: list[dict]) -> None:
             )
         console.print(table)
         console.print(f"mean ratio {r['mean_ratio']:.3f}, worst {r['worst_ratio']:.3f} ({r['worst_domain']})")
+    if len(payload) > 1:
+        console.print(side_by_side(payload))
+
+
+def side_by_side(payload: list[dict]):
+    """One table of student/teacher perplexity ratios: domains x models, then the mean and the worst domain."""
+    from rich.table import Table
+
+    table = Table(title=f"ppl ratio vs the teacher ({payload[0]['split']}; lower is better)")
+    table.add_column("domain")
+    for i, r in enumerate(payload, 1):
+        table.add_column(f"[{i}] {r['model']}", justify="right")
+    for name in payload[0]["domains"]:
+        cells = [r["domains"].get(name, {}) for r in payload]
+        table.add_row(name, *[f"{d['ratio']:.3f}" if d.get("positions") else "" for d in cells])
+    table.add_row("mean", *[f"{r['mean_ratio']:.3f}" for r in payload], end_section=False)
+    table.add_row("worst", *[f"{r['worst_ratio']:.3f} ({r['worst_domain']})" for r in payload])
+    return table
