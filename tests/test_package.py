@@ -36,3 +36,21 @@ def test_public_api_names_resolve():
     from ddk_kernels import fused_kd_loss
 
     assert ddk_offline.fused_kd_loss is fused_kd_loss
+
+
+def test_cli_silences_the_gguf_conversion_bar():
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from ddk_offline.commands._quiet import quiet_libraries
+
+    real = gguf_utils.tqdm
+    try:
+        quiet_libraries()
+        bar = gguf_utils.tqdm
+        assert isinstance(bar, functools.partial) and bar.keywords == {"disable": True}
+        quiet_libraries()  # idempotent: not wrapped twice
+        assert gguf_utils.tqdm is bar
+    finally:
+        gguf_utils.tqdm = real
