@@ -11,6 +11,7 @@ _NAMES: list[str] = [
     "ddk_offline.commands.dumps",
     "ddk_offline.commands.distill",
     "ddk_offline.commands.eval",
+    "ddk_offline.commands.runs",
     "ddk_offline.commands.bench",
     "ddk_offline.commands.version",
 ]

@@ -78,3 +78,45 @@ def write_plots(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         plt.close(fig)
         written.append(path)
     return written
+
+
+def write_compare_plots(runs: list, out_dir: str | os.PathLike) -> list[Path]:
+    """``compare_ratio.png`` and ``compare_weights.png``: one panel per run (same axes), one line per domain.
+
+    Args:
+        runs: :class:`ddk_offline.distillation.compare.RunRecord` objects (their ``metrics`` rows are plotted).
+        out_dir: where the PNGs go (created).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; skipping plots (pip install 'ddk-offline[demo]')")
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    panels = [
+        ("compare_ratio.png", _ratios, "student CE / teacher NLL (train, per log window)", True, "default"),
+        ("compare_weights.png", lambda r: r.get("weights") or {}, "sampling weight", False, "steps-post"),
+    ]
+    written = []
+    for name, fn, ylabel, log, drawstyle in panels:
+        fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 4), dpi=100, sharey=True, squeeze=False)
+        for ax, run in zip(axes[0], runs, strict=True):
+            for domain, (steps, values) in sorted(_series(run.metrics, fn).items()):
+                ax.plot(steps, values, label=domain, drawstyle=drawstyle)
+            if log:
+                ax.set_yscale("log")
+                ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--", label="teacher (ratio 1)")
+            ax.set_title(run.path.name, fontsize="medium")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].set_ylabel(ylabel)
+        axes[0][-1].legend(loc="best", fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        written.append(out / name)
+    return written
