@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Every dev dependency and the package's own metadata (the editable install): install when any is missing.
 if ! "$PY" - <<'PROBE' 2>/dev/null; then
 import importlib.metadata as md
-import datasets, fsspec, matplotlib, pyarrow, pytest, pytest_timeout, rich, safetensors, tokenizers, transformers, typer, yaml, zstandard
+import datasets, fsspec, matplotlib, pyarrow, pytest, pytest_timeout, rich, safetensors, tensorboard, tokenizers, transformers, typer, yaml, zstandard
 md.version("ddk-offline")
 PROBE
   "$PY" -m pip install -q -e ".[dev]"

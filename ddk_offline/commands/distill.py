@@ -65,6 +65,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
         resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
         log_every: int = typer.Option(10, help="A metrics.jsonl row every N steps (plus the first and last)."),
+        report_to: str = typer.Option(
+            "auto", help="Experiment loggers: auto (TensorBoard if installed) | none | tensorboard,wandb (a list)."
+        ),
         data_workers: Optional[int] = typer.Option(
             None, help="Processes decoding the dump's rows (default: the spare cores; 0: a thread). Same batches."
         ),

@@ -13,6 +13,7 @@ from typing import Any
 
 from ddk_kernels import KD_MODES
 
+from ddk_offline.distillation.reporters import parse_report_to
 from ddk_offline.distillation.samplers import SIGNALS, parse_spec
 from ddk_offline.errors import UserError
 
@@ -26,7 +27,7 @@ MAX_LR = 1.0
 # "dump" and "out" are paths: a resume checks the dump's identity instead (Manifest.identity), so a moved folder or
 # another spelling of the same path still resumes, and another dump at the same path does not.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "log_every", "save_every", "eval_every", "device", "data_workers", "dump", "out"}
+    {"resume", "log_every", "save_every", "eval_every", "device", "data_workers", "dump", "out", "report_to"}
 )
 
 
@@ -62,6 +63,8 @@ class DistillConfig:
         seed: seeds init, shuffling and draws. device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         resume: continue from ``OUT``'s latest checkpoint.
         log_every: a metrics row every N steps (plus step 0 and the last step).
+        report_to: experiment loggers, comma-separated: ``auto`` (TensorBoard when installed), ``none``,
+            ``tensorboard``, ``wandb`` (see :mod:`ddk_offline.distillation.reporters`).
         data_workers: processes that decode the dump's rows for training and evaluation (None: the spare cores,
             see :func:`ddk_offline.format.workers.auto_workers`; 0: a thread of this process). The batches are
             bit-identical for every value, so a resume may change it.
@@ -98,6 +101,7 @@ class DistillConfig:
     device: str = "auto"
     resume: bool = False
     log_every: int = 10
+    report_to: str = "auto"
     data_workers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +140,7 @@ class DistillConfig:
         _choice("--gap-source", self.gap_source, GAP_SOURCES)
         _choice("--kd-mode", self.kd_mode, KD_MODES)
         _choice("--draw", self.draw, DRAWS)
+        parse_report_to(self.report_to)  # names, and installed
         if self.data_workers is not None and self.data_workers < 0:
             raise UserError(f"--data-workers must be >= 0 (or left out for automatic), got {self.data_workers}")
         for name, value in (

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ddk_offline import __version__
 from ddk_offline.errors import UserError
@@ -113,3 +114,34 @@ class RunDir:
         if self.created and self.lock.held:
             shutil.rmtree(self.out, ignore_errors=True)
         self.close()
+
+
+def resume_point(cfg: Any, out: Path, env: Any, manifest: Any):
+    """Check ``--out`` for this run, then the checkpoint ``--resume`` continues (None for a new run).
+
+    Refused: an ``--out`` that :func:`check_out` refuses; a resume without a checkpoint, with other settings
+    (``DistillConfig.check_resume``), on another dump (``guards.check_same_dump``) or with another process count.
+    """
+    from ddk_offline.distillation import guards
+    from ddk_offline.distillation.checkpoint import latest_checkpoint, load_checkpoint
+
+    corpus = manifest.corpus.get("data") if manifest.corpus.get("layout") != "hub" else None
+    protected = {"the dump": cfg.dump, "the --student checkpoint": cfg.student, "the teacher": manifest.local_teacher()}
+    protected["the dump's corpus folder"] = corpus
+    check_out(out, resume=cfg.resume, protected=protected, probe_lock=env.is_main)
+    if not cfg.resume:
+        return None
+    path = latest_checkpoint(out)
+    if path is None:
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+    ckpt = load_checkpoint(path)
+    cfg.check_resume(ckpt.state["config"], str(path))
+    guards.check_same_dump(ckpt.state.get("dump_identity"), manifest.identity(), str(path), cfg.dump)
+    saved_world = int(ckpt.state.get("world", 1))
+    if saved_world != env.world:
+        raise UserError(
+            f"{path}: the run was checkpointed with {saved_world} process(es), this resume has {env.world}; "
+            f"the global batch (--batch-size x --grad-accum x processes) would change. Resume with "
+            f"{saved_world} process(es)"
+        )
+    return ckpt

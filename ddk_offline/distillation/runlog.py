@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ddk_offline.distillation.reporters import open_reporters
 from ddk_offline.distillation.samplers.stats import GapStats
 
 logger = logging.getLogger(__name__)
@@ -79,12 +80,19 @@ def _by_domain(domains: list[str], values: np.ndarray) -> dict[str, float | None
 
 
 class MetricsWriter:
-    """Appends rows to ``OUT/metrics.jsonl`` (and TensorBoard scalars when tensorboard is installed).
+    """Appends rows to ``OUT/metrics.jsonl`` and sends them to the ``--report-to`` loggers (see reporters.py).
 
     On resume the rows at or after the resumed step are dropped first: the resumed run writes them again.
     """
 
-    def __init__(self, out: Path, *, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(
+        self,
+        out: Path,
+        *,
+        resume_step: int | None = None,
+        report_to: tuple[str, ...] = ("auto",),
+        config: dict[str, Any] | None = None,
+    ):
         self.path = Path(out) / METRICS_FILE
         self.eval_path = Path(out) / EVAL_FILE
         for path in (self.path, self.eval_path):
@@ -100,41 +108,43 @@ class MetricsWriter:
                 ]
                 path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._tb = _summary_writer(Path(out) / "tensorboard") if tensorboard else None
+        self._reporters = open_reporters(report_to, Path(out), config or {})
 
     def write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row, allow_nan=True) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            step = row["step"]
-            for key in ("loss", "ce", "kl", "lr", "tokens_per_s", "grad_norm"):
-                if isinstance(row.get(key), (int, float)):
-                    self._tb.add_scalar(f"train/{key}", row[key], step)
-            for group in ("weights", "student_loss", "teacher_loss"):
-                for domain, value in (row.get(group) or {}).items():
-                    if value is not None:
-                        self._tb.add_scalar(f"{group}/{domain}", value, step)
+        if self._reporters:
+            scalars = row_scalars(row)
+            for r in self._reporters:
+                r.log(scalars, row["step"])
 
     def write_eval(self, step: int, result: dict[str, Any]) -> None:
         with open(self.eval_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **result}, allow_nan=True) + "\n")
-        if self._tb is not None:
-            for domain, d in result["domains"].items():
-                if d["positions"]:
-                    self._tb.add_scalar(f"val_ratio/{domain}", d["ratio"], step)
+        scalars = {f"val_ratio/{d}": v["ratio"] for d, v in result["domains"].items() if v["positions"]}
+        for r in self._reporters:
+            r.log(scalars, step)
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for r in self._reporters:
+            r.close()
+        self._reporters = []
 
 
-def _summary_writer(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(path))
+def row_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics row as named series: train/*, and per domain weights/*, student_loss/*, teacher_loss/*, ratio/*."""
+    keys = ("loss", "ce", "kl", "lr", "tokens_per_s", "grad_norm")
+    out = {f"train/{k}": float(row[k]) for k in keys if isinstance(row.get(k), (int, float))}
+    for group in ("weights", "student_loss", "teacher_loss"):
+        for domain, value in (row.get(group) or {}).items():
+            if value is not None:
+                out[f"{group}/{domain}"] = float(value)
+    for domain, s in (row.get("student_loss") or {}).items():
+        t = (row.get("teacher_loss") or {}).get(domain)
+        if s is not None and t:
+            out[f"ratio/{domain}"] = s / t
+    return out
 
 
 @dataclass

@@ -31,8 +31,6 @@ import torch
 
 from ddk_offline.distillation import guards, setup
 from ddk_offline.distillation.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -40,7 +38,8 @@ from ddk_offline.distillation.checkpoint import (
 from ddk_offline.distillation.config import DistillConfig
 from ddk_offline.distillation.evaluation import domain_sums, evaluate_model
 from ddk_offline.distillation.loss import LossSpec, loss_step
-from ddk_offline.distillation.rundir import RunDir, check_out
+from ddk_offline.distillation.reporters import parse_report_to
+from ddk_offline.distillation.rundir import RunDir, resume_point
 from ddk_offline.distillation.runlog import DistillSummary, MetricsWriter, Window
 from ddk_offline.distillation.samplers import GapStats
 from ddk_offline.distillation.setup import RunParts
@@ -85,7 +84,7 @@ class Trainer:
         m = self.reader.manifest
         cfg = config.resolve(seq_len=m.seq_len, temperatures=list(m.temperatures), world=env.world)
         self.out = Path(cfg.out)
-        ckpt = self._checkpoint_to_resume(cfg)
+        ckpt = resume_point(cfg, self.out, self.env, self.reader.manifest)
         self.cfg, self.domains = cfg, self.reader.domains
         self.loss_spec = LossSpec(
             alpha=cfg.ce_weight, gamma=cfg.kd_weight, temperature=cfg.temperature, mode=cfg.kd_mode
@@ -120,31 +119,10 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         finished = ckpt is not None and self.step >= cfg.max_steps  # run() reports it and rewrites no log
-        self.log = MetricsWriter(self.out, resume_step=ckpt and self.step) if env.is_main and not finished else None
-
-    def _checkpoint_to_resume(self, cfg: DistillConfig):
-        """The checkpoint ``--resume`` continues (refused if its settings or process count differ), else None."""
-        m = self.reader.manifest
-        corpus = m.corpus.get("data") if m.corpus.get("layout") != "hub" else None
-        protected = {"the dump": cfg.dump, "the --student checkpoint": cfg.student, "the teacher": m.local_teacher()}
-        protected["the dump's corpus folder"] = corpus
-        check_out(self.out, resume=cfg.resume, protected=protected, probe_lock=self.env.is_main)
-        if not cfg.resume:
-            return None
-        path = latest_checkpoint(self.out)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; start without --resume")
-        ckpt = load_checkpoint(path)
-        cfg.check_resume(ckpt.state["config"], str(path))
-        guards.check_same_dump(ckpt.state.get("dump_identity"), self.reader.manifest.identity(), str(path), cfg.dump)
-        saved_world = int(ckpt.state.get("world", 1))
-        if saved_world != self.env.world:
-            raise UserError(
-                f"{path}: the run was checkpointed with {saved_world} process(es), this resume has {self.env.world}; "
-                f"the global batch (--batch-size x --grad-accum x processes) would change. Resume with "
-                f"{saved_world} process(es)"
-            )
-        return ckpt
+        report = dict(report_to=parse_report_to(cfg.report_to), config=cfg.to_dict())
+        self.log = (
+            MetricsWriter(self.out, resume_step=ckpt and self.step, **report) if env.is_main and not finished else None
+        )
 
     def _check_dump(self) -> None:
         cfg, reader = self.cfg, self.reader
