@@ -4,6 +4,7 @@ its dump; the dump's domain names and --out placement. One test per row of docs/
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -265,3 +266,24 @@ def test_a_teacher_producing_nan_stops_the_dump_before_it_is_stored(teacher_dir,
     assert not verify_dump(tmp_path / "dump", sample_rows=0).broken_shards
     run_dump(config)  # the rerun resumes and finishes
     assert verify_dump(tmp_path / "dump").ok
+
+
+def test_a_finished_run_is_extended_with_extend(dump, student, tmp_path):
+    from ddk_offline.distillation.setup import lr_factor
+
+    out = tmp_path / "run"
+    first = distill(_config(dump, student, out, max_steps=4, save_every=2, warmup_steps=1))
+    assert first.steps == 4
+    with pytest.raises(UserError, match=r"max_steps: checkpoint 4 vs now 6.*--extend with the new --max-steps"):
+        distill(_config(dump, student, out, max_steps=6, save_every=2, resume=True))
+    with pytest.raises(UserError, match="--extend trains an existing run longer: pass it with --resume"):
+        distill(_config(dump, student, tmp_path / "new", max_steps=6, extend=True))
+    with pytest.raises(UserError, match="--extend to 3 steps, but the checkpoint is at step 4"):
+        distill(_config(dump, student, out, max_steps=3, resume=True, extend=True))
+    longer = distill(_config(dump, student, out, max_steps=6, resume=True, extend=True))
+    assert longer.steps == 6
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    # The schedule is recomputed for the new length: the warm-up stays the run's own, the cosine spans 6 steps.
+    assert rows[4]["lr"] == pytest.approx(3e-3 * lr_factor(4, 1, 6))
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 6

@@ -65,6 +65,11 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
         resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
         log_every: int = typer.Option(10, help="A metrics.jsonl row every N steps (plus the first and last)."),
+        extend: bool = typer.Option(
+            False,
+            help="With --resume: train the run on to a larger --max-steps/--max-tokens (the LR schedule is "
+            "recomputed for the new length).",
+        ),
         report_to: str = typer.Option(
             "auto", help="Experiment loggers: auto (TensorBoard if installed) | none | tensorboard,wandb (a list)."
         ),

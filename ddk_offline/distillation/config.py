@@ -63,6 +63,9 @@ class DistillConfig:
         seed: seeds init, shuffling and draws. device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         resume: continue from ``OUT``'s latest checkpoint.
         log_every: a metrics row every N steps (plus step 0 and the last step).
+        extend: with ``resume``, train a run past its ``max_steps`` to the new ``max_steps``/``max_tokens``. The
+            learning-rate schedule is recomputed for the new length (warm-up unchanged, cosine decay to 10% of
+            ``lr`` at the new last step), so the rate rises again from where the shorter run ended.
         report_to: experiment loggers, comma-separated: ``auto`` (TensorBoard when installed), ``none``,
             ``tensorboard``, ``wandb`` (see :mod:`ddk_offline.distillation.reporters`).
         data_workers: processes that decode the dump's rows for training and evaluation (None: the spare cores,
@@ -102,6 +105,7 @@ class DistillConfig:
     resume: bool = False
     log_every: int = 10
     report_to: str = "auto"
+    extend: bool = False
     data_workers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +185,8 @@ class DistillConfig:
                 f"(manifest field 'temperatures'). Fix: use --kd-mode renorm, a dumped temperature, or re-dump with "
                 f"--extra-temperatures {self.temperature:g}"
             )
+        if self.extend and not self.resume:
+            raise UserError("--extend trains an existing run longer: pass it with --resume and the new --max-steps")
         if self.max_steps is not None and self.max_tokens is not None:
             raise UserError("pass --max-steps or --max-tokens, not both")
         steps = self.max_steps
@@ -202,16 +208,33 @@ class DistillConfig:
             self, max_steps=steps, max_tokens=None, ddk_interval=interval, warmup_steps=warmup, save_every=save_every
         )
 
-    def check_resume(self, saved: dict[str, Any], source: str) -> None:
-        """Refuse a resume whose settings would change the trajectory of the checkpointed run."""
+    def check_resume(self, saved: dict[str, Any], source: str, step: int = 0) -> None:
+        """Refuse a resume whose settings would change the trajectory of the checkpointed run.
+
+        With ``extend``, the run length (``max_steps``; ``max_tokens`` is resolved into it) may grow past ``step``,
+        the checkpoint's step: the rest must match.
+        """
         mine = self.to_dict()
-        diff = [k for k, v in saved.items() if k in mine and k not in RESUMABLE_CHANGES and mine[k] != v]
+        allowed = RESUMABLE_CHANGES | ({"max_steps", "max_tokens", "extend"} if self.extend else {"extend"})
+        diff = [k for k, v in saved.items() if k in mine and k not in allowed and mine[k] != v]
         if diff:
             pairs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {mine[k]!r}" for k in diff)
+            more = " (to train a run longer: --extend with the new --max-steps)" if "max_steps" in diff else ""
             raise UserError(
                 f"{source}: --resume with different settings ({pairs}); a resumed run must use the settings it "
-                "started with. Fix: pass the original options, or start a new run with another --out"
+                f"started with{more}. Fix: pass the original options, or start a new run with another --out"
             )
+        if self.extend and self.max_steps <= step:
+            raise UserError(
+                f"{source}: --extend to {self.max_steps} steps, but the checkpoint is at step {step}; pass a larger "
+                "--max-steps (or --max-tokens)"
+            )
+
+    def fill_from_checkpoint(self, saved: dict[str, Any]) -> DistillConfig:
+        """For ``--extend``: the derived settings left unset (K, warm-up, save interval) keep the run's own values,
+        so that only the length changes (they would otherwise be re-derived from the new length)."""
+        keep = {k: saved[k] for k in ("ddk_interval", "warmup_steps", "save_every") if getattr(self, k) is None}
+        return replace(self, **keep)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

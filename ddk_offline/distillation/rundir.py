@@ -135,7 +135,7 @@ def resume_point(cfg: Any, out: Path, env: Any, manifest: Any):
     if path is None:
         raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
     ckpt = load_checkpoint(path)
-    cfg.check_resume(ckpt.state["config"], str(path))
+    cfg.check_resume(ckpt.state["config"], str(path), ckpt.step)
     guards.check_same_dump(ckpt.state.get("dump_identity"), manifest.identity(), str(path), cfg.dump)
     saved_world = int(ckpt.state.get("world", 1))
     if saved_world != env.world:
@@ -145,3 +145,14 @@ def resume_point(cfg: Any, out: Path, env: Any, manifest: Any):
             f"{saved_world} process(es)"
         )
     return ckpt
+
+
+def saved_config(out: Path) -> dict[str, Any]:
+    """The settings of the latest checkpoint in ``out`` ({} when there is none; ``resume_point`` then refuses)."""
+    from ddk_offline.distillation.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(out)
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8"))["config"] if path else {}
+    except (OSError, ValueError, KeyError):
+        return {}  # load_checkpoint reports a damaged checkpoint with its fix

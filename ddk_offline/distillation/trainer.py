@@ -39,7 +39,7 @@ from ddk_offline.distillation.config import DistillConfig
 from ddk_offline.distillation.evaluation import domain_sums, evaluate_model
 from ddk_offline.distillation.loss import LossSpec, loss_step
 from ddk_offline.distillation.reporters import parse_report_to
-from ddk_offline.distillation.rundir import RunDir, resume_point
+from ddk_offline.distillation.rundir import RunDir, resume_point, saved_config
 from ddk_offline.distillation.runlog import DistillSummary, MetricsWriter, Window
 from ddk_offline.distillation.samplers import GapStats
 from ddk_offline.distillation.setup import RunParts
@@ -82,6 +82,8 @@ class Trainer:
         env = self.env
         self.reader = open_dump(config.dump)
         m = self.reader.manifest
+        if config.extend and config.resume:  # only the length changes: K, warm-up and save interval stay the run's
+            config = config.fill_from_checkpoint(saved_config(Path(config.out)))
         cfg = config.resolve(seq_len=m.seq_len, temperatures=list(m.temperatures), world=env.world)
         self.out = Path(cfg.out)
         ckpt = resume_point(cfg, self.out, self.env, self.reader.manifest)
@@ -167,6 +169,10 @@ class Trainer:
         self.draw_rng.bit_generator.state = s["draw_rng"]
         set_rng_state(s["rng"], ckpt.tensors["rng"])
         self.step, self.tokens_seen = ckpt.step, int(s["tokens_seen"])
+        if self.cfg.extend:  # the saved rate is the old schedule's: put this step on the new length's schedule
+            factor = setup.lr_factor(self.step, self.cfg.warmup_steps, self.cfg.max_steps)
+            for group, base in zip(self.opt.param_groups, self.sched.base_lrs, strict=True):
+                group["lr"] = base * factor
         if not self.env.is_main:  # the saved sums are global: rank 0 carries them, the others start from zero
             self.gap.reset()
             self.window.reset()
