@@ -234,6 +234,8 @@ def write_plots(data: dict, summary: dict, out: Path) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        from ddk_offline.distillation.plots import log_ratio_axis
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'ddk-offline[demo]')", file=sys.stderr)
         return []
@@ -243,7 +245,7 @@ def write_plots(data: dict, summary: dict, out: Path) -> list[Path]:
     for i, s in enumerate(STUDENTS):
         xs = [j + (i - (len(STUDENTS) - 1) / 2) * width for j in range(len(domains))]
         ax.bar(xs, [summary["per_domain"][d][s] for d in domains], width, label=STUDENTS[s][0])
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="teacher (ratio 1)")
     ax.set_xticks(range(len(domains)), domains)
     ax.set_ylabel("val PPL_student / PPL_teacher (lower is better)")
     ax.set_title("Per-domain student/teacher perplexity ratio")
@@ -266,7 +268,8 @@ def write_plots(data: dict, summary: dict, out: Path) -> list[Path]:
     a1.set_ylabel("sampling weight")
     a2.set_title("DDK run: train CE_student / NLL_teacher")
     a2.set_xlabel("step")
-    a2.set_yscale("log")
+    a2.set_ylabel("student CE / teacher NLL (log scale)")
+    log_ratio_axis(a2)
     for a in (a1, a2):
         a.legend()
     fig.tight_layout()

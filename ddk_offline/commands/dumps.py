@@ -75,7 +75,9 @@ def print_info(manifest, path: str | Path) -> None:
         f"tokenizer vocab {tok.get('vocab_size')} logits / {tok.get('tokens')} tokens, eos {tok.get('eos_token')!r}, "
         f"vocab sha256 {str(tok.get('vocab_sha256'))[:12]}"
     )
-    codec = ", ".join(f"{k}={v}" for k, v in s["codec"].items())
+    c = s["codec"]
+    knobs = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (c.get("config") or {}).items())
+    codec = f"{c.get('name')} layout {c.get('version')} ({knobs})"
     temps = ", ".join(f"{x:g}" for x in s["temperatures"])
     console.print(f"k {s['k']}, seq_len {s['seq_len']}, codec {codec}, lse temperatures {temps}")
     for line in packing_lines(s["packing"]):

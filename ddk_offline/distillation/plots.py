@@ -38,6 +38,19 @@ def _ratios(row: dict) -> dict[str, float | None]:
     return {d: (s[d] / t[d] if s.get(d) is not None and t.get(d) else None) for d in s}
 
 
+def log_ratio_axis(ax) -> None:
+    """The y axis of student/teacher ratios (call after plotting): log scale with ticks labelled at 1, 2, 5 x 10^n when
+    the data spans more than 3x (linear and finely labelled otherwise), and the teacher's line at 1, labelled."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--", label="teacher (ratio 1)")
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo > 3:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 def write_plots(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
     """Write ``domain_weights.png`` and ``loss_ratio.png`` into ``out_dir``.
 
@@ -66,8 +79,8 @@ def write_plots(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         for domain, (steps, values) in sorted(series.items()):
             ax.plot(steps, values, label=domain, marker="." if len(steps) < 50 else None, drawstyle=drawstyle)
         if log:
-            ax.set_yscale("log")
-            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+            log_ratio_axis(ax)
+        ax.set_title(f"{Path(out_dir).resolve().name}: {ylabel.split(' (')[0]}", fontsize="medium")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.legend(loc="best", fontsize="small")
@@ -108,8 +121,7 @@ def write_compare_plots(runs: list, out_dir: str | os.PathLike) -> list[Path]:
             for domain, (steps, values) in sorted(_series(run.metrics, fn).items()):
                 ax.plot(steps, values, label=domain, drawstyle=drawstyle)
             if log:
-                ax.set_yscale("log")
-                ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--", label="teacher (ratio 1)")
+                log_ratio_axis(ax)
             ax.set_title(run.path.name, fontsize="medium")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3, which="both")
