@@ -14,7 +14,18 @@ Never imports :mod:`ddk_offline.distillation`; the two phases meet only in :mod:
 
 from __future__ import annotations
 
+from typing import Any
+
 from ddk_offline.dump.config import DumpConfig, DumpProgress, DumpResult, DumpStats
-from ddk_offline.dump.run import dump_teacher, run_dump
 
 __all__ = ["DumpConfig", "DumpProgress", "DumpResult", "DumpStats", "dump_teacher", "run_dump"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `dump_teacher` and `run_dump` pull in torch and transformers, which `dumps verify` and `dumps info`
+    # (importing this package for ddk_offline.dump.verify) never need.
+    if name in ("dump_teacher", "run_dump"):
+        from ddk_offline.dump import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
