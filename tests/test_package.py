@@ -38,19 +38,20 @@ def test_public_api_names_resolve():
     assert ddk_offline.fused_kd_loss is fused_kd_loss
 
 
-def test_cli_silences_the_gguf_conversion_bar():
+def test_model_loads_are_quiet_and_put_the_bars_back(capfd, teacher_dir):
     import functools
 
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    import transformers.utils.logging as hf_logging
 
-    from ddk_offline.commands._quiet import quiet_libraries
+    from ddk_offline.distillation.student import load_student
+    from ddk_offline.runtime.quiet import quiet_loading
 
     real = gguf_utils.tqdm
-    try:
-        quiet_libraries()
-        bar = gguf_utils.tqdm
-        assert isinstance(bar, functools.partial) and bar.keywords == {"disable": True}
-        quiet_libraries()  # idempotent: not wrapped twice
-        assert gguf_utils.tqdm is bar
-    finally:
-        gguf_utils.tqdm = real
+    with quiet_loading():
+        assert isinstance(gguf_utils.tqdm, functools.partial) and gguf_utils.tqdm.keywords == {"disable": True}
+        assert not hf_logging.is_progress_bar_enabled()
+    assert gguf_utils.tqdm is real and hf_logging.is_progress_bar_enabled()  # as the caller had them
+    capfd.readouterr()
+    load_student(pretrained=str(teacher_dir))  # the Python API, no CLI: transformers' "Loading weights" bar stays silent
+    assert "Loading weights" not in capfd.readouterr().err

@@ -187,6 +187,8 @@ def test_resume_of_a_moved_run_on_a_moved_dump_works(dump, student, tmp_path, mo
     monkeypatch.chdir(tmp_path)  # and spelled relative this time
     summary = distill(_config("b/dump", student, "b/run", max_steps=4, save_every=2, resume=True))
     assert summary.steps == 4 and math.isfinite(summary.final_loss)
+    # Speed counts this process's steps over this process's time (2 steps x 2 rows x 16 tokens), not the run's.
+    assert summary.tokens_per_s * summary.seconds == pytest.approx(2 * 2 * 16)
 
 
 # --- phase one: domain names and --out placement ----------------------------------------------------------------

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from ddk_offline.runtime.quiet import quiet_loading
+
 logger = logging.getLogger(__name__)
 
 # spec key -> config attribute (transformers' attribute_map resolves the aliases of e.g. GPT-2 for the first four).
@@ -96,13 +98,15 @@ def _load_pretrained(source: str | Path, *, trust_remote_code: bool, dtype: Any 
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found; pass an existing .gguf file")
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        with quiet_loading():
+            return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
     looks_local = path.is_absolute() or str(source).startswith((".", "~")) or path.exists()
     if looks_local and not path.is_dir():
         raise FileNotFoundError(
             f"student/teacher checkpoint {path} not found; pass a save_pretrained directory, a .gguf file or a hub name"
         )
-    return AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    with quiet_loading():
+        return AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
 
 
 def _cfg_get(cfg: Any, key: str) -> int | None:

@@ -23,6 +23,7 @@ import torch
 from ddk_offline.dump.teachers.base import Targets, reduce_logits, sha256_json
 from ddk_offline.errors import UserError
 from ddk_offline.runtime.files import hash_stream
+from ddk_offline.runtime.quiet import quiet_loading
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash"}
@@ -125,9 +126,10 @@ def load_model(source: TeacherSource, *, dtype: torch.dtype, device: torch.devic
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            _local_dir(source), dtype=dtype, **source.kwargs(trust_remote_code)
-        )
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                _local_dir(source), dtype=dtype, **source.kwargs(trust_remote_code)
+            )
     except (OSError, ValueError) as e:
         raise _load_error(source, "cannot load it as a causal LM", e) from None
     return model.to(device).eval()
