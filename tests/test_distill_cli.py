@@ -66,8 +66,10 @@ def test_dump_distill_eval_via_cli(cli, e2e_dump, teacher_dir, tmp_path):
         assert d["ratio"] == pytest.approx(1.0, abs=1e-4) and d["positions"] > 0
     table = cli("eval", "--dump", str(e2e_dump), "--model", str(out / "final"), "--device", "cpu").stdout
     assert "worst" in table and "prose" in table
-    both = cli("eval", "--dump", str(e2e_dump), "--model", str(out / "final"), "--model", str(teacher_dir),
-               "--device", "cpu").stdout  # fmt: skip
+    proc = cli("eval", "--dump", str(e2e_dump), "--model", str(out / "final"), "--model", str(teacher_dir),
+               "--device", "cpu")  # fmt: skip
+    both = proc.stdout
+    assert "[1/2] loading" in proc.stderr and "[2/2] evaluating on the val split" in proc.stderr  # what it is doing
     side = both[both.index("ppl ratio vs the teacher") :]  # one domains x models table after the per-model ones
     assert "[1]" in side and "[2]" in side and "worst" in side and "1.000" in side
     one = json.loads(cli("eval", "--dump", str(e2e_dump), "--model", str(out / "final"), "--json", "--device", "cpu",

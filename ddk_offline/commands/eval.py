@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             max_sequences=max_sequences,
             data_workers=data_workers,
+            say=lambda line: typer.echo(f"{line} ...", err=True),  # stderr: --json output stays clean
         )
         payload = [r.to_dict() for r in results]
         if as_json:

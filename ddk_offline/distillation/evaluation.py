@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -221,11 +222,12 @@ def evaluate(
     device: str = "auto",
     max_sequences: int | None = None,
     data_workers: int | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> list[EvalResult]:
     """Load each model (a ``save_pretrained`` folder or a ``.gguf`` file) and evaluate it on the dump.
 
     ``data_workers`` processes read the val rows (None: :func:`~ddk_offline.format.workers.auto_workers`; 0: in this
-    thread); the numbers do not depend on it.
+    thread); the numbers do not depend on it. ``say`` gets a status line as each model loads and is evaluated.
 
     Raises:
         UserError: no sequences in ``split``, or a model whose vocabulary does not fit the dump.
@@ -240,7 +242,9 @@ def evaluate(
     dev = resolve_device(device)
     workers = auto_workers() if data_workers is None else int(data_workers)
     results = []
-    for path in models:
+    for i, path in enumerate(models, 1):
+        if say is not None:
+            say(f"[{i}/{len(models)}] loading {path}")
         try:
             model = load_student(pretrained=path)
         except (OSError, ValueError) as e:
@@ -250,6 +254,8 @@ def evaluate(
         except StudentMismatchError as e:
             raise UserError(f"--model {path}: {e}") from None
         model.to(dev)
+        if say is not None:
+            say(f"[{i}/{len(models)}] evaluating on the {split} split of {dump}")
         results.append(
             evaluate_model(
                 model,
