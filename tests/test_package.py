@@ -53,5 +53,5 @@ def test_model_loads_are_quiet_and_put_the_bars_back(capfd, teacher_dir):
         assert not hf_logging.is_progress_bar_enabled()
     assert gguf_utils.tqdm is real and hf_logging.is_progress_bar_enabled()  # as the caller had them
     capfd.readouterr()
-    load_student(pretrained=str(teacher_dir))  # the Python API, no CLI: transformers' "Loading weights" bar stays silent
+    load_student(pretrained=str(teacher_dir))  # the Python API, no CLI: no "Loading weights" bar
     assert "Loading weights" not in capfd.readouterr().err
