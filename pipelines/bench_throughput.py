@@ -81,7 +81,7 @@ def encode_section(cap: dict, k: int, workers: list[int], repeat: int) -> dict:
     tokens, out, reference = int(input_ids[0].size) * len(order), {}, None
     for w in workers:
         with CpuClock() as clock:
-            enc = BlobEncoder(codec, vocab_size=vocab, k=k, workers=w)
+            enc = BlobEncoder(codec, workers=w)
             futures = [enc.submit(ids[s], logits[s], lse[s], input_ids[s]) for s in order]
             blobs = [enc.result(f) for f in futures]
             enc.close()

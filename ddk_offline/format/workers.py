@@ -83,6 +83,46 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="ddk-parent-watch", daemon=True).start()
 
 
+class _CodecPool:
+    """One function in ``workers`` processes, or in the caller's thread when ``workers`` is 0, with the same results.
+
+    Futures come back in the order they were asked for; a dead worker becomes a :class:`WorkerDiedError`.
+    """
+
+    what = ""  # names the worker in WorkerDiedError ("data", "encode")
+
+    def __init__(self, workers: int, initializer, initargs: tuple):
+        self.workers = int(workers)
+        self._pool = None
+        if self.workers > 0:
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=_context(), initializer=initializer, initargs=initargs
+            )
+
+    def _submit(self, here, there, *args) -> Future:
+        """``here(*args)`` now (no workers), or ``there(*args)`` in a worker."""
+        if self._pool is None:
+            done: Future = Future()
+            done.set_result(here(*args))
+            return done
+        try:
+            return self._pool.submit(there, *args)
+        except BrokenProcessPool as e:
+            raise _died(self.what, e) from None
+
+    def result(self, future: Future):
+        """The future's value; a dead worker becomes a :class:`WorkerDiedError`."""
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            raise _died(self.what, e) from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 # --- decoding (phase two) ---------------------------------------------------------------------------------------
 _READER: DumpReader | None = None
 
@@ -98,7 +138,7 @@ def _read_rows(domain: str, split: str, shard: int, rows: list[int], decode_topk
     return _READER.read_rows(domain, split, shard, rows, decode_topk=decode_topk)
 
 
-class RowDecoder:
+class RowDecoder(_CodecPool):
     """``read_rows`` of one dump, in ``workers`` processes (0: in this thread, the same results).
 
     Args:
@@ -106,43 +146,22 @@ class RowDecoder:
         workers: worker processes (0 decodes synchronously in the caller's thread).
     """
 
+    what = "data"
+
     def __init__(self, reader: DumpReader, workers: int):
-        self.reader, self.workers = reader, int(workers)
-        self._pool = None
-        if self.workers > 0:
-            location = str(reader.store.local) if reader.store.local is not None else reader.store.url
-            self._pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=_context(),
-                initializer=_init_reader,
-                initargs=(os.getpid(), location, reader.manifest.to_dict()),
-            )
+        self.reader = reader
+        location = str(reader.store.local) if reader.store.local is not None else reader.store.url
+        super().__init__(workers, _init_reader, (os.getpid(), location, reader.manifest.to_dict()))
 
     def submit(self, domain: str, split: str, shard: int, rows: Sequence[int], *, decode_topk: bool = True) -> Future:
         """A future of ``reader.read_rows(domain, split, shard, rows)`` (stacked arrays in the order of ``rows``)."""
         rows = [int(r) for r in rows]
-        if self._pool is None:
-            done: Future = Future()
-            done.set_result(self.reader.read_rows(domain, split, shard, rows, decode_topk=decode_topk))
-            return done
-        self.reader.check_shard(domain, split, shard)
-        try:
-            return self._pool.submit(_read_rows, domain, split, shard, rows, decode_topk)
-        except BrokenProcessPool as e:
-            raise _died("data", e) from None
+        if self.workers > 0:
+            self.reader.check_shard(domain, split, shard)  # the workers do not hash again
+        return self._submit(self._read_here, _read_rows, domain, split, shard, rows, decode_topk)
 
-    @staticmethod
-    def result(future: Future) -> dict[str, np.ndarray]:
-        """The future's arrays; a dead worker becomes a :class:`WorkerDiedError`."""
-        try:
-            return future.result()
-        except BrokenProcessPool as e:
-            raise _died("data", e) from None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def _read_here(self, domain: str, split: str, shard: int, rows: list[int], decode_topk: bool):
+        return self.reader.read_rows(domain, split, shard, rows, decode_topk=decode_topk)
 
 
 # --- encoding (phase one) ---------------------------------------------------------------------------------------
@@ -159,45 +178,20 @@ def _encode(ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.
     return _CODEC.encode(ids, logits, lse, input_ids)
 
 
-class BlobEncoder:
+class BlobEncoder(_CodecPool):
     """``codec.encode`` in ``workers`` processes (0: in this thread, the same bytes).
 
     Args:
-        codec: the dump's codec.
-        vocab_size, k: what the codec was built with (the workers rebuild it from its description).
+        codec: the dump's codec (the workers rebuild it from its description, vocabulary size and k).
         workers: worker processes.
     """
 
-    def __init__(self, codec: TopKCodec, *, vocab_size: int, k: int, workers: int):
-        self.codec, self.workers = codec, int(workers)
-        self._pool = None
-        if self.workers > 0:
-            self._pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=_context(),
-                initializer=_init_codec,
-                initargs=(os.getpid(), codec.describe(), vocab_size, k),
-            )
+    what = "encode"
+
+    def __init__(self, codec: TopKCodec, *, workers: int):
+        self.codec = codec
+        super().__init__(workers, _init_codec, (os.getpid(), codec.describe(), codec.vocab_size, codec.k))
 
     def submit(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.ndarray) -> Future:
         """A future of the sequence's blob."""
-        if self._pool is None:
-            done: Future = Future()
-            done.set_result(self.codec.encode(ids, logits, lse, input_ids))
-            return done
-        try:
-            return self._pool.submit(_encode, ids, logits, lse, input_ids)
-        except BrokenProcessPool as e:
-            raise _died("encode", e) from None
-
-    @staticmethod
-    def result(future: Future) -> bytes:
-        try:
-            return future.result()
-        except BrokenProcessPool as e:
-            raise _died("encode", e) from None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        return self._submit(self.codec.encode, _encode, ids, logits, lse, input_ids)

@@ -123,7 +123,7 @@ class ShardWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._buffers: dict[tuple[str, str], list[tuple[SequenceRecord, bytes]]] = {}
         self._error: BaseException | None = None
-        self._encoder = BlobEncoder(codec, vocab_size=codec.vocab_size, k=codec.k, workers=encode_workers)
+        self._encoder = BlobEncoder(codec, workers=encode_workers)
         # Blobs being encoded, oldest first: at most a few per worker, so the records waiting in the pool stay few.
         self._in_flight: deque = deque()
         self._max_in_flight = 4 * max(1, encode_workers)
