@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import typer
 
+from ddk_offline.commands._console import output_console
 from ddk_offline.commands._errors import exit_on_user_error
 from ddk_offline.commands._quiet import quiet_libraries
 
@@ -102,7 +102,6 @@ def register(app: typer.Typer) -> None:
             if env_rank() == 0:
                 typer.echo(f"final model: {summary.final_model}")
             return
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from ddk_offline.commands._warnings import loud_warnings
@@ -123,7 +122,7 @@ def register(app: typer.Typer) -> None:
                 say=lambda message: say(f"{message} ..."),
                 on_log=lambda row: say(row_line(row)),
             )
-        print_summary(Console() if sys.stdout.isatty() else Console(width=200), summary)  # a log file: full width
+        print_summary(output_console(), summary)
 
 
 def row_line(row: dict) -> str:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional
 
 import typer
 
+from ddk_offline.commands._console import output_console
 from ddk_offline.commands._errors import exit_on_user_error
 from ddk_offline.commands._quiet import quiet_libraries
 
@@ -62,10 +62,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_tables(payload: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console() if sys.stdout.isatty() else Console(width=200)  # a log file: never cut tables to 80 columns
+    console = output_console()
     for r in payload:
         table = Table(title=f"{r['model']} ({r['split']})")
         for col in ("domain", "sequences", "loss", "ppl", "teacher loss", "teacher ppl", "ppl ratio"):

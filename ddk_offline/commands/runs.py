@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional
 
 import typer
 
+from ddk_offline.commands._console import output_console
 from ddk_offline.commands._errors import exit_on_user_error
 
 
@@ -39,10 +39,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _print(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console = output_console()
     runs = result["runs"]
     table = Table(title="runs (one dump)")
     table.add_column("")
