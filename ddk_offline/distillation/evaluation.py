@@ -119,7 +119,8 @@ def _batches(reader: DumpReader, decoder: RowDecoder, domain: str, split: str, b
     for shard, info in enumerate(reader.shards(domain, split)):
         for start in range(0, info.rows, ROW_GROUP_ROWS):
             chunks.append((shard, list(range(start, min(start + ROW_GROUP_ROWS, info.rows)))))
-    total = sum(len(r) for _, r in chunks) if limit is None else min(limit, sum(len(r) for _, r in chunks))
+    total = sum(len(r) for _, r in chunks)
+    total = total if limit is None else min(limit, total)
     ahead = max(1, 2 * decoder.workers)
     asked = deque()
     buffer: dict[str, list[np.ndarray]] = {k: [] for k in _EVAL_KEYS}

@@ -38,6 +38,19 @@ def _ratios(row: dict) -> dict[str, float | None]:
     return {d: (s[d] / t[d] if s.get(d) is not None and t.get(d) else None) for d in s}
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a warning) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; skipping plots (pip install 'ddk-offline[demo]')")
+        return None
+    return plt
+
+
 def log_ratio_axis(ax) -> None:
     """The y axis of student/teacher ratios (call after plotting): log scale with ticks labelled at 1, 2, 5 x 10^n when
     the data spans more than 3x (linear and finely labelled otherwise), and the teacher's line at 1, labelled."""
@@ -57,13 +70,8 @@ def write_plots(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
     Returns:
         The files written (empty when matplotlib is not installed or there is nothing to plot).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed; skipping plots (pip install 'ddk-offline[demo]')")
+    plt = _pyplot()
+    if plt is None:
         return []
     rows = read_metrics(metrics_path)
     plots = [
@@ -100,13 +108,8 @@ def write_compare_plots(runs: list, out_dir: str | os.PathLike) -> list[Path]:
         runs: :class:`ddk_offline.distillation.compare.RunRecord` objects (their ``metrics`` rows are plotted).
         out_dir: where the PNGs go (created).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed; skipping plots (pip install 'ddk-offline[demo]')")
+    plt = _pyplot()
+    if plt is None:
         return []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
