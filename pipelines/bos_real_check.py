@@ -129,18 +129,24 @@ def dumped_rows(reader, domain: str) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(r[INPUT_IDS], r[TEACHER_NLL]) for r in rows]
 
 
+def aligned_rows(reader, domain: str, content: list[list[int]]) -> tuple[list, list]:
+    """The domain's rows as packed here (with each position's origin) and as dumped (ids, nll), checked equal."""
+    m = reader.manifest
+    rows = packed_rows(content, int(m.tokenizer["eos_token_id"]), m.bos_token_id)
+    got = dumped_rows(reader, domain)
+    assert len(rows) == len(got) and all(np.array_equal(a[0], b[0]) for a, b in zip(rows, got, strict=True)), (
+        f"{domain}: the dump's rows are not the packing of the corpus"
+    )
+    return rows, got
+
+
 def compare(dump_dir: Path, corpus: Path, tok, standard: dict) -> dict:
     """Per domain: the dump's and the standard bits per byte over the same text tokens."""
     reader = open_dump(dump_dir)
-    m = reader.manifest
     out = {}
     for domain in reader.domains:
         content, std, nbytes = standard[domain]
-        rows = packed_rows(content, int(m.tokenizer["eos_token_id"]), m.bos_token_id)
-        got = dumped_rows(reader, domain)
-        assert len(rows) == len(got) and all(np.array_equal(a[0], b[0]) for a, b in zip(rows, got, strict=True)), (
-            f"{domain}: the dump's rows are not the packing of the corpus"
-        )
+        rows, got = aligned_rows(reader, domain, content)
         # acc[0]: every text token; acc[1]: tokens whose document begins in the same row, so that the dump saw
         # the same context as the standard figure (a row cut mid-document loses the text before the cut).
         # acc[2]: tokens of a document that opens the row: nothing but the framing (the BOS) comes before it, as in
@@ -178,12 +184,10 @@ def compare(dump_dir: Path, corpus: Path, tok, standard: dict) -> dict:
 def row_start_study(dump_dir: Path, model, standard: dict, rows_per_domain: int) -> dict:
     """Rows beginning inside a document: dumped (inserted BOS), without it, and with the whole document before."""
     reader = open_dump(dump_dir)
-    m = reader.manifest
     sums = {}
     for domain in reader.domains:
         content, std, nbytes = standard[domain]
-        rows = packed_rows(content, int(m.tokenizer["eos_token_id"]), m.bos_token_id)
-        got = dumped_rows(reader, domain)
+        rows, got = aligned_rows(reader, domain, content)
         picked = [(r, g) for r, g in zip(rows, got, strict=True) if r[1][0] is None and r[1][1] and r[1][1][1] > 0]
         acc = np.zeros(4)  # with BOS, without, whole document, bytes
         for (row, origin), (_, nll) in picked[:rows_per_domain]:
