@@ -24,11 +24,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cfg")
     tokenizer = tiny.train_tokenizer(128)
     dump = write_synth_dump(root / "dump", tokenizer)
-    student = root / "student.json"
-    student.write_text(
-        tiny.make_model(len(tokenizer), hidden=16, layers=1, heads=2, max_pos=64).config.to_json_string()
-    )
-    return root, dump, student
+    return root, dump, tiny.write_student_config(root / "student.json", len(tokenizer))
 
 
 def _flags(dump, student):

@@ -18,9 +18,7 @@ from ddk_offline.errors import UserError
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     tokenizer = tiny.train_tokenizer(128)
-    student = root / "student.json"
-    model = tiny.make_model(len(tokenizer), hidden=16, layers=1, heads=2, max_pos=64)
-    student.write_text(model.config.to_json_string())
+    student = tiny.write_student_config(root / "student.json", len(tokenizer))
     return root, write_synth_dump(root / "dump", tokenizer), student
 
 

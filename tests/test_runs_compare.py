@@ -18,10 +18,7 @@ from ddk_offline.errors import UserError
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     tokenizer = tiny.train_tokenizer(128)
-    student = root / "student.json"
-    student.write_text(
-        tiny.make_model(len(tokenizer), hidden=16, layers=1, heads=2, max_pos=64).config.to_json_string()
-    )
+    student = tiny.write_student_config(root / "student.json", len(tokenizer))
     dumps = {"a": write_synth_dump(root / "dump", tokenizer), "b": write_synth_dump(root / "dump_k4", tokenizer, k=4)}
     out = {}
     for name, dump, sampler in (("ddk", "a", "ddk"), ("uniform", "a", "uniform"), ("other", "b", "ddk")):

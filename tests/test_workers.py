@@ -157,10 +157,7 @@ def test_dump_shards_are_byte_identical_for_every_encode_worker_count(teacher_di
 
 
 def test_a_dead_data_worker_stops_the_run_and_resume_equals_an_uninterrupted_run(dump, tokenizer, tmp_path):
-    student = tmp_path / "student.json"
-    student.write_text(
-        tiny.make_model(len(tokenizer), hidden=16, layers=1, heads=2, max_pos=64).config.to_json_string()
-    )
+    student = tiny.write_student_config(tmp_path / "student.json", len(tokenizer))
     base = DistillConfig(
         dump=str(dump), out=str(tmp_path / "straight"), student_config=str(student), max_steps=8, batch_size=2,
         log_every=1, save_every=4, ddk_interval=3, lr=3e-3, device="cpu", data_workers=0,

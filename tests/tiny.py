@@ -152,3 +152,9 @@ def save_teacher(directory: Path, *, vocab_size: int = 384, seed: int = 0, bos: 
     tok.save_pretrained(directory)
     model.save_pretrained(directory)
     return directory
+
+
+def write_student_config(path: Path, vocab_size: int) -> Path:
+    """The config JSON of the smallest student the run tests train (random init, 1 layer, context 64)."""
+    path.write_text(make_model(vocab_size, hidden=16, layers=1, heads=2, max_pos=64).config.to_json_string())
+    return path
