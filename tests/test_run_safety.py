@@ -37,9 +37,7 @@ def dump(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("student") / "student.json"
-    path.write_text(tiny.make_model(len(tokenizer), hidden=16, layers=1, heads=2, max_pos=64).config.to_json_string())
-    return path
+    return tiny.write_student_config(tmp_path_factory.mktemp("student") / "student.json", len(tokenizer))
 
 
 def _config(dump, student_config, out, **kw) -> DistillConfig:
@@ -289,3 +287,17 @@ def test_a_finished_run_is_extended_with_extend(dump, student, tmp_path):
     # The schedule is recomputed for the new length: the warm-up stays the run's own, the cosine spans 6 steps.
     assert rows[4]["lr"] == pytest.approx(3e-3 * lr_factor(4, 1, 6))
     assert json.loads((out / "config.json").read_text())["max_steps"] == 6
+
+
+@pytest.mark.parametrize("lost", ["summary.json", "final"])
+def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(dump, student, tmp_path, lost):
+    out = tmp_path / "run"
+    first = distill(_config(dump, student, out))
+    # A kill after the last checkpoint but before the summary (or the final model) was written.
+    path = out / lost
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    again = distill(_config(dump, student, out, resume=True))
+    assert again.steps == first.steps == 4
+    assert (out / "summary.json").is_file() and (out / "final").is_dir()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]

@@ -87,6 +87,13 @@ class Trainer:
         cfg = config.resolve(seq_len=m.seq_len, temperatures=list(m.temperatures), world=env.world)
         self.out = Path(cfg.out)
         ckpt = resume_point(cfg, self.out, self.env, self.reader.manifest)
+        # A --resume of a finished run (its summary and final model written): run() reports it, nothing is rewritten.
+        self.complete = (
+            ckpt is not None
+            and ckpt.step >= cfg.max_steps
+            and (self.out / "summary.json").is_file()
+            and (self.out / "final").is_dir()
+        )
         self.cfg, self.domains = cfg, self.reader.domains
         self.loss_spec = LossSpec(
             alpha=cfg.ce_weight, gamma=cfg.kd_weight, temperature=cfg.temperature, mode=cfg.kd_mode
@@ -97,7 +104,7 @@ class Trainer:
         distributed.barrier(env)  # every rank has checked --out before rank 0 writes into it
         if env.is_main:
             self.run_dir.open()
-            if ckpt is None or ckpt.step < cfg.max_steps:  # a --resume of a finished run rewrites nothing
+            if not self.complete:
                 write_json_atomic(self.out / "config.json", cfg.to_dict())
 
         self.device = resolve_device(cfg.device)
@@ -120,11 +127,9 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         if ckpt is not None:
             self._restore(ckpt)
-        finished = ckpt is not None and self.step >= cfg.max_steps  # run() reports it and rewrites no log
         report = dict(report_to=parse_report_to(cfg.report_to), config=cfg.to_dict())
-        self.log = (
-            MetricsWriter(self.out, resume_step=ckpt and self.step, **report) if env.is_main and not finished else None
-        )
+        writes = env.is_main and not self.complete
+        self.log = MetricsWriter(self.out, resume_step=ckpt and self.step, **report) if writes else None
 
     def _check_dump(self) -> None:
         cfg, reader = self.cfg, self.reader
@@ -288,11 +293,10 @@ class Trainer:
 
     def run(self, progress=None) -> DistillSummary:
         start, t0 = self.step, time.perf_counter()
-        done = self.out / "summary.json"
-        if self.cfg.resume and start >= self.cfg.max_steps and done.is_file() and (self.out / "final").is_dir():
-            # A --resume of a finished run: nothing to train, and nothing is rewritten.
+        if self.complete:
             self.say(f"the run in {self.out} is complete ({start} of {self.cfg.max_steps} steps); nothing to do")
-            summary = DistillSummary(**json.loads(done.read_text())) if self.env.is_main else None
+            done = json.loads((self.out / "summary.json").read_text()) if self.env.is_main else None
+            summary = DistillSummary(**done) if done is not None else None
             return distributed.broadcast_object(self.env, summary)
         try:
             while self.step < self.cfg.max_steps:
