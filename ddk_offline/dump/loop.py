@@ -106,6 +106,7 @@ class DumpLoop:
                 extra_temperatures=tuple(manifest.temperatures[1:]),
                 encode_workers=auto_workers() if config.encode_workers is None else config.encode_workers,
                 format_version=manifest.format_version,
+                hidden_encoding=(manifest.hidden_states or {}).get("encoding"),
             ) as writer:
                 for seq in packer.pack(self.corpus.documents()):
                     key = (seq.domain, seq.split)
@@ -142,9 +143,11 @@ class DumpLoop:
     def _run_batch(self, batch: list[PackedSequence], writer: ShardWriter) -> None:
         ids = torch.from_numpy(np.stack([s.input_ids for s in batch]))
         temps = tuple(self.manifest.temperatures[1:])
-        t = self.teacher.targets(ids, k=self.manifest.k, extra_temperatures=temps)
+        hidden = self.manifest.has_hidden_states  # the dump's own setting (a resume keeps it)
+        t = self.teacher.targets(ids, k=self.manifest.k, extra_temperatures=temps, hidden=hidden)
         self.stats.forward_s += t.forward_s
-        if not (np.isfinite(t.lse).all() and np.isfinite(t.topk_logits).all()):
+        finite_hidden = not hidden or (t.hidden is not None and np.isfinite(t.hidden).all())
+        if not (np.isfinite(t.lse).all() and np.isfinite(t.topk_logits).all() and finite_hidden):
             # Before any of it is encoded: a NaN target would poison every student trained from the dump.
             raise UserError(
                 f"the teacher's logits hold NaN or inf in domain '{batch[0].domain}' (sequences "
@@ -168,6 +171,7 @@ class DumpLoop:
                     t.lse[b],
                     t.nll[b],
                     {T: v[b] for T, v in t.extra_lse.items()},
+                    None if t.hidden is None else t.hidden[b],
                 )
             )
         n = ids.numel()
