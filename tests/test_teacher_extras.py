@@ -19,11 +19,14 @@ from asserts import assert_close
 from ddk_offline.dump import DumpConfig, run_dump
 from ddk_offline.dump.teacher_extras import add_teacher_matrices
 from ddk_offline.errors import UserError
-from ddk_offline.format import hidden_codec
+from ddk_offline.format import (  # the public path phase two uses
+    TeacherMatricesError,
+    hidden_codec,
+    load_teacher_matrices,
+)
 from ddk_offline.format.manifest import Manifest, ManifestError
 from ddk_offline.format.reader import open_dump
 from ddk_offline.format.schema import TEACHER_HIDDEN, TEACHER_MATRICES_NAME
-from ddk_offline.format.teacher_matrices import TeacherMatricesError, load_teacher_matrices
 
 SEQ, K = 32, 8
 # Per encoding: the largest error allowed relative to each value (fp16, bf16) or to the position's absmax (int8).
@@ -84,6 +87,17 @@ def test_hidden_codec_round_trip_within_its_rounding(encoding):
         hidden_codec.decode(blob, 17, 41, encoding)
     with pytest.raises(hidden_codec.HiddenCodecError, match="not valid zstd"):
         hidden_codec.decode(b"garbage", 17, 40, encoding)
+
+
+def test_a_hidden_state_beyond_float16_is_refused_not_stored_as_inf():
+    h = np.ones((2, 4), np.float32)
+    h[1, 2] = 1e5
+    assert "--hidden-encoding bf16-bss-zstd" in hidden_codec.range_problem(h, "fp16-bss-zstd")
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        hidden_codec.encode(h, "fp16-bss-zstd")
+    assert hidden_codec.range_problem(h, "bf16-bss-zstd") is None
+    h[0, 0] = np.nan
+    assert "NaN or inf" in hidden_codec.range_problem(h, "bf16-bss-zstd")
 
 
 def test_hidden_states_equal_the_teachers_last_hidden_state(extras, teacher_dir):
@@ -168,6 +182,9 @@ def test_verify_catches_a_corrupted_matrices_file(extras, tmp_path, cli):
     assert f"{TEACHER_MATRICES_NAME}: size or sha256 differs" in proc.stderr and "add-teacher-matrices" in proc.stderr
     with pytest.raises(TeacherMatricesError, match="sha256 differs"):
         load_teacher_matrices(out)
+    proc = cli("dumps", "verify", str(out), "--repair")  # rewrites the file from the teacher, the same bytes
+    assert "shards match the manifest" in proc.stdout
+    assert (out / TEACHER_MATRICES_NAME).read_bytes() == (src / TEACHER_MATRICES_NAME).read_bytes()
     (out / TEACHER_MATRICES_NAME).unlink()
     with pytest.raises(TeacherMatricesError, match="missing"):
         load_teacher_matrices(out)

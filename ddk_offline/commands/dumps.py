@@ -20,9 +20,10 @@ def summarise(manifest, path: str | Path) -> dict[str, Any]:
 
     Returns:
         ``{"path", "complete", "format_version", "seq_len", "k", "teacher", "tokenizer", "codec", "temperatures",
-        "packing", "domains": {name: {split: {sequences, tokens, teacher_loss, bytes, bytes_per_token, shards}}},
-        "total"}``; a teacher loss of an empty split is None; ``packing`` is the BOS policy and the start-up check
-        (None for dumps that predate them).
+        "packing", "hidden_states", "teacher_matrices", "domains": {name: {split: {sequences, tokens, teacher_loss,
+        bytes, bytes_per_token, shards}}}, "total"}``; a teacher loss of an empty split is None; ``packing`` is the BOS
+        policy and the start-up check (None for dumps that predate them); ``hidden_states`` and ``teacher_matrices``
+        are None unless the dump stores them.
     """
     domains: dict[str, dict[str, Any]] = {}
     total = {"sequences": 0, "tokens": 0, "bytes": 0}

@@ -24,8 +24,25 @@ ENCODINGS = ("fp16-bss-zstd", "bf16-bss-zstd", "int8-absmax-zstd")
 ZSTD_LEVEL = 3
 
 
+#: The largest finite float16: a state beyond it would be stored as inf.
+FP16_MAX = 65504.0
+
+
 class HiddenCodecError(ValueError):
     """A blob that does not decode to the [L, D] the manifest promises."""
+
+
+def range_problem(hidden: np.ndarray, encoding: str) -> str | None:
+    """Why ``hidden`` cannot be stored in ``encoding`` (non-finite, or beyond float16's range), or None."""
+    peak = float(np.abs(hidden).max()) if hidden.size else 0.0
+    if not np.isfinite(peak):
+        return "the teacher's hidden states hold NaN or inf"
+    if encoding == "fp16-bss-zstd" and peak > FP16_MAX:
+        return (
+            f"the teacher's hidden states reach {peak:.4g}, beyond float16's range ({FP16_MAX:g}); "
+            "rerun with --hidden-encoding bf16-bss-zstd"
+        )
+    return None
 
 
 def describe(encoding: str, dim: int) -> dict:
@@ -42,6 +59,8 @@ def encode(hidden: np.ndarray, encoding: str = DEFAULT_ENCODING, *, level: int =
     h = np.ascontiguousarray(hidden, dtype=np.float32)
     if h.ndim != 2:
         raise ValueError(f"hidden states must be [L, D], got shape {h.shape}")
+    if (problem := range_problem(h, encoding)) is not None:
+        raise ValueError(problem)  # never store an inf for a value the teacher computed
     if encoding == "fp16-bss-zstd":
         raw = _planes(h.astype(np.float16).view(np.uint8), 2)
     elif encoding == "bf16-bss-zstd":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +96,8 @@ def save_teacher_matrices(store: str | os.PathLike | Storage, matrices: TeacherM
         tensors["embed"] = embed.to(dt).contiguous()
     if matrices.head_bias is not None:
         tensors["head_bias"] = matrices.head_bias.detach().to("cpu", dt).contiguous()
-    tmp = store.scratch() / f"{TEACHER_MATRICES_NAME}.{os.getpid()}.tmp"
+    scratch = store.scratch()
+    tmp = scratch / f"{TEACHER_MATRICES_NAME}.{os.getpid()}.tmp"
     try:
         save_file(tensors, str(tmp), metadata={"format": _MAGIC})
         digest, size = sha256_file(tmp, fsync=True)
@@ -103,6 +105,8 @@ def save_teacher_matrices(store: str | os.PathLike | Storage, matrices: TeacherM
         tmp.unlink(missing_ok=True)  # a full disk: no partial file left
         raise
     store.commit(tmp, TEACHER_MATRICES_NAME)
+    if store.local is None:
+        shutil.rmtree(scratch, ignore_errors=True)  # the local staging folder of a remote dump
     return {
         "file": TEACHER_MATRICES_NAME,
         "bytes": size,
