@@ -17,6 +17,7 @@ import torch
 from asserts import assert_close
 
 from ddk_offline.dump import DumpConfig, run_dump
+from ddk_offline.dump.outdir import DumpDirError
 from ddk_offline.dump.teacher_extras import add_teacher_matrices
 from ddk_offline.errors import UserError
 from ddk_offline.format import (  # the public path phase two uses
@@ -230,3 +231,35 @@ def test_add_teacher_matrices_refuses_another_teacher(plain, tmp_path, cli):
     proc = cli("dumps", "add-teacher-matrices", str(out), "--teacher", str(other), check=False)
     assert proc.returncode == 2 and "weights_sha256" in proc.stderr
     assert (out / "manifest.json").read_bytes() == before and not (out / TEACHER_MATRICES_NAME).exists()
+
+
+def test_dump_teacher_cli_stores_both_and_info_shows_them(cli, teacher_dir, corpus_file, tmp_path):
+    out = tmp_path / "dump"
+    args = ["--teacher", str(teacher_dir), "--data", str(corpus_file), "--out", str(out), "--seq-len", str(SEQ)]
+    args += ["--top-k", str(K), "--max-tokens-per-domain", str(4 * SEQ), "--encode-workers", "0", "--quiet"]
+    cli(
+        "dump-teacher",
+        *args,
+        "--store-hidden-states",
+        "--hidden-encoding",
+        "int8-absmax-zstd",
+        "--store-teacher-matrices",
+    )
+    info = json.loads(cli("dumps", "info", str(out), "--json").stdout)
+    assert info["hidden_states"]["encoding"] == "int8-absmax-zstd" and info["hidden_states"]["dim"] == 48
+    assert info["teacher_matrices"]["dtype"] == "float16" and info["teacher_matrices"]["file"] == TEACHER_MATRICES_NAME
+    text = cli("dumps", "info", str(out)).stdout
+    assert "hidden    teacher's last hidden state stored, D = 48, int8-absmax-zstd" in text and "matrices  " in text
+    reader = open_dump(out)
+    assert reader.read_rows("code", "train", 0, [0], hidden=True)[TEACHER_HIDDEN].shape == (1, SEQ, 48)
+    # A rerun keeps the dump's own setting, as it keeps its BOS policy: nothing to do, the hidden states stay.
+    cli("dump-teacher", *args)
+    assert Manifest.load(out).hidden_states == info["hidden_states"]
+
+
+def test_asking_for_hidden_states_on_a_dump_without_them_is_refused(plain, teacher_dir, corpus_file, tmp_path):
+    _, src = plain
+    out = tmp_path / "dump"
+    shutil.copytree(src, out)
+    with pytest.raises(DumpDirError, match=r"different dump \(settings\.hidden_states: None in the dump"):
+        run_dump(_config(teacher_dir, corpus_file, out, encode_workers=0, store_hidden_states=True))
