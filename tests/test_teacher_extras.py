@@ -263,3 +263,19 @@ def test_asking_for_hidden_states_on_a_dump_without_them_is_refused(plain, teach
     shutil.copytree(src, out)
     with pytest.raises(DumpDirError, match=r"different dump \(settings\.hidden_states: None in the dump"):
         run_dump(_config(teacher_dir, corpus_file, out, encode_workers=0, store_hidden_states=True))
+
+
+def test_a_killed_dump_with_hidden_states_resumes_to_the_same_bytes(extras, teacher_dir, corpus_file, tmp_path):
+    manifest, _ = extras
+    out, written = tmp_path / "dump", []
+
+    def crash_after_two(domain, split, index, info):
+        written.append(info.file)
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    cfg = _config(teacher_dir, corpus_file, out, encode_workers=0, store_hidden_states=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_dump(cfg, after_shard=crash_after_two)
+    resumed = run_dump(cfg)
+    assert resumed.stats.shards_kept == 2 and _checksums(resumed.manifest) == _checksums(manifest)
