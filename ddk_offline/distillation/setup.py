@@ -100,14 +100,20 @@ def checked_student(
     from ddk_offline.distillation.student import StudentMismatchError, check_fits
 
     model = factory(cfg, reader)
-    if cross is not None:
-        cross.check_student(model)
-        return model.float()
     try:
-        check_fits(model, reader.manifest, reader.path)
+        cross.check_student(model) if cross is not None else check_fits(model, reader.manifest, reader.path)
     except StudentMismatchError as e:
         raise UserError(str(e)) from None
-    return model.float()
+    return _fp32(model)
+
+
+def _fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """fp32 weights. Not ``model.float()``: transformers refuses it for a model loaded from a GGUF (it counts as
+    quantised, though its weights are dequantised), so the tensors are converted in place."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor.data = tensor.data.float()
+    return model
 
 
 def build_sampler(cfg: DistillConfig, reader: DumpReader) -> DomainSampler:
