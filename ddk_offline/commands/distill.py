@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
             None, help="Derive the student from the teacher, e.g. 'layers=8,hidden=384' (teacher-initialised)."
         ),
         teacher: Optional[str] = typer.Option(None, help="Teacher path for derive (default: the dump's manifest)."),
-        sampler: str = typer.Option("ddk", help="Domain sampler: ddk | uniform | proportional | fixed:a=0.5,b=0.5."),
+        sampler: str = typer.Option(
+            "ddk", help="Domain sampler: ddk | doremi[:eta=1,c=0.001] | uniform | proportional | fixed:a=0.5,b=0.5."
+        ),
         ddk_interval: Optional[int] = typer.Option(
             None, help="K: steps between sampler updates (default max(1, max_steps // 20))."
         ),
