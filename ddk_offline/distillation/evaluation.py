@@ -14,6 +14,7 @@ perplexity ratio exp((CE_S - NLL_T) / bytes), and ``loss``/``positions`` are per
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import deque
@@ -172,6 +173,7 @@ _EVAL_KEYS = (INPUT_IDS, TEACHER_LSE, TEACHER_NLL, _WHERE)
 SUM_ROWS = ("ce", "nll", "positions", "ce_bytes", "nll_bytes", "bytes", "teacher_positions")
 
 
+@functools.lru_cache(maxsize=4)  # a run evaluates every eval_every steps: read a 262k vocabulary once per reader
 def _piece_lengths(reader: DumpReader) -> torch.Tensor | None:
     """Bytes of each id of the dump's vocabulary [V] (None when the tokenizer's family is not known: no BPB)."""
     from ddk_offline.distillation.crosstok.vocab_bytes import vocab_bytes
