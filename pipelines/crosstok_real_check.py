@@ -192,7 +192,8 @@ def main() -> None:
         out, dump_dir = work / "runs" / name, same_dump if name == "same-tokenizer" else gemma_dump
         if not (out / "summary.json").is_file():
             print(f"training {name}", flush=True)
-            seconds, peak = run_measured("distill", "--dump", str(dump_dir), "--out", str(out), *train, *extra)
+            again = ["--resume"] if (out / "config.json").is_file() else []  # an interrupted arm continues
+            seconds, peak = run_measured("distill", "--dump", str(dump_dir), "--out", str(out), *train, *extra, *again)
             (out / "cost.json").write_text(json.dumps({"seconds": seconds, "peak_mib": peak}))
         summary, measured = (json.loads((out / f).read_text()) for f in ("summary.json", "cost.json"))
         speed = {"step_seconds": summary["seconds"] / args.steps, "tokens_per_s": summary["tokens_per_s"]}
