@@ -55,6 +55,7 @@ class VocabBytes:
         eos: the EOS id (documents end with it), or None.
         bos: the BOS id the tokenizer puts in front of text, or None when it adds none.
         sha256: a hash of everything above: the key of the student rows built with it.
+        fallback: ids of byte-fallback pieces ``<0xNN>`` (a second spelling of bytes that have a plain piece too).
     """
 
     pieces: tuple[bytes, ...]
@@ -64,6 +65,7 @@ class VocabBytes:
     eos: int | None
     bos: int | None
     sha256: str
+    fallback: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -112,6 +114,7 @@ def vocab_bytes(tokenizer: Any) -> VocabBytes:
     special = {int(i) for i in tokenizer.all_special_ids} | {i for i, t in added.items() if getattr(t, "special", 0)}
     unk = getattr(tokenizer, "unk_token_id", None)
     pieces: list[bytes] = []
+    fallback: set[int] = set()
     for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(n)))):
         if i in special or piece is None:
             pieces.append(b"")
@@ -121,6 +124,8 @@ def vocab_bytes(tokenizer: Any) -> VocabBytes:
             pieces.append(_from_alphabet(piece))
         else:
             m = _BYTE_PIECE.match(piece)
+            if m:
+                fallback.add(i)
             pieces.append(bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode("utf-8"))
     bos = _added_bos(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -129,7 +134,9 @@ def vocab_bytes(tokenizer: Any) -> VocabBytes:
     digest.update(json.dumps([family, sorted(special), sorted(unknown), eos, bos]).encode())
     for p in pieces:
         digest.update(len(p).to_bytes(2, "little") + p)
-    return VocabBytes(tuple(pieces), family, frozenset(special), unknown, eos, bos, digest.hexdigest())
+    return VocabBytes(
+        tuple(pieces), family, frozenset(special), unknown, eos, bos, digest.hexdigest(), frozenset(fallback)
+    )
 
 
 def _from_alphabet(piece: str) -> bytes:
