@@ -231,8 +231,8 @@ def _register_add_matrices(dumps: typer.Typer) -> None:
     ) -> None:
         """Add teacher_matrices.safetensors (embedding output, head, bias: what DSKD needs) to an existing dump.
 
-        Loads the teacher once; refuses a teacher whose hashes differ from the manifest's; a no-op when the dump
-        already holds matching matrices."""
+        Loads the teacher once, refuses one whose hashes differ from the dump's, and does nothing when it is there.
+        """
         from ddk_offline.commands._quiet import quiet_libraries
         from ddk_offline.dump.teacher_extras import add_teacher_matrices
 
