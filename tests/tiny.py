@@ -115,9 +115,17 @@ def train_tokenizer(vocab_size: int = 384, seed: int = 0, *, bos: bool = False):
 
 
 def make_model(
-    vocab_size: int, *, hidden: int = 48, layers: int = 2, heads: int = 4, max_pos: int = 512, seed: int = 0
+    vocab_size: int,
+    *,
+    hidden: int = 48,
+    layers: int = 2,
+    heads: int = 4,
+    max_pos: int = 512,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
 ):
-    """A random-init Llama-architecture causal LM (float32, eval mode)."""
+    """A random-init Llama-architecture causal LM (float32, eval mode); ``tie_word_embeddings``: one tensor for the
+    input embedding and the output head."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -129,7 +137,7 @@ def make_model(
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=max_pos,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -55,6 +55,24 @@ def register(app: typer.Typer) -> None:
             help="Start each document and packed row with the teacher's BOS token: auto (as its tokenizer does), "
             "always, never. A resumed dump keeps its own.",
         ),
+        store_hidden_states: bool = typer.Option(
+            False,
+            "--store-hidden-states",
+            help="Also store the teacher's last hidden state per position (column teacher_hidden, fp16 + zstd, about "
+            "1.5 x D bytes/token), for DSKD's teacher-to-student half.",
+        ),
+        hidden_encoding: str = typer.Option(
+            "fp16-bss-zstd",
+            help="With --store-hidden-states: fp16-bss-zstd (default), bf16-bss-zstd, or int8-absmax-zstd (a third "
+            "of the bytes, ~3% RMS error; benchmarks/results/dskd_extras.md).",
+        ),
+        store_teacher_matrices: bool = typer.Option(
+            False,
+            "--store-teacher-matrices",
+            help="Also write teacher_matrices.safetensors (embedding output, head, bias) for DSKD: V x D per matrix, "
+            "e.g. ~335 MB for Gemma-3-270M's tied 262,144 x 640 head in 16 bits.",
+        ),
+        matrices_dtype: str = typer.Option("float16", help="Teacher matrices dtype: float16, bfloat16, float32."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
     ) -> None:
         """Run the teacher over a corpus and store its top-k logits, logsumexp and loss per position.

@@ -20,9 +20,10 @@ def summarise(manifest, path: str | Path) -> dict[str, Any]:
 
     Returns:
         ``{"path", "complete", "format_version", "seq_len", "k", "teacher", "tokenizer", "codec", "temperatures",
-        "packing", "domains": {name: {split: {sequences, tokens, teacher_loss, bytes, bytes_per_token, shards}}},
-        "total"}``; a teacher loss of an empty split is None; ``packing`` is the BOS policy and the start-up check
-        (None for dumps that predate them).
+        "packing", "hidden_states", "teacher_matrices", "domains": {name: {split: {sequences, tokens, teacher_loss,
+        bytes, bytes_per_token, shards}}}, "total"}``; a teacher loss of an empty split is None; ``packing`` is the BOS
+        policy and the start-up check (None for dumps that predate them); ``hidden_states`` and ``teacher_matrices``
+        are None unless the dump stores them.
     """
     domains: dict[str, dict[str, Any]] = {}
     total = {"sequences": 0, "tokens": 0, "bytes": 0}
@@ -52,6 +53,8 @@ def summarise(manifest, path: str | Path) -> dict[str, Any]:
         "codec": manifest.codec,
         "temperatures": manifest.temperatures,
         "packing": manifest.packing,
+        "hidden_states": manifest.hidden_states,
+        "teacher_matrices": manifest.teacher_matrices,
         "domains": domains,
         "total": total,
     }
@@ -82,6 +85,13 @@ def print_info(manifest, path: str | Path) -> None:
     console.print(f"k {s['k']}, seq_len {s['seq_len']}, codec {codec}, lse temperatures {temps}")
     for line in packing_lines(s["packing"]):
         console.print(line)
+    if (hs := s["hidden_states"]) is not None:
+        console.print(f"hidden    teacher's last hidden state stored, D = {hs['dim']}, {hs['encoding']}")
+    if (tm := s["teacher_matrices"]) is not None:
+        console.print(
+            f"matrices  {tm['file']}: head {tm['head_shape']}, embed {tm['embed_shape']}, {tm['dtype']}, "
+            f"tied {tm['tied']}, {tm['bytes'] / 1e6:.1f} MB"
+        )
     table = Table("domain", "split", "sequences", "tokens", "teacher loss", "bytes/token", "shards")
     for name, splits in s["domains"].items():
         for split, row in splits.items():
@@ -142,6 +152,8 @@ def register(app: typer.Typer) -> None:
         else:
             print_info(manifest, path)
 
+    _register_add_matrices(dumps)
+
     @dumps.command("verify")
     @exit_on_user_error
     def verify_cmd(
@@ -197,6 +209,44 @@ def register(app: typer.Typer) -> None:
             _print_report(report)
         if not report.ok:
             raise typer.Exit(1)
+
+
+def _register_add_matrices(dumps: typer.Typer) -> None:
+    @dumps.command("add-teacher-matrices")
+    @exit_on_user_error
+    def add_matrices(
+        path: Annotated[str, typer.Argument(help="The dump directory (holding manifest.json).")],
+        teacher: Annotated[
+            Optional[str], typer.Option(help="The teacher (default: the manifest's; its hashes must match the dump).")
+        ] = None,
+        gguf_file: Annotated[Optional[str], typer.Option(help="GGUF file inside --teacher.")] = None,
+        teacher_backend: Annotated[
+            Optional[str], typer.Option(help="How the teacher runs (default: the dump's backend, e.g. hf).")
+        ] = None,
+        dtype: Annotated[str, typer.Option(help="Stored dtype: float16, bfloat16, float32.")] = "float16",
+        device: Annotated[str, typer.Option(help="Where the teacher is loaded (no forward runs).")] = "cpu",
+        trust_remote_code: Annotated[
+            bool, typer.Option(help="Allow the teacher's own modelling code (off by default).")
+        ] = False,
+    ) -> None:
+        """Add teacher_matrices.safetensors (embedding output, head, bias: what DSKD needs) to an existing dump.
+
+        Loads the teacher once, refuses one whose hashes differ from the dump's, and does nothing when it is there.
+        """
+        from ddk_offline.commands._quiet import quiet_libraries
+        from ddk_offline.dump.teacher_extras import add_teacher_matrices
+
+        quiet_libraries()
+        result = add_teacher_matrices(
+            path,
+            teacher=teacher,
+            gguf_file=gguf_file,
+            teacher_backend=teacher_backend,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            device=device,
+        )
+        typer.echo(result.message)
 
 
 def _print_report(report) -> None:

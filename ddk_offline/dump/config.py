@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ddk_offline.errors import UserError
+from ddk_offline.format.hidden_codec import DEFAULT_ENCODING, ENCODINGS
 from ddk_offline.format.manifest import Manifest
+from ddk_offline.format.teacher_matrices import DEFAULT_DTYPE, DTYPES
 
 
 @dataclass
@@ -36,6 +38,12 @@ class DumpConfig:
             every value.
         bos: ``auto`` (the tokenizer's convention), ``always`` or ``never``: whether each document and packed row
             starts with the teacher's BOS token (see :mod:`ddk_offline.dump.bos`; a resume keeps the dump's own).
+        store_hidden_states: also store the teacher's last hidden state [L, D] per row (column ``teacher_hidden``,
+            encoded as ``hidden_encoding``), for DSKD's teacher-to-student half.
+        hidden_encoding: how those hidden states are encoded (a name in
+            :data:`ddk_offline.format.hidden_codec.ENCODINGS`; benchmarks/results/dskd_extras.md compares them).
+        store_teacher_matrices: also write ``teacher_matrices.safetensors`` (embedding output, head, bias) for DSKD.
+        matrices_dtype: the dtype of those matrices (``bfloat16``, ``float16``, ``float32``).
     """
 
     teacher: str
@@ -57,6 +65,10 @@ class DumpConfig:
     teacher_backend: str = "hf"
     encode_workers: int | None = None
     bos: str = "auto"
+    store_hidden_states: bool = False
+    hidden_encoding: str = DEFAULT_ENCODING
+    store_teacher_matrices: bool = False
+    matrices_dtype: str = DEFAULT_DTYPE
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the option for any value out of range."""
@@ -67,6 +79,16 @@ class DumpConfig:
             (0 <= self.val_fraction < 1, "--val-fraction", f"{self.val_fraction}: must be in [0, 1)"),
             (self.shard_tokens >= 1, "--shard-tokens", f"{self.shard_tokens}: must be positive"),
             (self.bos in ("auto", "always", "never"), "--bos", f"{self.bos!r}: choose one of auto, always, never"),
+            (
+                self.hidden_encoding in ENCODINGS,
+                "--hidden-encoding",
+                f"{self.hidden_encoding!r}: choose one of {', '.join(ENCODINGS)}",
+            ),
+            (
+                self.matrices_dtype in DTYPES,
+                "--matrices-dtype",
+                f"{self.matrices_dtype!r}: choose one of {', '.join(DTYPES)}",
+            ),
             (
                 self.encode_workers is None or self.encode_workers >= 0,
                 "--encode-workers",

@@ -17,6 +17,7 @@ from ddk_offline.dump.corpus import Corpus
 from ddk_offline.dump.packing import PackedSequence, Packer
 from ddk_offline.dump.teachers import TeacherBackend
 from ddk_offline.errors import UserError
+from ddk_offline.format import hidden_codec
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import Manifest, ShardInfo
 from ddk_offline.format.schema import SPLITS
@@ -106,6 +107,7 @@ class DumpLoop:
                 extra_temperatures=tuple(manifest.temperatures[1:]),
                 encode_workers=auto_workers() if config.encode_workers is None else config.encode_workers,
                 format_version=manifest.format_version,
+                hidden_encoding=(manifest.hidden_states or {}).get("encoding"),
             ) as writer:
                 for seq in packer.pack(self.corpus.documents()):
                     key = (seq.domain, seq.split)
@@ -142,8 +144,14 @@ class DumpLoop:
     def _run_batch(self, batch: list[PackedSequence], writer: ShardWriter) -> None:
         ids = torch.from_numpy(np.stack([s.input_ids for s in batch]))
         temps = tuple(self.manifest.temperatures[1:])
-        t = self.teacher.targets(ids, k=self.manifest.k, extra_temperatures=temps)
+        hidden = self.manifest.hidden_states  # the dump's own setting (a resume keeps it)
+        t = self.teacher.targets(ids, k=self.manifest.k, extra_temperatures=temps, hidden=hidden is not None)
         self.stats.forward_s += t.forward_s
+        if hidden is not None and (problem := hidden_codec.range_problem(t.hidden, hidden["encoding"])) is not None:
+            raise UserError(
+                f"{problem} (domain '{batch[0].domain}', sequences {batch[0].seq_index}-{batch[-1].seq_index} of "
+                f"{batch[0].split}, --dtype {self.config.dtype}); the complete shards are kept"
+            )
         if not (np.isfinite(t.lse).all() and np.isfinite(t.topk_logits).all()):
             # Before any of it is encoded: a NaN target would poison every student trained from the dump.
             raise UserError(
@@ -168,6 +176,7 @@ class DumpLoop:
                     t.lse[b],
                     t.nll[b],
                     {T: v[b] for T, v in t.extra_lse.items()},
+                    None if t.hidden is None else t.hidden[b],
                 )
             )
         n = ids.numel()

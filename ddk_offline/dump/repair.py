@@ -90,6 +90,11 @@ def config_from_manifest(
         gguf_file=gguf_file,
         teacher_backend=str(manifest.teacher.get("backend", "hf")),
         bos=manifest.bos_policy,
+        store_hidden_states=manifest.has_hidden_states,
+        hidden_encoding=(manifest.hidden_states or {}).get("encoding", DumpConfig.hidden_encoding),
+        # A dump that lists teacher matrices gets them rewritten when their file fails verification.
+        store_teacher_matrices=manifest.has_teacher_matrices,
+        matrices_dtype=(manifest.teacher_matrices or {}).get("dtype", DumpConfig.matrices_dtype),
     )
 
 

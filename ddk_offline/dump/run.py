@@ -33,8 +33,10 @@ from ddk_offline.dump.config import DumpConfig, DumpProgress, DumpResult, DumpSt
 from ddk_offline.dump.corpus import open_corpus
 from ddk_offline.dump.loop import DumpLoop
 from ddk_offline.dump.packing import DomainStats, Packer
+from ddk_offline.dump.teacher_extras import matrices_present, store_matrices
 from ddk_offline.dump.teachers import TeacherBackend, open_teacher, tokenizer_identity
 from ddk_offline.errors import UserError
+from ddk_offline.format import hidden_codec
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import DomainInfo, Manifest, ShardInfo
 from ddk_offline.format.schema import BOS_FORMAT_VERSION, FORMAT_VERSION
@@ -108,6 +110,7 @@ class _Dump:
         self.dtype = resolve_dtype(config.dtype, device)
         self.tokenizer = self.teacher.tokenizer()
         self.vocab = self.teacher.vocab_size()
+        self.loaded = False
         _check_teacher_limits(config, self.teacher, self.vocab, len(self.tokenizer))
 
     def run(self, progress: DumpProgress | None, after_shard: AfterShard | None, redo: frozenset[str]) -> DumpResult:
@@ -133,6 +136,8 @@ class _Dump:
                 stats = ranks.sum_stats(distributed.gather_objects(env, stats))
                 if env.is_main:
                     try:
+                        if config.store_teacher_matrices:
+                            self._store_matrices(manifest, stats)
                         self._finish(manifest, stats)
                     except BaseException as e:
                         distributed.broadcast_object(env, ("error", f"rank 0: {e}"))
@@ -162,9 +167,7 @@ class _Dump:
         my_todo: dict[tuple[str, str], set[int]] = {key: set() for key in todo}
         for name, split, j in mine:
             my_todo[(name, split)].add(j)
-        t1 = time.perf_counter()
-        self.teacher.load(device=self.device, dtype=self.dtype)
-        stats.load_s = time.perf_counter() - t1
+        self._load(stats)
         if check:
             t2 = time.perf_counter()
             self._check_packing(manifest)
@@ -184,6 +187,19 @@ class _Dump:
             after_shard=after_shard,
         )
         loop.run(my_todo)
+
+    def _load(self, stats: DumpStats) -> None:
+        if not self.loaded:
+            t1 = time.perf_counter()
+            self.teacher.load(device=self.device, dtype=self.dtype)
+            stats.load_s += time.perf_counter() - t1
+            self.loaded = True
+
+    def _store_matrices(self, manifest: Manifest, stats: DumpStats) -> None:
+        """Rank 0, --store-teacher-matrices: the teacher's embedding output, head and bias (once per dump)."""
+        if not matrices_present(manifest, self.out, self.config.matrices_dtype):
+            self._load(stats)  # a resumed dump with every shard done has not loaded the teacher yet
+            store_matrices(self.teacher, manifest, self.out, self.config.matrices_dtype)
 
     def _check_packing(self, manifest: Manifest) -> None:
         """Rank 0, once per dump: the start-up check of the packing, recorded before the first shard is written."""
@@ -212,6 +228,9 @@ class _Dump:
         for name, s in sorted(domain_stats.items()):
             corpus_hash.update(f"{name}\0{s.sha256}\0".encode())
         codec = TopKCodec(vocab_size=self.vocab, k=config.top_k)
+        hidden = {}  # absent unless asked for: a default dump's settings (and bytes) stay as they were
+        if config.store_hidden_states:
+            hidden = {"hidden_states": hidden_codec.describe(config.hidden_encoding, self.teacher.hidden_size())}
         return Manifest(
             teacher=self.teacher.identity(),
             tokenizer=tokenizer_identity(self.tokenizer, self.vocab),
@@ -229,7 +248,8 @@ class _Dump:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "device_type": self.device.type,
                 "split_rule": "val when round((i+1)*f) > round(i*f), round half up",
-            },
+            }
+            | hidden,
             temperatures=[1.0, *config.temperatures],
             domains={n: DomainInfo(n, d) for n, d in outdir.domain_dirs(sorted(domain_stats)).items()},
             created_by=f"ddk-offline {ddk_offline.__version__}",

@@ -6,7 +6,9 @@ it opens as Parquet with this format's schema and version, it holds ``rows`` row
 ``teacher_nll_sum``, and a sample of rows decodes (top-k codec) to in-range ids and finite numbers, with a NaN
 teacher NLL exactly where no target is (each row's last position; in a BOS dump, the positions before a BOS). Per
 dump: the manifest loads (checksum, paths), every planned sequence is in a listed shard (``complete``), and the saved
-tokenizer is the one the manifest names. The checks never stop at the first problem: the report lists them all.
+tokenizer is the one the manifest names; the teacher matrices file, when listed, has the recorded size and sha256, and
+a dump with hidden states has their column in every shard and decodes them (finite, [L, D]). The checks never stop
+at the first problem: the report lists them all.
 
 The sha256 alone proves the bytes are the ones written; the structural and decode checks say *what* is wrong with
 a file that fails it, and catch a dump written by a codec this version cannot read.
@@ -31,6 +33,7 @@ from ddk_offline.format.schema import (
     MANIFEST_NAME,
     SEQ_INDEX,
     SPLITS,
+    TEACHER_HIDDEN,
     TEACHER_LSE,
     TEACHER_NLL,
     TOKENIZER_DIR,
@@ -38,6 +41,7 @@ from ddk_offline.format.schema import (
     TOPK_LOGITS,
     shard_schema,
 )
+from ddk_offline.format.teacher_matrices import check_teacher_matrices
 from ddk_offline.runtime.files import sha256_file
 
 
@@ -119,6 +123,8 @@ def verify_dump(path: str | Path, *, sample_rows: int = 4, check_tokenizer: bool
                 if reasons:
                     report.problems.append(Problem(root / shard.file, "; ".join(reasons), name, split, shard))
     report.problems += _check_coverage(manifest, root)
+    if (problem := check_teacher_matrices(root, manifest)) is not None:
+        report.problems.append(Problem(root / manifest.teacher_matrices["file"], problem))
     if check_tokenizer:
         report.problems += _check_tokenizer(manifest, root)
     return report
@@ -151,7 +157,7 @@ def _check_shard(
     version = m.format_version
     if meta.get(b"ddk_format") != FORMAT_NAME.encode() or meta.get(b"ddk_version") != str(version).encode():
         reasons.append(f"not a format-{version} {FORMAT_NAME} shard like its manifest (schema metadata {meta})")
-    want = shard_schema(tuple(m.temperatures[1:])).remove_metadata()
+    want = shard_schema(tuple(m.temperatures[1:]), hidden=m.has_hidden_states).remove_metadata()
     if not pf.schema_arrow.remove_metadata().equals(want):
         return [*reasons, f"schema differs from the format's ({pf.schema_arrow.names} vs {want.names})"], 0
     if pf.metadata.num_rows != shard.rows:
@@ -159,8 +165,10 @@ def _check_shard(
     try:
         reasons += _check_columns(pf, shard, m.seq_len)
         rows = _sample(shard.rows, sample_rows)
-        got = reader.read_rows(domain, split, index, rows)
+        got = reader.read_rows(domain, split, index, rows, hidden=m.has_hidden_states)
         reasons += _check_values(got, m.vocab_size, rows, m.bos_token_id)
+        if m.has_hidden_states and not np.isfinite(got[TEACHER_HIDDEN]).all():
+            reasons.append(f"sampled rows {rows}: non-finite {TEACHER_HIDDEN}")
     except Exception as e:  # noqa: BLE001 - any failure to read or decode is the finding itself
         reasons.append(f"cannot be decoded ({type(e).__name__}: {e})")
         return reasons, 0

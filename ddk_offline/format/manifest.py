@@ -111,6 +111,10 @@ class Manifest:
     #: How documents were framed with special tokens, and the start-up check's measurement (docs/FORMAT.md,
     #: "Packing"); None in dumps written before it was recorded (they were packed without BOS).
     packing: dict[str, Any] | None = None
+    #: The teacher's embedding output, head and bias file (docs/FORMAT.md, "Teacher matrices"): file, bytes, sha256,
+    #: dtype, shapes, tied, softcap. None when not stored; not part of :meth:`identity` (adding it to a finished dump
+    #: changes no stored target, so a run resumed on that dump goes on).
+    teacher_matrices: dict[str, Any] | None = None
 
     # --- typed accessors: readers use these, never dict paths into the JSON ------------------------
     @property
@@ -183,6 +187,30 @@ class Manifest:
         return (self.packing or {}).get("check")
 
     @property
+    def has_teacher_matrices(self) -> bool:
+        """Whether the dump lists ``teacher_matrices.safetensors`` (load it with ``format.load_teacher_matrices``)."""
+        return self.teacher_matrices is not None
+
+    @property
+    def hidden_states(self) -> dict[str, Any] | None:
+        """``{"encoding", "dim", "zstd_level"}`` when the shards hold the teacher's last hidden states, else None."""
+        return self.settings.get("hidden_states")
+
+    @property
+    def has_hidden_states(self) -> bool:
+        """Whether every shard has the ``teacher_hidden`` column (``dump-teacher --store-hidden-states``)."""
+        return self.hidden_states is not None
+
+    @property
+    def hidden_size(self) -> int | None:
+        """The teacher's hidden width D, from the stored hidden states or matrices; None when the dump has neither."""
+        if self.hidden_states is not None:
+            return int(self.hidden_states["dim"])
+        if self.teacher_matrices is not None:
+            return int(self.teacher_matrices["head_shape"][1])
+        return None
+
+    @property
     def has_plan(self) -> bool:
         """Whether the corpus record holds the planned sequence counts (dumps written by ``dump-teacher`` do)."""
         return isinstance(self.corpus.get("domains"), dict)
@@ -200,6 +228,8 @@ class Manifest:
         d = asdict(self)
         if d["packing"] is None:
             del d["packing"]  # a dump that never recorded it is rewritten byte for byte as it was
+        if d["teacher_matrices"] is None:
+            del d["teacher_matrices"]  # likewise: absent unless stored, and an older reader ignores it
         d["domains"] = {name: asdict(info) for name, info in sorted(self.domains.items())}
         d["checksum"] = _content_checksum(d)
         return d
@@ -233,6 +263,7 @@ class Manifest:
             _check(isinstance(d.get(key), dict), source, key, "must be an object")
         _check(isinstance(d["tokenizer"].get("vocab_size"), int), source, "tokenizer.vocab_size", "must be an integer")
         _check_packing(d.get("packing"), version, source)
+        _check_optional_records(d, source)
         domains: dict[str, DomainInfo] = {}
         for name, info in d.get("domains", {}).items():
             _check(isinstance(info, dict), source, f"domains.{name}", "must be an object")
@@ -296,6 +327,22 @@ def _check_packing(packing: Any, version: int, source: str) -> None:
         "packing.bos_token_id",
         f"must be {'an id' if want_bos else 'null'} in a format-{version} dump",
     )
+
+
+def _check_optional_records(d: dict[str, Any], source: str) -> None:
+    """The teacher-matrices record and ``settings.hidden_states``: objects with the fields readers rely on."""
+    tm = d.get("teacher_matrices")
+    _check(tm is None or isinstance(tm, dict), source, "teacher_matrices", "must be an object")
+    if tm is not None:
+        _safe_relpath(tm.get("file"), source, "teacher_matrices.file")
+        for key in ("sha256", "dtype"):
+            _check(isinstance(tm.get(key), str), source, f"teacher_matrices.{key}", "must be a string")
+        _check(isinstance(tm.get("head_shape"), list), source, "teacher_matrices.head_shape", "must be [V, D]")
+    hs = d["settings"].get("hidden_states")
+    _check(hs is None or isinstance(hs, dict), source, "settings.hidden_states", "must be an object")
+    if hs is not None:
+        _check(isinstance(hs.get("dim"), int) and hs["dim"] > 0, source, "settings.hidden_states.dim", "must be > 0")
+        _check(isinstance(hs.get("encoding"), str), source, "settings.hidden_states.encoding", "must be a string")
 
 
 def _check(ok: bool, source: str, fieldname: str, what: str) -> None:

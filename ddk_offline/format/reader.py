@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ddk_offline.format import hidden_codec
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import Manifest, ManifestError, ShardInfo
 from ddk_offline.format.schema import (
@@ -25,6 +26,7 @@ from ddk_offline.format.schema import (
     MANIFEST_NAME,
     SEQ_INDEX,
     SPLITS,
+    TEACHER_HIDDEN,
     TEACHER_LSE,
     TEACHER_NLL,
     TOKENIZER_DIR,
@@ -113,22 +115,37 @@ class DumpReader:
         """Mean teacher NLL per labelled position, from the manifest."""
         return self._split(domain, split).teacher_loss
 
-    def sequences(self, domain: str, split: str = "train") -> Iterator[dict[str, np.ndarray]]:
-        """Yield the stream's sequences in order, each a dict of numpy arrays (see docs/FORMAT.md)."""
+    def sequences(self, domain: str, split: str = "train", *, hidden: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Yield the stream's sequences in order, each a dict of numpy arrays (see docs/FORMAT.md).
+
+        ``hidden=True`` adds ``teacher_hidden`` [L, D] float32 (a dump written with ``--store-hidden-states``);
+        without it that column is not even read.
+        """
+        columns = self._columns(hidden)
         for s in range(len(self.shards(domain, split))):
             pf = self._open(domain, split, s)
             for rg in range(pf.num_row_groups):
-                batch = self._decode(pf.read_row_group(rg), domain, split, s)
+                batch = self._decode(pf.read_row_group(rg, columns=columns), domain, split, s, hidden=hidden)
                 for i in range(len(batch[INPUT_IDS])):
                     yield {key: value[i] for key, value in batch.items()}
 
     def read_rows(
-        self, domain: str, split: str, shard: int, rows: Sequence[int], *, decode_topk: bool = True
+        self,
+        domain: str,
+        split: str,
+        shard: int,
+        rows: Sequence[int],
+        *,
+        decode_topk: bool = True,
+        hidden: bool = False,
     ) -> dict[str, np.ndarray]:
         """Random access: rows of one shard, stacked ([B, L], [B, L, k]) in the order given.
 
         ``decode_topk=False`` skips the top-k codec (no ``topk_ids`` / ``topk_logits``): what CE-only training needs.
+        ``hidden=True`` adds ``teacher_hidden`` [B, L, D] float32 (only in a dump with hidden states; otherwise the
+        column is never read).
         """
+        columns = self._columns(hidden)
         pf = self._open(domain, split, shard)
         info = self.shards(domain, split)[shard]
         rows = np.asarray(rows, dtype=np.int64)
@@ -136,10 +153,26 @@ class DumpReader:
             raise IndexError(f"{info.file}: rows must be in [0, {info.rows}), got {rows.tolist()}")
         rg_rows = pf.metadata.row_group(0).num_rows if pf.num_row_groups else 1
         groups = sorted({int(r) // rg_rows for r in rows})
-        table = pf.read_row_groups(groups)
+        table = pf.read_row_groups(groups, columns=columns)
         local = {g: i * rg_rows for i, g in enumerate(groups)}
         take = [local[int(r) // rg_rows] + int(r) % rg_rows for r in rows]
-        return self._decode(table.take(pa.array(take, pa.int64())), domain, split, shard, decode_topk=decode_topk)
+        table = table.take(pa.array(take, pa.int64()))
+        return self._decode(table, domain, split, shard, decode_topk=decode_topk, hidden=hidden)
+
+    def _columns(self, hidden: bool) -> list[str] | None:
+        """The columns to read: all but ``teacher_hidden`` unless it is asked for (None: all of them)."""
+        m = self.manifest
+        if hidden and not m.has_hidden_states:
+            raise ManifestError(
+                f"{self.store.where(MANIFEST_NAME)}: the dump holds no teacher hidden states (no "
+                "'settings.hidden_states'); re-dump with `ddk-offline dump-teacher --store-hidden-states`"
+            )
+        if hidden or not m.has_hidden_states:
+            return None
+        # Every other column of the format (the shard's own schema is checked when the shard is opened).
+        return [SEQ_INDEX, INPUT_IDS, TOPK_BLOB, TEACHER_LSE, TEACHER_NLL] + [
+            lse_column(t) for t in m.temperatures if t != 1.0
+        ]
 
     # --- internals -----------------------------------------------------------------------------
     def _split(self, domain: str, split: str):
@@ -182,7 +215,7 @@ class DumpReader:
         return pf
 
     def _decode(
-        self, table: pa.Table, domain: str, split: str, shard: int, *, decode_topk: bool = True
+        self, table: pa.Table, domain: str, split: str, shard: int, *, decode_topk: bool = True, hidden: bool = False
     ) -> dict[str, np.ndarray]:
         L, k = self.manifest.seq_len, self.manifest.k
         n = table.num_rows
@@ -195,6 +228,8 @@ class DumpReader:
             if t != 1.0:
                 out[lse_column(t)] = _flat(table, lse_column(t), n, L).astype(np.float32)
         out[SEQ_INDEX] = table.column(SEQ_INDEX).to_numpy()
+        if hidden:
+            out[TEACHER_HIDDEN] = self._decode_hidden(table, domain, split, shard)
         if not decode_topk:
             return out
         ids = np.empty((n, L, k), np.int64)
@@ -209,6 +244,22 @@ class DumpReader:
                     f"run `ddk-offline dumps verify {self.path}`"
                 ) from None
         out[TOPK_IDS], out[TOPK_LOGITS] = ids, logits
+        return out
+
+    def _decode_hidden(self, table: pa.Table, domain: str, split: str, shard: int) -> np.ndarray:
+        """The ``teacher_hidden`` blobs of ``table`` as float32 [n, L, D]."""
+        spec, L = self.manifest.hidden_states, self.manifest.seq_len
+        blobs = table.column(TEACHER_HIDDEN).to_pylist()
+        out = np.empty((len(blobs), L, int(spec["dim"])), np.float32)
+        for i, blob in enumerate(blobs):
+            try:
+                out[i] = hidden_codec.decode(blob, L, int(spec["dim"]), spec["encoding"])
+            except (ValueError, TypeError) as e:
+                f = self.shards(domain, split)[shard].file
+                raise ShardError(
+                    f"{self.store.where(f)}: row {i}: teacher_hidden cannot be decoded ({e}); "
+                    f"run `ddk-offline dumps verify {self.path}`"
+                ) from None
         return out
 
 

@@ -19,6 +19,9 @@ MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 LOCK_NAME = ".lock"
 TMP_DIR = ".tmp"
+#: The teacher's embedding-module output for every id, its output head and bias (``--store-teacher-matrices``,
+#: ``dumps add-teacher-matrices``; DSKD in phase two), listed in ``manifest.teacher_matrices``.
+TEACHER_MATRICES_NAME = "teacher_matrices.safetensors"
 
 SPLITS = ("train", "val")
 
@@ -30,6 +33,9 @@ TEACHER_LSE = "teacher_lse"
 TEACHER_NLL = "teacher_nll"
 TOPK_IDS = "topk_ids"  # decoded from the blob
 TOPK_LOGITS = "topk_logits"  # decoded from the blob
+#: Optional column (``--store-hidden-states``): the teacher's last hidden state, one blob per row (format/hidden_codec);
+#: the reader returns it decoded under the same key, float32 [L, D], only when asked for.
+TEACHER_HIDDEN = "teacher_hidden"
 
 #: Rows per Parquet row group: small enough for cheap random access by the trainer.
 ROW_GROUP_ROWS = 32
@@ -40,7 +46,9 @@ def lse_column(temperature: float) -> str:
     return f"teacher_lse_t{temperature:g}".replace(".", "p")
 
 
-def shard_schema(extra_temperatures: tuple[float, ...] = (), version: int = FORMAT_VERSION) -> pa.Schema:
+def shard_schema(
+    extra_temperatures: tuple[float, ...] = (), version: int = FORMAT_VERSION, *, hidden: bool = False
+) -> pa.Schema:
     """The Arrow schema of one shard (``version``: the dump's format version, stored in the metadata).
 
     One row = one packed sequence of L tokens.
@@ -53,6 +61,8 @@ def shard_schema(extra_temperatures: tuple[float, ...] = (), version: int = FORM
         teacher_nll: list<float32> [L], teacher loss on input_ids[n + 1]; NaN at n = L - 1 (and, in a BOS dump,
             where input_ids[n + 1] is the BOS).
         teacher_lse_t<T>: list<float32> [L], one per extra temperature (logsumexp of logits / T).
+        teacher_hidden: binary, only with ``hidden``: the teacher's last hidden state [L, D], encoded as
+            ``manifest.settings.hidden_states`` says.
     """
     fields = [
         pa.field(SEQ_INDEX, pa.int64(), nullable=False),
@@ -62,6 +72,8 @@ def shard_schema(extra_temperatures: tuple[float, ...] = (), version: int = FORM
         pa.field(TEACHER_NLL, pa.list_(pa.float32()), nullable=False),
     ]
     fields += [pa.field(lse_column(t), pa.list_(pa.float32()), nullable=False) for t in extra_temperatures]
+    if hidden:
+        fields.append(pa.field(TEACHER_HIDDEN, pa.binary(), nullable=False))
     return pa.schema(fields, metadata={b"ddk_format": FORMAT_NAME.encode(), b"ddk_version": str(version).encode()})
 
 

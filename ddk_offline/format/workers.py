@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ddk_offline.errors import UserError
+from ddk_offline.format import hidden_codec
 from ddk_offline.format.codec import TopKCodec
 from ddk_offline.format.manifest import Manifest
 from ddk_offline.format.reader import DumpReader
@@ -134,8 +135,10 @@ def _init_reader(parent: int, location: str, manifest: dict[str, Any]) -> None:
     _READER = DumpReader(Storage(location), Manifest.from_dict(manifest), verify_checksums=False)
 
 
-def _read_rows(domain: str, split: str, shard: int, rows: list[int], decode_topk: bool) -> dict[str, np.ndarray]:
-    return _READER.read_rows(domain, split, shard, rows, decode_topk=decode_topk)
+def _read_rows(
+    domain: str, split: str, shard: int, rows: list[int], decode_topk: bool, hidden: bool
+) -> dict[str, np.ndarray]:
+    return _READER.read_rows(domain, split, shard, rows, decode_topk=decode_topk, hidden=hidden)
 
 
 class RowDecoder(_CodecPool):
@@ -153,15 +156,25 @@ class RowDecoder(_CodecPool):
         location = str(reader.store.local) if reader.store.local is not None else reader.store.url
         super().__init__(workers, _init_reader, (os.getpid(), location, reader.manifest.to_dict()))
 
-    def submit(self, domain: str, split: str, shard: int, rows: Sequence[int], *, decode_topk: bool = True) -> Future:
-        """A future of ``reader.read_rows(domain, split, shard, rows)`` (stacked arrays in the order of ``rows``)."""
+    def submit(
+        self,
+        domain: str,
+        split: str,
+        shard: int,
+        rows: Sequence[int],
+        *,
+        decode_topk: bool = True,
+        hidden: bool = False,
+    ) -> Future:
+        """A future of ``reader.read_rows(domain, split, shard, rows, ...)`` (stacked arrays in the order of ``rows``;
+        ``hidden``: with the decoded ``teacher_hidden`` [B, L, D])."""
         rows = [int(r) for r in rows]
         if self.workers > 0:
             self.reader.check_shard(domain, split, shard)  # the workers do not hash again
-        return self._submit(self._read_here, _read_rows, domain, split, shard, rows, decode_topk)
+        return self._submit(self._read_here, _read_rows, domain, split, shard, rows, decode_topk, hidden)
 
-    def _read_here(self, domain: str, split: str, shard: int, rows: list[int], decode_topk: bool):
-        return self.reader.read_rows(domain, split, shard, rows, decode_topk=decode_topk)
+    def _read_here(self, domain: str, split: str, shard: int, rows: list[int], decode_topk: bool, hidden: bool):
+        return self.reader.read_rows(domain, split, shard, rows, decode_topk=decode_topk, hidden=hidden)
 
 
 # --- encoding (phase one) ---------------------------------------------------------------------------------------
@@ -195,3 +208,7 @@ class BlobEncoder(_CodecPool):
     def submit(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.ndarray) -> Future:
         """A future of the sequence's blob."""
         return self._submit(self.codec.encode, _encode, ids, logits, lse, input_ids)
+
+    def submit_hidden(self, hidden: np.ndarray, encoding: str) -> Future:
+        """A future of the blob of one row's hidden states [L, D] (:func:`ddk_offline.format.hidden_codec.encode`)."""
+        return self._submit(hidden_codec.encode, hidden_codec.encode, hidden, encoding)

@@ -32,6 +32,7 @@ from ddk_offline.format.schema import (
     INPUT_IDS,
     ROW_GROUP_ROWS,
     SEQ_INDEX,
+    TEACHER_HIDDEN,
     TEACHER_LSE,
     TEACHER_NLL,
     TOPK_BLOB,
@@ -58,6 +59,7 @@ class SequenceRecord:
         teacher_nll: [L] float32 loss on the next token, NaN where there is no target (the last position; in a
             BOS dump, positions whose next token is the BOS).
         extra_lse: {T: [L] float32 logsumexp(logits / T)} for extra temperatures.
+        hidden: [L, D] float32 last hidden state of the teacher (only in a dump with hidden states).
     """
 
     domain: str
@@ -69,6 +71,7 @@ class SequenceRecord:
     teacher_lse: np.ndarray
     teacher_nll: np.ndarray
     extra_lse: dict[float, np.ndarray] = field(default_factory=dict)
+    hidden: np.ndarray | None = None
 
 
 _NONE = np.empty((0, 0), np.int64)
@@ -96,6 +99,8 @@ class ShardWriter:
         queue_size: records in flight; bounds memory and back-pressures the teacher.
         encode_workers: processes that run the codec (0: the writer thread itself). Shards are byte-identical
             for every value: each blob is the same function of the same record, and rows keep their order.
+        hidden_encoding: write each record's ``hidden`` [L, D] in the ``teacher_hidden`` column with this encoding
+            of :mod:`ddk_offline.format.hidden_codec` (None: no such column).
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class ShardWriter:
         queue_size: int = 64,
         compression_level: int = 9,
         encode_workers: int = 0,
+        hidden_encoding: str | None = None,
     ):
         self.store = as_storage(root)
         self.codec = codec
@@ -119,9 +125,10 @@ class ShardWriter:
         self.on_shard = on_shard
         self.extra_temperatures = tuple(extra_temperatures)
         self.compression_level = compression_level
-        self._schema = shard_schema(self.extra_temperatures, format_version)
+        self.hidden_encoding = hidden_encoding
+        self._schema = shard_schema(self.extra_temperatures, format_version, hidden=hidden_encoding is not None)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._buffers: dict[tuple[str, str], list[tuple[SequenceRecord, bytes]]] = {}
+        self._buffers: dict[tuple[str, str], list[tuple[SequenceRecord, Future, Future | None]]] = {}
         self._error: BaseException | None = None
         self._encoder = BlobEncoder(codec, workers=encode_workers)
         # Blobs being encoded, oldest first: at most a few per worker, so the records waiting in the pool stay few.
@@ -200,22 +207,29 @@ class ShardWriter:
     def _add(self, rec: SequenceRecord) -> None:
         blob = self._encoder.submit(rec.topk_ids, rec.topk_logits, rec.teacher_lse, rec.input_ids)
         self._in_flight.append(blob)
+        hidden = None
+        if self.hidden_encoding is not None:
+            if rec.hidden is None:
+                raise RuntimeError(f"internal: {rec.domain}/{rec.split} sequence {rec.seq_index} has no hidden states")
+            hidden = self._encoder.submit_hidden(rec.hidden, self.hidden_encoding)
+            self._in_flight.append(hidden)
         while len(self._in_flight) > self._max_in_flight:
             self._encoder.result(self._in_flight.popleft())  # back-pressure: the queue fills, the teacher waits
-        # Keep only what the table needs: the [L, k] arrays are in the blob now. Without this a shard buffers
-        # rows_per_shard * L * k * 12 bytes per open stream (hundreds of MB at k = 64, L = 512).
-        rec = dataclasses.replace(rec, topk_ids=_NONE, topk_logits=_NONE)
+        # Keep only what the table needs: the [L, k] and [L, D] arrays are in the blobs now. Without this a shard
+        # buffers rows_per_shard * L * k * 12 bytes per open stream (hundreds of MB at k = 64, L = 512).
+        rec = dataclasses.replace(rec, topk_ids=_NONE, topk_logits=_NONE, hidden=None)
         rows = self._buffers.setdefault((rec.domain, rec.split), [])
         expected = rows[-1][0].seq_index + 1 if rows else rec.seq_index - rec.seq_index % self.rows_per_shard
         if rec.seq_index != expected:
             raise RuntimeError(f"internal: {rec.domain}/{rec.split} got sequence {rec.seq_index}, expected {expected}")
-        rows.append((rec, blob))
+        rows.append((rec, blob, hidden))
         if (rec.seq_index + 1) % self.rows_per_shard == 0:
             self._write(rec.domain, rec.split, rows)
             self._buffers[(rec.domain, rec.split)] = []
 
-    def _write(self, domain: str, split: str, rows: list[tuple[SequenceRecord, Future]]) -> None:
-        rows = [(rec, self._encoder.result(blob)) for rec, blob in rows]
+    def _write(self, domain: str, split: str, rows: list[tuple[SequenceRecord, Future, Future | None]]) -> None:
+        result = self._encoder.result
+        rows = [(rec, result(blob), None if hidden is None else result(hidden)) for rec, blob, hidden in rows]
         first = rows[0][0].seq_index
         index = first // self.rows_per_shard
         rel = shard_relpath(self.domain_dirs[domain], split, index)
@@ -237,7 +251,7 @@ class ShardWriter:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back, leave no partial file
             raise
         self.store.commit(tmp, rel)  # rename into place (local) or one upload (remote)
-        nll = np.concatenate([r.teacher_nll for r, _ in rows])
+        nll = np.concatenate([r.teacher_nll for r, _, _ in rows])
         finite = np.isfinite(nll)
         L = rows[0][0].input_ids.shape[0]
         info = ShardInfo(
@@ -252,17 +266,19 @@ class ShardWriter:
         )
         self.on_shard(domain, split, index, info)
 
-    def _table(self, rows: list[tuple[SequenceRecord, bytes]]) -> pa.Table:
-        recs = [r for r, _ in rows]
+    def _table(self, rows: list[tuple[SequenceRecord, bytes, bytes | None]]) -> pa.Table:
+        recs = [r for r, _, _ in rows]
         cols = {
             SEQ_INDEX: pa.array([r.seq_index for r in recs], pa.int64()),
             INPUT_IDS: _list_column([r.input_ids.astype(np.int32) for r in recs], pa.int32()),
-            TOPK_BLOB: pa.array([b for _, b in rows], pa.binary()),
+            TOPK_BLOB: pa.array([b for _, b, _ in rows], pa.binary()),
             TEACHER_LSE: _list_column([r.teacher_lse.astype(np.float32) for r in recs], pa.float32()),
             TEACHER_NLL: _list_column([r.teacher_nll.astype(np.float32) for r in recs], pa.float32()),
         }
         for t in self.extra_temperatures:
             cols[lse_column(t)] = _list_column([r.extra_lse[t].astype(np.float32) for r in recs], pa.float32())
+        if self.hidden_encoding is not None:
+            cols[TEACHER_HIDDEN] = pa.array([h for _, _, h in rows], pa.binary())
         return pa.table(cols, schema=self._schema)
 
 

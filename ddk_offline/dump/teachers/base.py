@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ddk_offline.format.teacher_matrices import TeacherMatrices
+
 
 @dataclass
 class Targets:
@@ -30,6 +32,7 @@ class Targets:
         nll: [B, L] float32 loss on the next token ``input_ids[:, n + 1]``; NaN at n = L - 1.
         extra_lse: {T: [B, L] float32 logsumexp(logits / T)}.
         forward_s: seconds spent in the model's forward (device-synchronised).
+        hidden: [B, L, D] float32, the teacher's last hidden state (the one its head multiplies), when asked for.
     """
 
     topk_ids: np.ndarray
@@ -38,6 +41,7 @@ class Targets:
     nll: np.ndarray
     extra_lse: dict[float, np.ndarray] = field(default_factory=dict)
     forward_s: float = 0.0
+    hidden: np.ndarray | None = None
 
 
 @runtime_checkable
@@ -67,8 +71,17 @@ class TeacherBackend(Protocol):
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
         """Load the weights; called only when shards remain to be computed."""
 
-    def targets(self, input_ids: torch.Tensor, *, k: int, extra_temperatures: tuple[float, ...] = ()) -> Targets:
-        """The stored targets of ``input_ids`` [B, L] int64 (after :meth:`load`)."""
+    def targets(
+        self, input_ids: torch.Tensor, *, k: int, extra_temperatures: tuple[float, ...] = (), hidden: bool = False
+    ) -> Targets:
+        """The stored targets of ``input_ids`` [B, L] int64 (after :meth:`load`); with ``hidden``, also
+        ``Targets.hidden`` [B, L, D]: the last hidden state, as ``outputs.hidden_states[-1]`` of transformers."""
+
+    def hidden_size(self) -> int:
+        """The width D of the teacher's last hidden state (known before :meth:`load`)."""
+
+    def matrices(self) -> TeacherMatrices:
+        """The embedding module's output for every id, the output head and its bias (after :meth:`load`)."""
 
 
 def tokenizer_identity(tokenizer: Any, vocab_size: int) -> dict[str, Any]:

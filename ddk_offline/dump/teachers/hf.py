@@ -22,6 +22,7 @@ import torch
 
 from ddk_offline.dump.teachers.base import Targets, reduce_logits, sha256_json
 from ddk_offline.errors import UserError
+from ddk_offline.format.teacher_matrices import TeacherMatrices
 from ddk_offline.runtime.files import hash_stream
 from ddk_offline.runtime.quiet import quiet_loading
 
@@ -135,15 +136,18 @@ def load_model(source: TeacherSource, *, dtype: torch.dtype, device: torch.devic
     return model.to(device).eval()
 
 
+def text_config_of(config):
+    """The language model's config (a multimodal config's text part; the config itself otherwise)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def vocab_size_of(config) -> int:
     """The teacher's logit width V."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
+    return int(text_config_of(config).vocab_size)
 
 
 def max_positions_of(config) -> int | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "max_position_embeddings", None)
+    value = getattr(text_config_of(config), "max_position_embeddings", None)
     return int(value) if value else None
 
 
@@ -216,20 +220,61 @@ class HFTeacher:
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
         self.model = load_model(self.source, dtype=dtype, device=device, trust_remote_code=self.trust_remote_code)
 
+    def hidden_size(self) -> int:
+        return int(text_config_of(self.config).hidden_size)
+
     @torch.inference_mode()
-    def targets(self, input_ids: torch.Tensor, *, k: int, extra_temperatures: tuple[float, ...] = ()) -> Targets:
-        return compute_targets(self.model, input_ids, k=k, extra_temperatures=extra_temperatures)
+    def targets(
+        self, input_ids: torch.Tensor, *, k: int, extra_temperatures: tuple[float, ...] = (), hidden: bool = False
+    ) -> Targets:
+        return compute_targets(self.model, input_ids, k=k, extra_temperatures=extra_temperatures, hidden=hidden)
+
+    def matrices(self) -> TeacherMatrices:
+        return model_matrices(self.model, softcap=getattr(text_config_of(self.config), "final_logit_softcapping", None))
 
 
 @torch.inference_mode()
-def compute_targets(model, input_ids: torch.Tensor, *, k: int, extra_temperatures: tuple[float, ...] = ()) -> Targets:
-    """Run a loaded ``transformers`` model on ``input_ids`` [B, L] and reduce its logits (timing the forward)."""
+def compute_targets(
+    model, input_ids: torch.Tensor, *, k: int, extra_temperatures: tuple[float, ...] = (), hidden: bool = False
+) -> Targets:
+    """Run a loaded ``transformers`` model on ``input_ids`` [B, L] and reduce its logits (timing the forward).
+
+    With ``hidden``, ``Targets.hidden`` [B, L, D] float32 is ``outputs.hidden_states[-1]``: what DSKD's reference
+    code reads, and for Llama/Gemma-style models the state after the final norm (the one the head multiplies).
+    """
     device = next(model.parameters()).device
     start = time.perf_counter()
-    logits = model(input_ids=input_ids.to(device), use_cache=False).logits
+    out = model(input_ids=input_ids.to(device), use_cache=False, output_hidden_states=hidden)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     forward_s = time.perf_counter() - start
-    targets = reduce_logits(logits, input_ids, k=k, extra_temperatures=extra_temperatures)
+    targets = reduce_logits(out.logits, input_ids, k=k, extra_temperatures=extra_temperatures)
     targets.forward_s = forward_s
+    if hidden:
+        targets.hidden = out.hidden_states[-1].float().cpu().numpy()
     return targets
+
+
+@torch.inference_mode()
+def model_matrices(model, *, softcap: float | None = None, chunk: int = 16384) -> TeacherMatrices:
+    """The embedding module's output for every id (in chunks of ``chunk`` ids), the head and its bias, in float32."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None or emb is None:
+        raise TeacherError(
+            f"the teacher ({type(model).__name__}) has no input embedding and linear output head that DSKD can use"
+        )
+    device = emb.weight.device
+    n = int(emb.num_embeddings)
+    ids = torch.arange(n, device=device)
+    embed = torch.cat([emb(ids[s : s + chunk]).float().cpu() for s in range(0, n, chunk)])
+    bias = getattr(head, "bias", None)
+    scale = getattr(emb, "embed_scale", None)  # Gemma's scaled embedding module keeps its sqrt(D) here
+    return TeacherMatrices(
+        embed=embed,
+        head=head.weight.detach().float().cpu(),
+        head_bias=None if bias is None else bias.detach().float().cpu(),
+        tied=head.weight.data_ptr() == emb.weight.data_ptr(),
+        softcap=None if softcap is None else float(softcap),
+        dtype="float32",
+        embed_scale=None if scale is None else float(scale),
+    )
