@@ -59,9 +59,9 @@ DRAM_LATENCY_S = 600e-9  # loaded HBM latency: bytes in flight per SM / latency 
 REGS_PER_SM, MAX_THREADS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 2048, 32
 
 COLUMNS = ["kernel", "pass", "target", "V", "K", "dtype", "mode", "temperature", "id_dtype", "block_v", "num_warps",
-           "registers", "spills_bytes", "shared_bytes", "blocks_per_sm", "loop_instr", "instr_per_element",
-           "mufu_per_element", "bytes_per_element", "predicted_floor_fraction_h100", "predicted_floor_fraction_h200",
-           "bound_h100"]  # fmt: skip
+           "registers", "spills_bytes", "shared_bytes", "blocks_per_sm", "loop_instr", "other_loops_instr",
+           "instr_per_element", "mufu_per_element", "bytes_per_element", "predicted_floor_fraction_h100",
+           "predicted_floor_fraction_h200", "bound_h100"]  # fmt: skip
 
 TARGETS_T1_BF16 = dict(max_registers=128, fwd_instr=12.0, bwd_instr=10.0, floor_h100=0.85, slack=1.5)
 
@@ -97,10 +97,11 @@ _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRA = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 
 
-def hot_loop(sass: str) -> list[str]:
-    """The instructions of the outermost loop that loads from global memory (the vocabulary loop).
+def hot_loop(sass: str) -> tuple[list[str], int]:
+    """The vocabulary loop: the first outermost loop (a backward branch) that loads from global memory.
 
-    A loop is a backward branch; nested loops are counted once (static count). Returns [] when there is none.
+    Nested loops are counted once (static count). Returns its instructions ([] when there is none) and the
+    instruction count of the other such loops (e.g. tail mode's masked pass, run only on rows that need it).
     """
     instrs = [(int(a, 16), text.strip()) for a, text in _INSTR.findall(sass)]
     loops = []
@@ -108,14 +109,15 @@ def hot_loop(sass: str) -> list[str]:
         m = _BRA.search(text)
         if m and int(m.group(1), 16) <= addr:
             loops.append((int(m.group(1), 16), addr))
-    best: list[str] = []
-    for lo, hi in loops:
+    found = []
+    for lo, hi in sorted(loops):
         body = [t for a, t in instrs if lo <= a <= hi]
-        outer = not any(lo2 < lo and hi2 >= hi or lo2 <= lo and hi2 > hi for lo2, hi2 in loops)
-        if outer and any(t.split()[0].lstrip("@!P0123456789T ").startswith("LDG") or " LDG" in t for t in body):
-            if len(body) > len(best):
-                best = body
-    return best
+        outer = not any((lo2 < lo and hi2 >= hi) or (lo2 <= lo and hi2 > hi) for lo2, hi2 in loops)
+        if outer and any(opcode(t).startswith("LDG") for t in body):
+            found.append(body)
+    if not found:
+        return [], 0
+    return found[0], sum(len(b) for b in found[1:])
 
 
 def opcode(text: str) -> str:
@@ -201,9 +203,9 @@ def worker(configs: list[dict]) -> list[dict]:
                 sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
                                       check=True).stdout  # fmt: skip
                 res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-                loop = hot_loop(sass)
+                loop, other = hot_loop(sass)
                 cache[key] = dict(registers=int(res["REG"]), spills_bytes=int(res["LOCAL"]) + int(res["STACK"]),
-                                  shared_bytes=int(res["SHARED"]), loop_instr=len(loop),
+                                  shared_bytes=int(res["SHARED"]), loop_instr=len(loop), other_loops_instr=other,
                                   loop_mufu=sum(opcode(t).startswith("MUFU") for t in loop))  # fmt: skip
             c = cache[key]
             block_v = constexprs.get("BLOCK_V", 0)
@@ -214,6 +216,7 @@ def worker(configs: list[dict]) -> list[dict]:
                        mode=cfg["mode"], temperature=cfg["temperature"], id_dtype=cfg["id_dtype"], block_v=block_v,
                        num_warps=lc["num_warps"], registers=c["registers"], spills_bytes=c["spills_bytes"],
                        shared_bytes=c["shared_bytes"], loop_instr=c["loop_instr"],
+                       other_loops_instr=c["other_loops_instr"],
                        instr_per_element=round(c["loop_instr"] / per_thread, 2),
                        mufu_per_element=round(c["loop_mufu"] / per_thread, 3),
                        bytes_per_element=lc.get("bytes", {}).get(kind, b if kind == "forward" else 2 * b))  # fmt: skip
