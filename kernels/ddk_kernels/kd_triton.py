@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ddk_kernels.kd_triton_math import _expm1, _log2_1p, _merge_lanes, _online, _seg_sum
+from ddk_kernels.kd_triton_math import _expm1, _log2_1p, _merge_lanes, _online, _online_pair, _seg_sum
 from ddk_kernels.spec import KDSpec
 
 MAX_BLOCK_V = 2048  # 8 elements per thread at 8 warps: one 16-byte bf16 load; tests lower it to get several blocks
@@ -99,24 +99,25 @@ def _kd_fwd_kernel(
     lanes = tl.arange(0, BLOCK_V)
     m1 = tl.full((BLOCK_V,), -1.0e30, tl.float32)
     r1 = tl.zeros((BLOCK_V,), tl.float32)
-    m_t = tl.full((BLOCK_V,), -1.0e30, tl.float32)
-    r_t = tl.zeros((BLOCK_V,), tl.float32)
+    r_t = tl.zeros((BLOCK_V,), tl.float32)  # Σ 2^(x/T) per lane, relative to 2^(m1/T) (T != 1)
     v_row = tl.where(valid, V, 0)  # ignored rows cost no vocabulary pass
     n_full = v_row // BLOCK_V
     for b in range(0, n_full):  # unmasked: no predicate per element
         z = tl.load(row_ptr + b * BLOCK_V + lanes).to(tl.float32)
-        m1, r1 = _online(m1, r1, z * 1.4426950408889634)
-        if not T_ONE:
-            m_t, r_t = _online(m_t, r_t, z * c_t)
+        if T_ONE:
+            m1, r1 = _online(m1, r1, z * 1.4426950408889634)
+        else:
+            m1, r1, r_t = _online_pair(m1, r1, r_t, z * 1.4426950408889634, inv_t)
     offs = n_full * BLOCK_V + lanes
     z = tl.load(row_ptr + offs, mask=offs < v_row, other=float("-inf")).to(tl.float32)
-    m1, r1 = _online(m1, r1, z * 1.4426950408889634)
-    big1, rr1 = _merge_lanes(m1, r1)
     if T_ONE:
+        m1, r1 = _online(m1, r1, z * 1.4426950408889634)
+        big1, rr1 = _merge_lanes(m1, r1, 1.0)
         big_t, rr_t = big1, rr1
     else:
-        m_t, r_t = _online(m_t, r_t, z * c_t)
-        big_t, rr_t = _merge_lanes(m_t, r_t)
+        m1, r1, r_t = _online_pair(m1, r1, r_t, z * 1.4426950408889634, inv_t)
+        big1, rr1 = _merge_lanes(m1, r1, 1.0)
+        big_t, rr_t = _merge_lanes(m1, r_t, inv_t)
     # Ignored rows skipped the pass: give them finite dummy states (their outputs are zeroed below).
     big1 = tl.where(valid, big1, 0.0)
     big_t = tl.where(valid, big_t, 0.0)
@@ -130,8 +131,9 @@ def _kd_fwd_kernel(
     )
     okv = ok & ((ids * 0 + valid.to(tl.int64)) > 0)  # explicit broadcast: the interpreter rejects bool & scalar
     zk = tl.load(row_ptr + ids, mask=okv, other=0.0).to(tl.float32)
-    xk = zk * c_t
-    log2q = (xk - big_t) - l_t
+    dk = zk * 1.4426950408889634 - big1  # <= 0, == 0 exactly at the maximum (the loop's x, rounded alike)
+    dkt = dk if T_ONE else dk * inv_t  # x/T - big_t: the T state's max is the T = 1 state's, scaled
+    log2q = dkt - l_t
     kl = tl.sum(tl.where(p > 0.0, p * (log2p - log2q), 0.0), 0) * 0.6931471805599453
     big_c = big_t
     l_c = l_t
@@ -140,9 +142,9 @@ def _kd_fwd_kernel(
         kk = tl.arange(0, BLOCK_K)
         prev = tl.load(ids_row + kk - 1, mask=(kk >= 1) & (kk < K), other=-1).to(tl.int64)
         first = okv & (ids != prev)
-        at_max = first & (xk == big_t)
+        at_max = first & (dk == 0.0)
         n_max = tl.sum(at_max.to(tl.float32), 0)
-        rest = tl.sum(tl.where(first & (xk != big_t), tl.exp2(xk - big_t), 0.0), 0)
+        rest = tl.sum(tl.where(first & (dk != 0.0), tl.exp2(dkt), 0.0), 0)
         base = rr_t + (1.0 - n_max)  # the ids at the maximum leave exactly: no rounding, no cancellation
         comp = base - rest
         if valid & (comp <= base * 0.0625):  # cancelled by more than 2^TAIL_AMP_BITS: mask the ids, new pass
@@ -158,7 +160,7 @@ def _kd_fwd_kernel(
                     j += 1
                     sid = tl.load(ids_row + j, mask=j < K, other=2147483647).to(tl.int64)
                 m_c, r_c = _online(m_c, r_c, xt)
-            big_c, rr_c = _merge_lanes(m_c, r_c)
+            big_c, rr_c = _merge_lanes(m_c, r_c, 1.0)
             l_c = _log2_1p(rr_c)
         else:
             l_c = tl.log2(tl.where(comp > 0.0, comp, 1.0))

@@ -36,15 +36,28 @@ def _online(m, r, x):
 
 
 @triton.jit
-def _merge_lanes(m, r):
-    # The lanes' states -> the row's (M, R) with Σ 2^x = 2^M·(1 + R); (-inf, 0) when the row had no element.
+def _online_pair(m, r, r_s, x, s):
+    # Two sums with one max: Σ 2^(x - m) (r) and Σ 2^(s·(x - m)) (r_s), s = 1/T > 0. The max of s·x sits at the
+    # max of x, so the second state shares m and the comparison and costs one FMUL + one exp2 per element.
+    d = x - m
+    a = -tl.abs(d)
+    e = tl.exp2(a)
+    e_s = tl.exp2(a * s)
+    up = d > 0.0
+    return tl.maximum(m, x), tl.where(up, r * e + e, r + e), tl.where(up, r_s * e_s + e_s, r_s + e_s)
+
+
+@triton.jit
+def _merge_lanes(m, r, s):
+    # The lanes' states of s·x (m: the lanes' max of x) -> the row's (M, R) with Σ 2^(s·x) = 2^M·(1 + R);
+    # (-inf, 0) when the row had no element.
     big = tl.max(m, 0)
-    w = tl.exp2(m - big)
+    w = tl.exp2((m - big) * s)
     at_max = m == big
     # (count - 1) added last: adding 1 to the small sum and then subtracting it would round R to ulp(1)
     rr = tl.sum(r * w + tl.where(at_max, 0.0, w), 0) + (tl.sum(at_max.to(tl.float32), 0) - 1.0)
     empty = big <= -1.0e30
-    return tl.where(empty, float("-inf"), big), tl.where(empty, 0.0, rr)
+    return tl.where(empty, float("-inf"), big * s), tl.where(empty, 0.0, rr)
 
 
 @triton.jit
