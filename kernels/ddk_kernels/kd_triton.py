@@ -12,7 +12,8 @@ Why v2 issues few instructions per element (pipelines/kernel_report.py counts th
 - per-thread running states: each lane keeps its own (max m, sum r) and updates it with ONE exp2 per element
   (``exp2(-|x - m|)`` is either the rescale factor or the new term); lanes are merged once per row, so the loop
   has no cross-warp reduction and no barrier.
-- ``T == 1`` is a compile-time case (``T_ONE``): one state and one exp per element per pass instead of two.
+- ``T == 1`` is a compile-time case (``T_ONE``): one state and one exp per element per pass instead of two; at
+  T != 1 the forward's z/T sum shares the lanes' max of z (the max of z/T sits there), one more exp2 per element.
 - tail mode needs no extra state in the loop: the complement's logsumexp is the full one minus the top-k terms,
   taken exactly (below) and, where that subtraction would cancel, recomputed by a masked second pass.
 - everything about the top-k ids and the label (their gradient, duplicates as a scatter-add) happens once per
