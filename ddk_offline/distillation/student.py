@@ -99,7 +99,12 @@ def _load_pretrained(source: str | Path, *, trust_remote_code: bool, dtype: Any 
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found; pass an existing .gguf file")
         with quiet_loading():
-            return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        # The weights are dequantised on load; transformers still marks the model as GGUF-quantised, which refuses
+        # save_pretrained (the final model) and .float(). Drop the marker: it is a plain model now.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        return model
     looks_local = path.is_absolute() or str(source).startswith((".", "~")) or path.exists()
     if looks_local and not path.is_dir():
         raise FileNotFoundError(
@@ -292,7 +297,8 @@ def check_vocab(
         raise VocabMismatchError(
             f"Student vocabulary does not match the teacher dump {dump_path}: " + "; ".join(problems) + ". "
             f"Fix: derive the student from the teacher (a derive spec such as 'layers=8'), or pass a student "
-            f"config with vocab_size={expected} (and train with the dump's tokenizer)."
+            f"config with vocab_size={expected} (and train with the dump's tokenizer); a student with its own "
+            "tokenizer trains with --cross-tokenizer exact-map|uld."
         )
 
 
