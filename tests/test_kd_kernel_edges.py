@@ -149,13 +149,13 @@ def test_int64_offsets_forward_and_backward_on_large_batches(mode):
 def _trainer_loss_case(device):
     from ddk_offline.distillation.loss import KDTargets, LossSpec, kd_loss
 
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # everything drawn on the CPU, then moved: both devices see the same numbers
     N, D, V, k = 6, 16, 300, 8
     head = torch.nn.Linear(D, V, bias=False).to(device)
-    h = torch.randn(N, D, device=device, requires_grad=True)
-    labels = torch.randint(0, V, (N,), device=device)
-    tlog, ids = torch.randn(N, V, device=device).topk(k, dim=1)
-    targets = KDTargets(ids, tlog, torch.logsumexp(tlog, 1) + 1.0, "tail")
+    h = torch.randn(N, D).to(device).requires_grad_(True)
+    labels = torch.randint(0, V, (N,)).to(device)
+    tlog, ids = torch.randn(N, V).topk(k, dim=1)
+    targets = KDTargets(ids.to(device), tlog.to(device), (torch.logsumexp(tlog, 1) + 1.0).to(device), "tail")
     logits = head(h)
     before = logits.detach().clone()
     version = logits._version
