@@ -63,6 +63,12 @@ def kd_loss(
 
     ``targets`` is None exactly when ``spec.uses_teacher`` is False (CE only). ``positions`` is the number of
     labelled rows, counted on the host (no device sync).
+
+    On CUDA the backward writes the gradient over ``logits`` (``inplace_grad``: no second [N, V] buffer). That is
+    safe when the logits are an intermediate nothing else reads after the forward, as the output of ``lm_head`` is:
+    a linear layer saves its input and weight, not its output. Should another autograd node have saved them (a
+    soft-cap's tanh returning them directly, an auxiliary loss on the same tensor), the kernel's version-counter
+    bump makes that node's backward raise instead of reading the gradient as logits.
     """
     if targets is not None:
         from ddk_kernels import fused_kd_loss
@@ -79,6 +85,7 @@ def kd_loss(
             mode=targets.mode,
             ignore_index=IGNORE_INDEX,
             return_per_row=True,
+            inplace_grad=logits.is_cuda and logits.grad_fn is not None,  # never a leaf (its .data is a parameter)
         )
         return loss, ce, float(kl.sum())
     # CE only (continued pre-training): no top-k tensors, no KL pass.

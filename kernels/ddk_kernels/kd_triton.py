@@ -3,14 +3,30 @@
 Why the fusion wins, per row of V logits (b bytes each), forward + backward:
 - eager torch (log_softmax for CE, z/T, log_softmax, gather, then autograd): about 6 reads and 6 writes
   of V fp32 values plus the bf16 cast: ~12·V·4 bytes moved and several [N, V] fp32 buffers alive at once.
-- this kernel: forward reads the row once (V·b), keeps three online logsumexp states in registers and
-  writes 10 floats; backward reads the row once more and writes the gradient once (2·V·b), in place
-  over the logits when allowed. 3·V·b in all, no [N, V] fp32 buffer ever exists.
+- this kernel: forward reads the row once (V·b) and writes 10 floats; backward reads the row once more and
+  writes the gradient once (2·V·b), in place over the logits when allowed. 3·V·b in all, no [N, V] fp32 buffer.
 
-Numerics: every logsumexp is kept as (m, r) with lse = m + log1p(r), r the sum of exp(x - m) over all
-elements but one maximum, so 1 - softmax(max) = r / (1 + r) never cancels (confident rows stay exact);
-the label gradient uses expm1. In tail mode the student's tail mass comes from a third state over the
-vocabulary with the top-k ids masked to -inf (the complement), never from 1 - Σq.
+Why v2 issues few instructions per element (pipelines/kernel_report.py counts them in the SASS):
+- base 2 throughout: x = z·log2(e) costs one FMUL/FFMA and every exponential is one MUFU.EX2 (``tl.exp`` is ~5
+  instructions around it); stats are stored in base 2.
+- per-thread running states: each lane keeps its own (max m, sum r) and updates it with ONE exp2 per element
+  (``exp2(-|x - m|)`` is either the rescale factor or the new term); lanes are merged once per row, so the loop
+  has no cross-warp reduction and no barrier.
+- ``T == 1`` is a compile-time case (``T_ONE``): one state and one exp per element per pass instead of two; at
+  T != 1 the forward's z/T sum shares the lanes' max of z (the max of z/T sits there), one more exp2 per element.
+- tail mode needs no extra state in the loop: the complement's logsumexp is the full one minus the top-k terms,
+  taken exactly (below) and, where that subtraction would cancel, recomputed by a masked second pass.
+- everything about the top-k ids and the label (their gradient, duplicates as a scatter-add) happens once per
+  row after the vocabulary loop, in O(K) work: the ids are sorted on the host so duplicates are adjacent runs,
+  summed by a segmented scan (no K x K comparison, whose registers stayed live through the loop in v1).
+- the loop runs over full blocks unmasked; one masked block handles the remainder.
+
+Numerics: every logsumexp is kept as (m, r) with lse = m + log2(1 + r), r the sum of 2^(x - m) over all elements
+but one maximum, so 1 - softmax(max) = r / (1 + r) never cancels (confident rows stay exact); the label gradient
+uses expm1. Lane states start at a finite sentinel (-1e30, base 2) so a lane that sees only -inf stays NaN-free;
+rows whose logits are all below -1e30 / log2(e) are outside the kernel's domain. In tail mode the student's tail
+mass is never 1 - Σq: the complement sum is (1 + r) minus the distinct top-k terms with the ones at the maximum
+removed exactly, and when the rest still cancels by more than 2^TAIL_AMP_BITS the row takes a masked pass.
 """
 
 from __future__ import annotations
@@ -19,90 +35,60 @@ import torch
 import triton
 import triton.language as tl
 
+from ddk_kernels.kd_triton_math import _expm1, _log2_1p, _merge_lanes, _online, _online_pair, _seg_sum
 from ddk_kernels.spec import KDSpec
 
-MAX_BLOCK_V = 4096  # tests lower it to exercise the cross-block merge on small vocabularies
-_NEG_INF = float("-inf")
+MAX_BLOCK_V = 2048  # 8 elements per thread at 8 warps: one 16-byte bf16 load; tests lower it to get several blocks
+TAIL_AMP_BITS = 4  # tail mode: a complement sum that cancels by more than 2^4 is recomputed by a masked pass
+# A jit function reads no Python globals: the constants below are repeated as literals in the kernels.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _log1p(x):
-    # Kahan's trick: exact to a few ulp for tiny x without libdevice (which the interpreter lacks).
-    u = 1.0 + x
-    safe = tl.where(u == 1.0, 1.0, u - 1.0)
-    return tl.where(u == 1.0, x, tl.log(u) * x / safe)
-
-
-@triton.jit
-def _expm1(x):
-    # exp(x) - 1 without cancellation near 0 (Kahan); -1 once exp underflows.
-    u = tl.exp(x)
-    lu = tl.where(u == 1.0, 1.0, tl.log(u))
-    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / lu))
-
-
-@triton.jit
-def _merge_block(m, r, x):
-    # Fold block x [BLOCK] (masked lanes -inf) into the running state (m, r): Σexp = exp(m)·(1 + r).
-    mb = tl.max(x, 0)
-    is_max = x == mb
-    mb_safe = tl.where(mb == float("-inf"), 0.0, mb)  # an all -inf block: no inf - inf anywhere
-    # (count - 1) first: adding 1 to the small sum and then subtracting it would round r to ulp(1)
-    rb = tl.sum(tl.where(is_max, 0.0, tl.exp(x - mb_safe)), 0) + (tl.sum(is_max.to(tl.float32), 0) - 1.0)
-    m_new = tl.maximum(m, mb)
-    m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d = tl.where(m_new == float("-inf"), float("-inf"), tl.minimum(m, mb) - m_new_safe)
-    keep_old = m >= mb
-    r_big = tl.where(keep_old, r, rb)
-    r_small = tl.where(keep_old, rb, r)
-    return m_new, r_big + tl.exp(d) * (1.0 + r_small)
-
-
-@triton.jit
-def _teacher_probs(ids_row_ptr, t_row_ptr, tlse_ptr, K, inv_t, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
-    # ids_row_ptr: [K] int, t_row_ptr: [K] float, tlse_ptr: [] fp32 (tail only).
-    # Returns ids [BLOCK_K] int64, ok (valid slot), p, log p, P = Σp + p_tail, p_tail.
+def _teacher_probs(ids_row_ptr, t_row_ptr, tlse_ptr, K, c_t, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+    # ids_row_ptr: [K] int sorted ascending, t_row_ptr: [K] float, tlse_ptr: [] fp32 natural lse at T (tail only).
+    # Returns ids [BLOCK_K] int64, ok (valid slot), p, log2 p, P = Σp + p_tail, p_tail.
     kk = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_row_ptr + kk, mask=kk < K, other=-1).to(tl.int64)
     ok = (kk < K) & (ids >= 0)
-    u = tl.load(t_row_ptr + kk, mask=ok, other=0.0).to(tl.float32) * inv_t
-    if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
-        logp = u - tl.load(tlse_ptr)
-        p = tl.where(ok, tl.exp(logp), 0.0)
+    u = tl.load(t_row_ptr + kk, mask=ok, other=0.0).to(tl.float32) * c_t
+    if MODE == 1:  # tail (spec.TAIL)
+        log2p = u - tl.load(tlse_ptr) * 1.4426950408889634
+        p = tl.where(ok, tl.exp2(log2p), 0.0)
         p_tail = tl.maximum(1.0 - tl.sum(p, 0), 0.0)
     else:
         um = tl.where(ok, u, float("-inf"))
         mx = tl.max(um, 0)
         mx = tl.where(mx == float("-inf"), 0.0, mx)  # every slot padded: p = 0, KL = 0
-        e = tl.where(ok, tl.exp(um - mx), 0.0)
+        e = tl.where(ok, tl.exp2(um - mx), 0.0)
         se = tl.sum(e, 0)
         se_safe = tl.where(se > 0.0, se, 1.0)
-        logp = (u - mx) - tl.log(se_safe)
+        log2p = (u - mx) - tl.log2(se_safe)
         p = e / se_safe
         p_tail = tl.sum(p, 0) * 0.0
-    return ids, ok, p, logp, tl.sum(p, 0) + p_tail, p_tail
+    return ids, ok, p, log2p, tl.sum(p, 0) + p_tail, p_tail
 
 
 @triton.jit
 def _kd_fwd_kernel(
     logits_ptr,  # [N, V] fp32/bf16/fp16, row stride logits_stride, unit column stride
     labels_ptr,  # [N] int64
-    ids_ptr,  # [N, K] int32/int64 teacher top-k ids, id < 0 = padded slot
-    tlogits_ptr,  # [N, K] float teacher top-k logits (raw, T = 1)
+    ids_ptr,  # [N, K] int32/int64 teacher top-k ids sorted ascending per row, id < 0 = padded slot
+    tlogits_ptr,  # [N, K] float teacher top-k logits (raw, T = 1), in the order of ids_ptr
     tlse_ptr,  # [N] fp32 teacher logsumexp at temperature T (tail mode only)
-    sorted_ptr,  # [N, K] int32 the same ids sorted ascending per row (tail mode only)
     ce_ptr,  # [N] fp32 out: CE per row (0 where ignored)
     kl_ptr,  # [N] fp32 out: KL per row (0 where ignored)
-    stats_ptr,  # [N, 8] fp32 out: m1, l1, mT, lT, mC, lC (lse = m + l), unused, unused
+    stats_ptr,  # [N, 8] fp32 out, base 2: m1, l1, mT, lT, mC, lC (lse2 = m + l), 1/q_tail (tail), unused
     logits_stride,
     ids_stride,
     tlogits_stride,
-    sorted_stride,
     V,
     K,
     ignore_index,
     inv_t,
     MODE: tl.constexpr,
+    T_ONE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -110,59 +96,101 @@ def _kd_fwd_kernel(
     y = tl.load(labels_ptr + row)
     valid = y != ignore_index
     row_ptr = logits_ptr + row * logits_stride
-    ids, ok, p, logp, P, p_tail = _teacher_probs(
-        ids_ptr + row * ids_stride, tlogits_ptr + row * tlogits_stride, tlse_ptr + row, K, inv_t, MODE, BLOCK_K
-    )
-    m1 = tl.full((), float("-inf"), tl.float32)
-    r1 = tl.zeros((), tl.float32)
-    mT = tl.full((), float("-inf"), tl.float32)
-    rT = tl.zeros((), tl.float32)
-    mC = tl.full((), float("-inf"), tl.float32)
-    rC = tl.zeros((), tl.float32)
-    j = tl.zeros((), tl.int32)
-    sorted_row = sorted_ptr + row * sorted_stride
-    n_blocks = tl.where(valid, tl.cdiv(V, BLOCK_V), 0)  # ignored rows cost no vocabulary pass
-    for b in range(0, n_blocks):
-        offs = b * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        m1, r1 = _merge_block(m1, r1, z)
-        zt = z * inv_t
-        mT, rT = _merge_block(mT, rT, zt)
-        if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
-            # Mask the top-k ids that fall in this block: walk the row's sorted ids (K steps per row in all).
-            hi = (b + 1) * BLOCK_V
-            sid = tl.load(sorted_row + j, mask=j < K, other=2147483647)
-            while sid < hi:
-                zt = tl.where(offs == sid, float("-inf"), zt)
-                j += 1
-                sid = tl.load(sorted_row + j, mask=j < K, other=2147483647)
-            mC, rC = _merge_block(mC, rC, zt)
+    c_t = inv_t * 1.4426950408889634
+    lanes = tl.arange(0, BLOCK_V)
+    m1 = tl.full((BLOCK_V,), -1.0e30, tl.float32)
+    r1 = tl.zeros((BLOCK_V,), tl.float32)
+    r_t = tl.zeros((BLOCK_V,), tl.float32)  # Σ 2^(x/T) per lane, relative to 2^(m1/T) (T != 1)
+    v_row = tl.where(valid, V, 0)  # ignored rows cost no vocabulary pass
+    n_full = v_row // BLOCK_V
+    for b in range(0, n_full):  # unmasked: no predicate per element
+        z = tl.load(row_ptr + b * BLOCK_V + lanes).to(tl.float32)
+        if T_ONE:
+            m1, r1 = _online(m1, r1, z * 1.4426950408889634)
+        else:
+            m1, r1, r_t = _online_pair(m1, r1, r_t, z * 1.4426950408889634, inv_t)
+    offs = n_full * BLOCK_V + lanes
+    z = tl.load(row_ptr + offs, mask=offs < v_row, other=float("-inf")).to(tl.float32)
+    if T_ONE:
+        m1, r1 = _online(m1, r1, z * 1.4426950408889634)
+        big1, rr1 = _merge_lanes(m1, r1, 1.0)
+        big_t, rr_t = big1, rr1
+    else:
+        m1, r1, r_t = _online_pair(m1, r1, r_t, z * 1.4426950408889634, inv_t)
+        big1, rr1 = _merge_lanes(m1, r1, 1.0)
+        big_t, rr_t = _merge_lanes(m1, r_t, inv_t)
     # Ignored rows skipped the pass: give them finite dummy states (their outputs are zeroed below).
-    m1 = tl.where(valid, m1, 0.0)
-    mT = tl.where(valid, mT, 0.0)
-    mC = tl.where(valid, mC, 0.0)
-    l1 = _log1p(r1)
-    lT = _log1p(rT)
+    big1 = tl.where(valid, big1, 0.0)
+    big_t = tl.where(valid, big_t, 0.0)
+    l1 = _log2_1p(rr1)
+    l_t = _log2_1p(rr_t)
     zy = tl.load(row_ptr + y, mask=valid, other=0.0).to(tl.float32)
-    ce = (m1 - zy) + l1
+    ce = ((big1 - zy * 1.4426950408889634) + l1) * 0.6931471805599453
+    ids_row = ids_ptr + row * ids_stride
+    ids, ok, p, log2p, P, p_tail = _teacher_probs(
+        ids_row, tlogits_ptr + row * tlogits_stride, tlse_ptr + row, K, c_t, MODE, BLOCK_K
+    )
     okv = ok & ((ids * 0 + valid.to(tl.int64)) > 0)  # explicit broadcast: the interpreter rejects bool & scalar
     zk = tl.load(row_ptr + ids, mask=okv, other=0.0).to(tl.float32)
-    logq = (zk * inv_t - mT) - lT
-    kl = tl.sum(tl.where(p > 0.0, p * (logp - logq), 0.0), 0)
-    lC = _log1p(rC)
-    if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
-        log_qtail = (mC - mT) + (lC - lT)
+    dk = zk * 1.4426950408889634 - big1  # <= 0, == 0 exactly at the maximum (the loop's x, rounded alike)
+    dkt = dk if T_ONE else dk * inv_t  # x/T - big_t: the T state's max is the T = 1 state's, scaled
+    log2q = dkt - l_t
+    kl = tl.sum(tl.where(p > 0.0, p * (log2p - log2q), 0.0), 0) * 0.6931471805599453
+    big_c = big_t
+    l_c = l_t
+    inv_qtail = l_t * 0.0
+    if MODE == 1:  # tail: the complement's logsumexp, 2^big_t·(1 + rr_t) minus the distinct top-k terms
+        kk = tl.arange(0, BLOCK_K)
+        prev = tl.load(ids_row + kk - 1, mask=(kk >= 1) & (kk < K), other=-1).to(tl.int64)
+        first = okv & (ids != prev)
+        at_max = first & (dk == 0.0)
+        n_max = tl.sum(at_max.to(tl.float32), 0)
+        rest = tl.sum(tl.where(first & (dk != 0.0), tl.exp2(dkt), 0.0), 0)
+        base = rr_t + (1.0 - n_max)  # the ids at the maximum leave exactly: no rounding, no cancellation
+        comp = base - rest
+        if valid & (comp <= base * 0.0625):  # cancelled by more than 2^TAIL_AMP_BITS: mask the ids, new pass
+            m_c = tl.full((BLOCK_V,), -1.0e30, tl.float32)
+            r_c = tl.zeros((BLOCK_V,), tl.float32)
+            j = tl.zeros((), tl.int32)
+            sid = tl.load(ids_row + j, mask=j < K, other=2147483647).to(tl.int64)
+            for b in range(0, tl.cdiv(V, BLOCK_V)):
+                offs = b * BLOCK_V + lanes
+                xt = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * c_t
+                while sid < (b + 1) * BLOCK_V:  # the sorted ids of this block, K steps per row in all
+                    xt = tl.where(offs == sid, float("-inf"), xt)
+                    j += 1
+                    sid = tl.load(ids_row + j, mask=j < K, other=2147483647).to(tl.int64)
+                m_c, r_c = _online(m_c, r_c, xt)
+            big_c, rr_c = _merge_lanes(m_c, r_c, 1.0)
+            l_c = _log2_1p(rr_c)
+        else:
+            l_c = tl.log2(tl.where(comp > 0.0, comp, 1.0))
+        log2_qtail = (big_c - big_t) + (l_c - l_t)
+        nonempty = big_c > float("-inf")
+        inv_qtail = tl.where(nonempty, tl.exp2(-log2_qtail), 0.0)
         safe_pt = tl.where(p_tail > 0.0, p_tail, 1.0)
-        kl += tl.where(p_tail > 0.0, p_tail * (tl.log(safe_pt) - log_qtail), 0.0)
+        kl += tl.where(p_tail > 0.0, p_tail * (tl.log(safe_pt) - log2_qtail * 0.6931471805599453), 0.0)
+        big_c = tl.where(nonempty, big_c, 0.0)
+        l_c = tl.where(nonempty, l_c, 0.0)
     tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
     tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
     st = stats_ptr + row * 8
-    tl.store(st + 0, tl.where(valid, m1, 0.0))
+    tl.store(st + 0, tl.where(valid, big1, 0.0))
     tl.store(st + 1, tl.where(valid, l1, 0.0))
-    tl.store(st + 2, tl.where(valid, mT, 0.0))
-    tl.store(st + 3, tl.where(valid, lT, 0.0))
-    tl.store(st + 4, tl.where(valid & (mC > float("-inf")), mC, 0.0))
-    tl.store(st + 5, tl.where(valid & (mC > float("-inf")), lC, 0.0))
+    tl.store(st + 2, tl.where(valid, big_t, 0.0))
+    tl.store(st + 3, tl.where(valid, l_t, 0.0))
+    tl.store(st + 4, tl.where(valid, big_c, 0.0))
+    tl.store(st + 5, tl.where(valid, l_c, 0.0))
+    tl.store(st + 6, tl.where(valid, inv_qtail, 0.0))
+
+
+@triton.jit
+def _grad_block(z, a1, lse1, a_t, lse_t, c_t, T_ONE: tl.constexpr):
+    # d loss / d z for the elements outside the label and the top-k ids: a1·q1 + a_t·q_T, one exp2 per q.
+    if T_ONE:
+        return a1 * tl.exp2(z * 1.4426950408889634 - lse1)
+    else:
+        return a1 * tl.exp2(z * 1.4426950408889634 - lse1) + a_t * tl.exp2(z * c_t - lse_t)
 
 
 @triton.jit
@@ -170,8 +198,8 @@ def _kd_bwd_kernel(
     logits_ptr,  # [N, V] fp32/bf16/fp16 (read), row stride logits_stride
     grad_ptr,  # [N, V] same dtype (written); may be the logits buffer itself (in-place)
     labels_ptr,  # [N] int64
-    ids_ptr,  # [N, K] int32/int64
-    tlogits_ptr,  # [N, K] float
+    ids_ptr,  # [N, K] int32/int64 sorted ascending per row (as in the forward)
+    tlogits_ptr,  # [N, K] float, in the order of ids_ptr
     tlse_ptr,  # [N] fp32 (tail mode only)
     stats_ptr,  # [N, 8] fp32 from the forward
     scale_ptr,  # [2] fp32: grad_output·α/n_valid, grad_output·γ·T/n_valid
@@ -184,6 +212,7 @@ def _kd_bwd_kernel(
     ignore_index,
     inv_t,
     MODE: tl.constexpr,
+    T_ONE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -192,58 +221,92 @@ def _kd_bwd_kernel(
     valid = y != ignore_index
     row_ptr = logits_ptr + row * logits_stride
     grow_ptr = grad_ptr + row * grad_stride
+    c_t = inv_t * 1.4426950408889634
     c_ce = tl.load(scale_ptr)
     c_kl = tl.load(scale_ptr + 1)
     st = stats_ptr + row * 8
-    m1 = tl.load(st)
+    big1 = tl.load(st)
     l1 = tl.load(st + 1)
-    mT = tl.load(st + 2)
-    lT = tl.load(st + 3)
-    mC = tl.load(st + 4)
-    lC = tl.load(st + 5)
-    ids, ok, p, logp, P, p_tail = _teacher_probs(
-        ids_ptr + row * ids_stride, tlogits_ptr + row * tlogits_stride, tlse_ptr + row, K, inv_t, MODE, BLOCK_K
+    big_t = tl.load(st + 2)
+    l_t = tl.load(st + 3)
+    big_c = tl.load(st + 4)
+    l_c = tl.load(st + 5)
+    ids_row = ids_ptr + row * ids_stride
+    ids, ok, p, log2p, P, p_tail = _teacher_probs(
+        ids_row, tlogits_ptr + row * tlogits_stride, tlse_ptr + row, K, c_t, MODE, BLOCK_K
     )
+    # Per-row coefficients: in tail mode q_T,v - p_tail·c_v = q_T,v·(1 - p_tail / q_tail) for v outside the ids.
+    a_t = c_kl * P
+    if MODE == 1:
+        a_t -= c_kl * p_tail * tl.load(st + 6)
+    a1 = c_ce
+    if T_ONE:
+        a1 += a_t
+    # Ignored rows: zero coefficients and lse = +inf make every element 0 without a select per element.
+    a1 = tl.where(valid, a1, 0.0)
+    a_t = tl.where(valid, a_t, 0.0)
+    lse1 = tl.where(valid, big1 + l1, float("inf"))
+    lse_t = tl.where(valid, big_t + l_t, float("inf"))
     # Gather before the pass overwrites the row (in-place); the barrier orders these loads before its stores.
     zy = tl.load(row_ptr + y, mask=valid, other=0.0).to(tl.float32)
     okv = ok & ((ids * 0 + valid.to(tl.int64)) > 0)  # explicit broadcast: the interpreter rejects bool & scalar
     zk = tl.load(row_ptr + ids, mask=okv, other=0.0).to(tl.float32)
     tl.debug_barrier()
-    for b in range(0, tl.cdiv(V, BLOCK_V)):
-        offs = b * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
-        zt = z * inv_t
-        g = c_ce * tl.exp((z - m1) - l1) + c_kl * P * tl.exp((zt - mT) - lT)
-        if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
-            g -= c_kl * p_tail * tl.exp((zt - mC) - lC)  # ids in I are rewritten below without this term
-        g = tl.where(valid, g, 0.0)
-        tl.store(grow_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < V)
-    # Rewrite the label and the top-k ids from fp32 (the -1 and -p added before rounding).
+    lanes = tl.arange(0, BLOCK_V)
+    n_full = V // BLOCK_V
+    for b in range(0, n_full):  # unmasked
+        offs = b * BLOCK_V + lanes
+        z = tl.load(row_ptr + offs).to(tl.float32)
+        g = _grad_block(z, a1, lse1, a_t, lse_t, c_t, T_ONE)
+        tl.store(grow_ptr + offs, g.to(grad_ptr.dtype.element_ty))
+    offs = n_full * BLOCK_V + lanes
+    z = tl.load(row_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
+    g = _grad_block(z, a1, lse1, a_t, lse_t, c_t, T_ONE)
+    tl.store(grow_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < V)
+    # Rewrite the label and the top-k ids from fp32 (the -1 and -p added before rounding), O(K) per row: the ids
+    # are sorted, so the p of duplicates (a scatter-add) is a segmented sum over each run, stored once per run.
     tl.debug_barrier()
-    same = ids[:, None] == ids[None, :]
-    s = tl.sum(tl.where(same & ok[None, :], p[None, :], 0.0), 1)  # duplicates: scatter-add of their p
+    kk = tl.arange(0, BLOCK_K)
+    prev = tl.load(ids_row + kk - 1, mask=(kk >= 1) & (kk < K), other=-1).to(tl.int64)
+    nxt = tl.load(ids_row + kk + 1, mask=kk + 1 < K, other=-1).to(tl.int64)
+    starts = (ok & (ids != prev)).to(tl.int32)
+    s, _ = tl.associative_scan((tl.where(ok, p, 0.0), starts), 0, _seg_sum)
+    last = okv & (ids != nxt)
     is_y = ids == y
-    xk = (zk - m1) - l1
-    q1k = tl.where(is_y, _expm1(xk), tl.exp(xk))
-    gk = c_ce * q1k + c_kl * (P * tl.exp((zk * inv_t - mT) - lT) - s)
-    tl.store(grow_ptr + ids, gk.to(grad_ptr.dtype.element_ty), mask=okv)
+    xk = (zk * 1.4426950408889634 - big1) - l1
+    q1k = tl.where(is_y, _expm1(xk * 0.6931471805599453), tl.exp2(xk))
+    gk = c_ce * q1k + c_kl * (P * tl.exp2((zk * c_t - big_t) - l_t) - s)
+    tl.store(grow_ptr + ids, gk.to(grad_ptr.dtype.element_ty), mask=last)
     y_in_ids = tl.sum((is_y & ok).to(tl.int32), 0) > 0
-    zyt = zy * inv_t
-    gy = c_ce * _expm1((zy - m1) - l1) + c_kl * P * tl.exp((zyt - mT) - lT)
-    if MODE == 1:  # tail (spec.TAIL; a jit function reads no Python globals)
-        gy -= c_kl * p_tail * tl.exp((zyt - mC) - lC)
+    xyt = zy * c_t
+    gy = c_ce * _expm1(((zy * 1.4426950408889634 - big1) - l1) * 0.6931471805599453)
+    gy += c_kl * P * tl.exp2((xyt - big_t) - l_t)
+    if MODE == 1:  # y outside the ids: its share of the student's tail
+        gy -= c_kl * p_tail * tl.exp2((xyt - big_c) - l_c)
     tl.store(grow_ptr + y, gy.to(grad_ptr.dtype.element_ty), mask=valid & (y_in_ids == 0))
 
 
-def _blocks(V: int, K: int) -> tuple[int, int, int]:
+def launch_config(V: int, K: int, elem_bytes: int, mode: int, temperature: float) -> dict:
+    """Constexprs and warps of both kernels for one problem (pipelines/kernel_report.py compiles the same).
+
+    Returns ``{"*": {"constexprs": {...}, "num_warps": int}}`` (``"*"``: every kernel).
+    """
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
     block_k = triton.next_power_of_2(max(K, 1))
     num_warps = 8 if block_v >= 2048 else 4
-    return block_v, block_k, num_warps
+    constexprs = dict(MODE=mode, T_ONE=temperature == 1.0, BLOCK_V=block_v, BLOCK_K=block_k)
+    return {"*": dict(constexprs=constexprs, num_warps=num_warps)}
+
+
+def sort_targets(topk_ids: torch.Tensor, topk_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row's teacher ids ascending, the logits alongside ([N, K] each): padded slots first, duplicates
+    adjacent. The loss does not depend on the order of the slots; the kernels rely on this one."""
+    ids, perm = topk_ids.sort(dim=1)
+    return ids.contiguous(), topk_logits.gather(1, perm).contiguous()
 
 
 def kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec):
-    """Launch the forward kernel. Returns (ce [N], kl [N], stats [N, 8]) fp32."""
+    """Launch the forward kernel on sorted targets (:func:`sort_targets`). Returns (ce [N], kl [N], stats [N, 8])."""
     N, V = logits.shape
     K = topk_ids.shape[1]
     dev = logits.device
@@ -252,16 +315,13 @@ def kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec)
     stats = torch.zeros(N, 8, dtype=torch.float32, device=dev)
     if N == 0:
         return ce, kl, stats
-    if spec.uses_lse:
-        sorted_ids = topk_ids.to(torch.int32).sort(dim=1).values.contiguous()
-    else:
-        sorted_ids, teacher_lse = topk_ids, ce  # never read (the branches that read them are compiled out)
-    block_v, block_k, num_warps = _blocks(V, K)
+    if not spec.uses_lse:
+        teacher_lse = ce  # never read (the branches that read it are compiled out)
+    cfg = launch_config(V, K, logits.element_size(), spec.mode, spec.temperature)["*"]
     _kd_fwd_kernel[(N,)](
-        logits, labels, topk_ids, topk_logits, teacher_lse, sorted_ids, ce, kl, stats,
-        logits.stride(0), topk_ids.stride(0), topk_logits.stride(0), sorted_ids.stride(0),
-        V, K, spec.ignore_index, spec.inv_t,
-        MODE=spec.mode, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+        logits, labels, topk_ids, topk_logits, teacher_lse, ce, kl, stats,
+        logits.stride(0), topk_ids.stride(0), topk_logits.stride(0),
+        V, K, spec.ignore_index, spec.inv_t, **cfg["constexprs"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     return ce, kl, stats
 
@@ -272,12 +332,11 @@ def kd_backward(logits, grad, labels, topk_ids, topk_logits, teacher_lse, stats,
     if N == 0:
         return grad
     K = topk_ids.shape[1]
-    block_v, block_k, num_warps = _blocks(V, K)
+    cfg = launch_config(V, K, logits.element_size(), spec.mode, spec.temperature)["*"]
     _kd_bwd_kernel[(N,)](
         logits, grad, labels, topk_ids, topk_logits, teacher_lse if spec.uses_lse else stats, stats, scale,
         logits.stride(0), grad.stride(0), topk_ids.stride(0), topk_logits.stride(0),
-        V, K, spec.ignore_index, spec.inv_t,
-        MODE=spec.mode, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+        V, K, spec.ignore_index, spec.inv_t, **cfg["constexprs"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     return grad
 
@@ -288,16 +347,18 @@ class TritonKDLoss(torch.autograd.Function):
     d loss / d z_v = g/n · [α·(softmax(z)_v − 1[v = y]) + γ·T·(P·q_T,v − Σ_{j: id_j = v} p_j − p_tail·c_v·1[v ∉ I])]
     with q_T = softmax(z/T), P = Σ_j p_j + p_tail (1 unless tail-mode duplicates push Σp over 1),
     c = softmax of z/T over the complement of I (tail mode; p_tail = 0 in renorm), g = grad_output.
-    Outputs (loss, ce [N], kl [N]); ce and kl are not differentiable.
+    Outputs (loss, ce [N], kl [N]); ce and kl are not differentiable. With ``spec.inplace`` the backward writes the
+    gradient over the logits and bumps their version counter, so an autograd node that saved them fails loudly.
     """
 
     @staticmethod
     def forward(ctx, logits, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec):
-        ce, kl, stats = kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, spec)
+        ids, tlog = sort_targets(topk_ids, topk_logits)
+        ce, kl, stats = kd_forward(logits, labels, ids, tlog, teacher_lse, spec)
         n_valid = (labels != spec.ignore_index).sum().clamp_min(1).to(torch.float32)
         loss = (spec.alpha * ce + (spec.gamma * spec.temperature * spec.temperature) * kl).sum() / n_valid
         tlse = teacher_lse if teacher_lse is not None else stats
-        ctx.save_for_backward(logits, labels, topk_ids, topk_logits, tlse, stats, n_valid)
+        ctx.save_for_backward(logits, labels, ids, tlog, tlse, stats, n_valid)
         ctx.spec = spec
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
@@ -307,11 +368,14 @@ class TritonKDLoss(torch.autograd.Function):
         if getattr(ctx, "grad_written_in_place", False):
             raise RuntimeError("ddk_kernels.fused_kd_loss(inplace_grad=True): the first backward overwrote the logits "
                                "with their gradient, so backward cannot run again; use inplace_grad=False")  # fmt: skip
-        logits, labels, topk_ids, topk_logits, tlse, stats, n_valid = ctx.saved_tensors
+        logits, labels, ids, tlog, tlse, stats, n_valid = ctx.saved_tensors
         spec = ctx.spec
         g = grad_loss.to(torch.float32) / n_valid
         scale = torch.stack([g * spec.alpha, g * (spec.gamma * spec.temperature)]).contiguous()
         grad = logits if spec.inplace else torch.empty_like(logits)
         ctx.grad_written_in_place = spec.inplace
-        kd_backward(logits, grad, labels, topk_ids, topk_logits, tlse, stats, scale, spec)
+        kd_backward(logits, grad, labels, ids, tlog, tlse, stats, scale, spec)
+        if spec.inplace:
+            # Any other node that saved these logits now sees a newer version and raises instead of reading z'.
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None, None
