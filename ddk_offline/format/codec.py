@@ -164,13 +164,12 @@ class TopKCodec:
             refs = reference_rows(input_ids)
             n_ref = 1 + (refs >= 0).sum(1, keepdims=True) * K
             found, col = find_in_rows(ids, refs, self.vocab_size)
-            hit = np.zeros((L, K), bool)
-            ref_row, ref_col, local = (np.zeros((L, K), np.int64) for _ in range(3))
-            for c in range(MAX_REFS):
-                new = found[c] & ~hit & ~is_next
-                hit |= new
-                ref_row[new] = np.broadcast_to(refs[:, c : c + 1], (L, K))[new]
-                ref_col[new], local[new] = col[c][new], 1 + c * K
+            found &= ~is_next
+            slot = found.argmax(0)[None]  # the first reference that holds the id (where any does)
+            hit = np.take_along_axis(found, slot, 0)[0]
+            ref_row = np.take_along_axis(refs, slot[0], 1)
+            ref_col = np.take_along_axis(col, slot, 0)[0]
+            local = np.where(hit, 1 + slot[0] * K, 0)
             miss = ~hit & ~is_next
             table, inv, counts = unique_ids(ids[miss], self.vocab_size)
             count_class = np.floor(np.log2(counts)).astype(np.int64)
@@ -184,8 +183,10 @@ class TopKCodec:
             at = np.nonzero((local >= 1) & (local < n_ref))
             local[at] = 1 + live_rank[at[0], local[at] - 1]
         # Inside a tie group (equal value codes) the order is free: sort by local index to save its entropy.
-        tie = np.lexsort((local, codes), axis=1)
-        codes, local = np.take_along_axis(codes, tie, 1), np.take_along_axis(local, tie, 1)
+        # (Layout 2's stored order already is that order: renumbering pointers over live entries is monotone.)
+        if v == 1:
+            tie = np.lexsort((local, codes), axis=1)
+            codes, local = np.take_along_axis(codes, tie, 1), np.take_along_axis(local, tie, 1)
         starts = np.ones((L, K), bool)
         starts[:, 1:] = np.diff(codes, axis=1) > 0
         gaps = np.diff(local, axis=1, prepend=-1) - 1

@@ -64,13 +64,26 @@ def _eg_join(sym: np.ndarray, raw_bits: np.ndarray, h: int) -> np.ndarray:
 
 
 def _pack_bits(raw: np.ndarray, width: np.ndarray) -> bytes:
-    total = int(width.sum())
-    if total == 0:
+    """Concatenate fields raw[i] < 2^width[i] (width <= 56), MSB first, zero-padded to whole bytes."""
+    width = width.astype(np.int64)
+    keep = width > 0
+    raw, width = raw[keep].astype(np.uint64), width[keep]
+    if width.size == 0:
         return b""
-    owner = np.repeat(np.arange(raw.size), width)
-    pos = np.arange(total) - np.repeat(np.cumsum(width) - width, width)
-    shift = (width[owner] - 1 - pos).astype(np.uint64)
-    return np.packbits(((raw[owner] >> shift) & np.uint64(1)).astype(np.uint8)).tobytes()
+    # Each field lands in the 64-bit word of its first bit, MSB-first; fields are disjoint, so OR-reducing the
+    # (sorted) fields of each word builds it, and a field crossing into the next word adds its low part there.
+    end = np.cumsum(width)
+    word = (end - width) >> 6
+    e = end - (word << 6)  # the field ends e bits into its word (e > 64: it spills over)
+    over = np.maximum(e - 64, 0)
+    head = np.where(over > 0, raw >> over.astype(np.uint64), raw << np.maximum(64 - e, 0).astype(np.uint64))
+    total = int(end[-1])
+    words = np.zeros((total + 63) >> 6, np.uint64)
+    first = np.flatnonzero(np.diff(word, prepend=-1))
+    words[word[first]] = np.bitwise_or.reduceat(head, first)
+    spill = np.flatnonzero(over)
+    words[word[spill] + 1] |= raw[spill] << (64 - over[spill]).astype(np.uint64)
+    return words.byteswap().tobytes()[: (total + 7) >> 3]
 
 
 def _bit_windows(buf: np.ndarray) -> np.ndarray:
