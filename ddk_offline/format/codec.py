@@ -42,7 +42,6 @@ from ddk_offline.format.codec_bits import (
 )
 from ddk_offline.format.codec_config import CodecConfig
 from ddk_offline.format.codec_context import (
-    MAX_REFS,
     find_in_rows,
     live_references,
     reference_rows,
