@@ -27,13 +27,10 @@ import numpy as np
 import zstandard
 
 from ddk_offline.format.codec_bits import (
-    _bit_windows,
-    _eg_join,
-    _eg_split,
+    _byte_words,
     _floor_log2,
     _from_code,
-    _pack_bits,
-    _read_bits,
+    _read_fields,
     by_rank,
     fill_by_rank,
     freq_rank,
@@ -49,6 +46,7 @@ from ddk_offline.format.codec_context import (
     stored_order,
     unique_ids,
 )
+from ddk_offline.format.codec_streams import pack_streams, read_int_streams
 
 CODEC_NAME = "ddk-topk"
 LAYOUT_VERSION = 2  # what encode writes by default; decode reads every version in LAYOUTS
@@ -131,18 +129,10 @@ class TopKCodec:
         return {name: len(a) + len(b) for name, (a, b) in self._streams(ints).items()}
 
     def _streams(self, ints: dict[str, np.ndarray]) -> dict[str, tuple[bytes, bytes]]:
-        out = {}
-        for name, arr in ints.items():
-            cctx = self._cctx if name.startswith(("first", "gap")) else self._cctx_small
-            if isinstance(arr, tuple):  # raw bit fields (values, widths): no symbol part
-                out[name] = (b"", _pack_bits(*arr))
-                continue
-            if arr.dtype == bool:  # a bitmap: packed bytes, zstd's Huffman stage models 8 decisions per symbol
-                out[name] = (cctx.compress(np.packbits(arr.ravel()).tobytes()), b"")
-                continue
-            sym, width, raw = _eg_split(arr.ravel(), self.config.eg_precision)
-            out[name] = (cctx.compress(sym.tobytes()), _pack_bits(raw, width))
-        return out
+        big = ("first", "gap")  # the large id-index streams: pure entropy coding, a fast level
+        return pack_streams(
+            ints, self.config.eg_precision, lambda name: self._cctx if name.startswith(big) else self._cctx_small
+        )
 
     def _integers(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.ndarray | None) -> dict:
         """The integer arrays the blob entropy-codes, in stream order (plus "shape": L, K, table size)."""
@@ -177,7 +167,8 @@ class TopKCodec:
             codes = np.take_along_axis(codes, perm, 1)
             # Pointers count only the live reference entries (first listing of an id, not the next token).
             stored_ids = np.take_along_axis(ids, perm, 1)
-            ref_ids = np.where((refs >= 0)[:, :, None], stored_ids[np.maximum(refs, 0)], -1).reshape(L, -1)
+            stored_ids = np.vstack([stored_ids, np.full((1, K), -1)])  # row L: "no reference row"
+            ref_ids = stored_ids[np.where(refs >= 0, refs, L)].reshape(L, -1)
             live_rank = np.cumsum(live_references(ref_ids, nxt), axis=1) - 1
             at = np.nonzero((local >= 1) & (local < n_ref))
             local[at] = 1 + live_rank[at[0], local[at] - 1]
@@ -259,7 +250,7 @@ class TopKCodec:
             raise ValueError(f"top-k blob: malformed streams ({type(e).__name__}: {e})") from e
 
     def _decode_streams(self, view, version, n_streams, L, K, n_table, lse, input_ids):
-        cfg = self.config
+        cfg, h = self.config, self.config.eg_precision
         lens = struct.unpack_from(f"<{n_streams}I", view, _HEADER.size)
         pos, chunks = _HEADER.size + 4 * n_streams, []
         for n in lens:
@@ -268,16 +259,8 @@ class TopKCodec:
         if pos != len(view) - 4:
             raise ValueError("top-k blob: stream lengths do not add up to the blob size (corrupt)")
         it = iter(chunks)
-
-        def ints(n: int, exact: bool = True) -> np.ndarray:
-            sym = np.frombuffer(self._dctx.decompress(next(it), max_output_size=n), np.uint8)
-            if sym.size > n or (exact and sym.size != n):
-                raise ValueError(f"top-k blob: stream holds {sym.size} symbols, expected {n} (corrupt)")
-            return _eg_join(sym, np.frombuffer(next(it), np.uint8), cfg.eg_precision).astype(np.int64)
-
-        table = np.cumsum(ints(n_table) + 1) - 1
-        count_class = ints(n_table)
-        zz = ints(L)
+        table, count_class, zz = read_int_streams(it, [(n_table, True), (n_table, True), (L, True)], h, self._dctx)
+        table = np.cumsum(table + 1) - 1
         lam = np.where(zz % 2 == 1, -(zz + 1) // 2, zz // 2) * cfg.mass_step
 
         def bits(n: int) -> np.ndarray:
@@ -288,46 +271,59 @@ class TopKCodec:
 
         starts = np.ones((L, K), bool)
         fill_by_rank(starts, starts.copy(), bits, self.k, version, start=1)
+        # Every other integer stream's length is known now: join them in one pass, then hand them out in order.
+        slices = rank_slices(0, self.k, version)
+        n_starts = [int(starts[:, sl].sum()) for _, sl in slices]
+        n_cont = [int(sl.stop - sl.start) * L - n for n, (_, sl) in zip(n_starts, slices, strict=True)]
+        counts = [(int(starts[:, sl].sum()), True) for _, sl in rank_slices(1, self.k, version)]
+        counts += [(n, True) for n in n_starts]
+        counts += [(n, True) for n in n_cont] if version == 1 else [(n, False) for n in n_cont + n_cont]
+        streams = iter(read_int_streams(it, counts, h, self._dctx))
         rise = np.zeros((L, K), np.int64)
-        fill_by_rank(rise, starts, ints, self.k, version, start=1)
+        fill_by_rank(rise, starts, lambda n: next(streams), self.k, version, start=1)
         codes = np.cumsum(np.where(starts, rise + 1, 0), axis=1) - 1
         first, gap = np.zeros((L, K), np.int64), np.zeros((L, K), np.int64)
-        fill_by_rank(first, starts, ints, self.k, version)
-        slices = rank_slices(0, self.k, version)
+        fill_by_rank(first, starts, lambda n: next(streams), self.k, version)
         if version == 1:
-            fill_by_rank(gap, ~starts, ints, self.k, version)
+            fill_by_rank(gap, ~starts, lambda n: next(streams), self.k, version)
         else:  # per rank class, the gaps after a pointer and after a table index, each in column order
             refs = reference_rows(input_ids)
             n_ref = 1 + (refs >= 0).sum(1) * K  # per row: where the table indices start
-            n_cont = [int((~starts[:, sl]).sum()) for _, sl in slices]
-            split = [[ints(n, exact=False) for n in n_cont] for _ in range(2)]
+            split = [[next(streams) for _ in n_cont] for _ in range(2)]
             used = np.zeros((2, len(slices)), np.int64)
         if len(next(it)):
             raise ValueError("top-k blob: the raw gap stream has a symbol part (corrupt)")
-        low_bits, pos = _bit_windows(np.frombuffer(next(it), np.uint8)), 0
+        low_words, pos = _byte_words(np.frombuffer(next(it), np.uint8)), 0
+        n_low_bits = 8 * (low_words.size - 1)
+        rank_class = np.zeros(K, np.int64)  # column -> its rank class (index into the layout-2 gap streams)
+        for c, (_, sl) in enumerate(slices):
+            rank_class[sl] = c
+        rank_class = rank_class.tolist()
+        cont_cols = ~starts.T
         # Column by column: a member's raw-bit width (and in layout 2 its stream) depends on the previous member.
-        local = np.empty((L, K), np.int64)
-        local[:, 0] = first[:, 0]
+        local = first
         for j in range(1, K):
-            local[:, j] = first[:, j]
-            cont = np.flatnonzero(~starts[:, j])
+            cont = np.flatnonzero(cont_cols[j])
             if cont.size == 0:
                 continue
             prev = local[cont, j - 1]
             if version == 1:
                 g = gap[cont, j]
             else:
-                c = next(i for i, (_, sl) in enumerate(slices) if sl.start <= j < sl.stop)
-                g = np.empty(cont.size, np.int64)
+                c = rank_class[j]
                 in_ref = prev < n_ref[cont]
-                for region, sel in enumerate((in_ref, ~in_ref)):
-                    a = used[region, c]
-                    g[sel] = split[region][c][a : a + int(sel.sum())]  # raises on a short stream (corrupt)
-                    used[region, c] = a + int(sel.sum())
+                n_in = int(np.count_nonzero(in_ref))
+                a, b = used[0, c], used[1, c]
+                g = np.empty(cont.size, np.int64)
+                g[in_ref] = split[0][c][a : a + n_in]  # raises on a short stream (corrupt)
+                g[~in_ref] = split[1][c][b : b + cont.size - n_in]
+                used[0, c], used[1, c] = a + n_in, b + cont.size - n_in
             shift = np.maximum(_floor_log2(prev + 1) - _GAP_RICE_BITS, 0)
-            low = _read_bits(low_bits, shift, pos).astype(np.int64)
-            pos += int(shift.sum())
-            local[cont, j] = prev + ((g << shift) | low) + 1
+            n_bits = int(shift.sum())
+            if n_bits:
+                g = (g << shift) | _read_fields(low_words, shift, pos, n_low_bits).astype(np.int64)
+                pos += n_bits
+            local[cont, j] = prev + g + 1
         if version == 1:
             if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
                 raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")

@@ -93,18 +93,35 @@ def _bit_windows(buf: np.ndarray) -> np.ndarray:
 
 def _read_bits(windows: np.ndarray, width: np.ndarray, start: int = 0) -> np.ndarray:
     """Unsigned integers from consecutive MSB-first bit fields (widths <= 56) starting at bit ``start``."""
-    width = width.astype(np.int64)
-    if (len(windows) - 1) * 8 < start + int(width.sum()):  # windows has n_bytes + 1 rows
+    n_bits = (len(windows) - 1) * 8  # windows has n_bytes + 1 rows
+    if width.size == 0 or not width.any():
+        if start > n_bits:
+            raise ValueError("top-k blob: raw bit stream is shorter than its symbols say (corrupt or truncated)")
+        return np.zeros(width.size, np.uint64)
+    words = np.ascontiguousarray(windows).view(">u8").ravel().astype(np.uint64)
+    return _read_fields(words, width.astype(np.int64), start, n_bits)
+
+
+def _byte_words(buf: np.ndarray) -> np.ndarray:
+    """[n_bytes + 1] uint64: the big-endian 8-byte word starting at each byte of buf (zero-padded)."""
+    return np.ascontiguousarray(_bit_windows(buf)).view(">u8").ravel().astype(np.uint64)
+
+
+def _read_fields(
+    words: np.ndarray, width: np.ndarray, start: int, n_bits: int, offset: np.ndarray | None = None
+) -> np.ndarray:
+    """``_read_bits`` on ``_byte_words`` (made once per buffer), for a buffer of n_bits bits; ``offset`` [n]
+    moves each field (fields of several streams in one buffer)."""
+    end = np.cumsum(width)
+    off = start + end - width
+    if offset is not None:
+        off += offset
+    if (int((off + width).max()) if offset is not None else start + int(end[-1])) > n_bits:
         raise ValueError("top-k blob: raw bit stream is shorter than its symbols say (corrupt or truncated)")
-    if width.size == 0:
-        return np.zeros(0, np.uint64)
-    if width.max() > 56:
+    if int(width.max()) > 56:
         raise ValueError("top-k blob: a raw bit field is wider than 56 bits (corrupt)")
-    off = start + np.cumsum(width) - width
-    # A big-endian 8-byte word at each field's first byte, shifted down and masked to the field.
-    word = np.ascontiguousarray(windows[off >> 3]).view(">u8").ravel().astype(np.uint64)
-    shift = (64 - (off & 7) - width).astype(np.uint64)
-    return (word >> shift) & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
+    w = width.astype(np.uint64)
+    return (words[off >> 3] >> (np.uint64(64) - (off & 7).astype(np.uint64) - w)) & ((np.uint64(1) << w) - np.uint64(1))
 
 
 def sorted_rows(ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, cfg: CodecConfig) -> tuple:

@@ -88,21 +88,23 @@ def find_in_rows(ids: np.ndarray, rows: np.ndarray, vocab_size: int) -> tuple[np
         vocab_size: ids are < vocab_size.
 
     Returns:
-        found [C, L, K] bool and col [C, L, K] int64: the column of the id in ``ids[rows[n, c]]`` where found.
+        found [C, L, K] bool and col [C, L, K] int64: the column of the id in ``ids[rows[n, c]]`` where found, -1
+        elsewhere.
     """
     L, K = ids.shape
     _, u, counts = unique_ids(ids, vocab_size)
-    # A dense [L, ids seen in 2+ rows] map of columns (-1: absent) makes each lookup one gather; ids seen in
-    # one row only can never be found elsewhere and all share the last, empty column.
+    # A dense [L + 1, ids seen in 2+ rows] map of column + 1 (0: absent) makes each lookup one gather; ids seen
+    # in one row only can never be found elsewhere and all share the last, empty column, as "no row" (-1) shares
+    # the last, empty row. Zero-filled, so the map's pages are only touched where written.
     multi = counts > 1
     n_multi = int(multi.sum())
     u = np.where(multi[u], np.cumsum(multi)[u] - 1, n_multi).reshape(L, K)
-    where = np.full((L, n_multi + 1), -1, np.int8 if K < 2**7 else np.int16 if K < 2**15 else np.int32)
-    where[np.arange(L)[:, None], u] = np.arange(K)
-    where[:, n_multi] = -1
-    col = where.ravel()[(np.maximum(rows.T, 0) * (n_multi + 1))[:, :, None] + u[None]].astype(np.int64)
-    found = (col >= 0) & (rows.T >= 0)[:, :, None]
-    return found, np.where(found, col, 0)
+    where = np.zeros((L + 1, n_multi + 1), np.uint8 if K < 2**8 else np.uint16 if K < 2**16 else np.uint32)
+    where[np.arange(L)[:, None], u] = np.arange(1, K + 1)
+    where[:, n_multi] = 0
+    row = np.where(rows.T >= 0, rows.T, L) * (n_multi + 1)
+    col = where.reshape(-1)[row[:, :, None] + u[None]].astype(np.int64) - 1
+    return col >= 0, col
 
 
 def stored_order(codes: np.ndarray, local: np.ndarray, hit: np.ndarray, ref_row: np.ndarray, ref_col: np.ndarray):
@@ -211,8 +213,9 @@ def resolve_references(
     cid = np.zeros((L, K), np.int64)
     cid[~is_ptr] = compact
     nxt = np.full(L, -1, np.int64)
-    has = np.isin(next_token, values)
-    nxt[has] = np.searchsorted(values, next_token[has])
+    at = np.minimum(np.searchsorted(values, next_token), values.size - 1)
+    has = values[at] == next_token if values.size else np.zeros(L, bool)
+    nxt[has] = at[has]
     flat = np.flatnonzero(is_ptr)
     bounds = np.searchsorted(flat, np.arange(L + 1) * K).tolist()
     index = pointer.ravel()[flat]
