@@ -32,13 +32,13 @@ from ddk_offline.format.codec_bits import (
     _from_code,
     _read_fields,
     by_rank,
-    fill_by_rank,
     freq_rank,
     rank_slices,
     sorted_rows,
 )
 from ddk_offline.format.codec_config import CodecConfig
 from ddk_offline.format.codec_context import (
+    MAX_REFS,
     find_in_rows,
     live_references,
     reference_rows,
@@ -54,6 +54,11 @@ LAYOUTS = (1, 2)
 _MAGIC = b"DKTK"
 _HEADER = struct.Struct("<4sBBIHI")  # magic, layout version, n_streams, L, k, table size
 _GAP_RICE_BITS = 6  # in-group gaps after a member with index >= 2^(6 + s) send their s low bits raw
+_FIRST_BIT = np.array([(m & -m).bit_length() - 1 if m else 0 for m in range(1 << MAX_REFS)], np.int64)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 class TopKCodec:
@@ -153,20 +158,25 @@ class TopKCodec:
             refs = reference_rows(input_ids)
             n_ref = 1 + (refs >= 0).sum(1, keepdims=True) * K
             found, col = find_in_rows(ids, refs, self.vocab_size)
-            found &= ~is_next
-            slot = found.argmax(0)[None]  # the first reference that holds the id (where any does)
-            hit = np.take_along_axis(found, slot, 0)[0]
-            ref_row = np.take_along_axis(refs, slot[0], 1)
-            ref_col = np.take_along_axis(col, slot, 0)[0]
-            local = np.where(hit, 1 + slot[0] * K, 0)
+            # The first reference that holds the id (where any does): the lowest set bit of a 5-bit mask.
+            holders = np.zeros((L, K), np.uint8)
+            for c in range(MAX_REFS):
+                holders |= found[c].view(np.uint8) << c
+            holders[is_next] = 0
+            hit = holders > 0
+            slot = _FIRST_BIT[holders]
+            ref_row = refs[np.arange(L)[:, None], slot]
+            ref_col = col.reshape(-1)[(slot * L + np.arange(L)[:, None]) * K + np.arange(K)]
+            local = np.where(hit, 1 + slot * K, 0)
             miss = ~hit & ~is_next
             table, inv, counts = unique_ids(ids[miss], self.vocab_size)
             count_class = np.floor(np.log2(counts)).astype(np.int64)
             local[miss] = np.broadcast_to(n_ref, (L, K))[miss] + freq_rank(count_class)[inv]
             perm, local = stored_order(codes, local, hit, ref_row, ref_col)
-            codes = np.take_along_axis(codes, perm, 1)
+            at = perm + np.arange(0, L * K, K)[:, None]
+            codes = codes.reshape(-1)[at]
             # Pointers count only the live reference entries (first listing of an id, not the next token).
-            stored_ids = np.take_along_axis(ids, perm, 1)
+            stored_ids = ids.reshape(-1)[at]
             stored_ids = np.vstack([stored_ids, np.full((1, K), -1)])  # row L: "no reference row"
             ref_ids = stored_ids[np.where(refs >= 0, refs, L)].reshape(L, -1)
             live_rank = np.cumsum(live_references(ref_ids, nxt), axis=1) - 1
@@ -177,37 +187,33 @@ class TopKCodec:
         if v == 1:
             tie = np.lexsort((local, codes), axis=1)
             codes, local = np.take_along_axis(codes, tie, 1), np.take_along_axis(local, tie, 1)
-        starts = np.ones((L, K), bool)
-        starts[:, 1:] = np.diff(codes, axis=1) > 0
-        gaps = np.diff(local, axis=1, prepend=-1) - 1
-
+        # The streams list entries rank-major (docs/CODEC.md): work on [K, L] copies, whose rows are ranks.
+        c, loc = codes.T.copy(), local.T.copy()
+        starts = np.ones((K, L), bool)
+        np.greater(c[1:], c[:-1], out=starts[1:])
+        gaps = loc.copy()
+        gaps[1:] -= loc[:-1] + 1
         ints: dict = {"table": np.diff(table, prepend=-1) - 1, "count_class": count_class, "mass": mass}
-        # Value codes: which entries open a new code (bitmap, rank-major) and by how much the code rises there.
-        everywhere = np.ones((L, K), bool)
-        for name, arr in by_rank(starts, everywhere, self.k, v, start=1).items():
-            ints[f"starts{name}"] = arr
-        rise = np.zeros((L, K), np.int64)
-        rise[:, 1:] = codes[:, 1:] - codes[:, :-1] - 1
-        for name, arr in by_rank(rise, starts, self.k, v, start=1).items():
-            ints[f"rise{name}"] = arr
-        for name, arr in by_rank(local, starts, self.k, v).items():
-            ints[f"first{name}"] = arr
+        # Value codes: which entries open a new code (bitmap) and by how much the code rises there.
+        ints.update(by_rank(starts, np.ones((K, L), bool), K, v, "starts", start=1))
+        ints.update(by_rank(c[1:] - c[:-1] - 1, starts[1:], K, v, "rise", start=1, offset=1))
+        ints.update(by_rank(loc, starts, K, v, "first"))
         # In-group gaps scale with the previous member's index (Zipf-like table order): their low
         # `shift` bits are near-uniform, so they go raw (rank-major) and only the quotient is entropy-coded.
-        shift = np.zeros((L, K), np.int64)
-        shift[:, 1:] = np.maximum(_floor_log2(local[:, :-1] + 1) - _GAP_RICE_BITS, 0)
+        shift = np.zeros((K, L), np.int64)
+        shift[1:] = np.maximum(_floor_log2(loc[:-1] + 1) - _GAP_RICE_BITS, 0)
         shift[starts] = 0
+        cont = ~starts
         if v == 1:
-            for name, arr in by_rank(gaps >> shift, ~starts, self.k, v).items():
-                ints[f"gap{name}"] = arr
+            ints.update(by_rank(gaps >> shift, cont, K, v, "gap"))
         else:  # gaps among pointers (small) and among table indices (large) get separate streams
-            in_ref = np.zeros((L, K), bool)
-            in_ref[:, 1:] = local[:, :-1] < n_ref
-            for region, mask in (("ref", in_ref), ("table", ~in_ref)):
-                for name, arr in by_rank(gaps >> shift, ~starts & mask, self.k, v).items():
-                    ints[f"gap_{region}{name}"] = arr
-        low = (gaps & ((1 << shift) - 1)).T[(~starts).T]
-        ints["gap_low"] = (low.astype(np.uint64), shift.T[(~starts).T])
+            in_ref = np.zeros((K, L), bool)
+            np.less(loc[:-1], n_ref.T, out=in_ref[1:])
+            quotient = gaps >> shift
+            ints.update(by_rank(quotient, cont & in_ref, K, v, "gap_ref"))
+            ints.update(by_rank(quotient, cont & ~in_ref, K, v, "gap_table"))
+        width = shift[cont]
+        ints["gap_low"] = ((gaps[cont] & ((1 << width) - 1)).astype(np.uint64), width)
         ints["shape"] = (L, K, table.size)
         return ints
 
@@ -269,46 +275,52 @@ class TopKCodec:
                 raise ValueError("top-k blob: a tie bitmap has the wrong size (corrupt)")
             return np.unpackbits(packed)[:n].astype(bool)
 
-        starts = np.ones((L, K), bool)
-        fill_by_rank(starts, starts.copy(), bits, self.k, version, start=1)
+        # Rank-major [K, L] arrays (row = rank), as the streams list their entries.
+        starts = np.ones((K, L), bool)
+        for _, sl in rank_slices(1, K, version):
+            starts[sl] = bits((sl.stop - sl.start) * L).reshape(-1, L)
         # Every other integer stream's length is known now: join them in one pass, then hand them out in order.
-        slices = rank_slices(0, self.k, version)
-        n_starts = [int(starts[:, sl].sum()) for _, sl in slices]
-        n_cont = [int(sl.stop - sl.start) * L - n for n, (_, sl) in zip(n_starts, slices, strict=True)]
-        counts = [(int(starts[:, sl].sum()), True) for _, sl in rank_slices(1, self.k, version)]
+        per_rank = np.concatenate([[0], np.cumsum(starts.sum(1))]).tolist()
+        slices = rank_slices(0, K, version)
+        n_starts = [per_rank[sl.stop] - per_rank[sl.start] for _, sl in slices]
+        n_cont = [(sl.stop - sl.start) * L - n for n, (_, sl) in zip(n_starts, slices, strict=True)]
+        rise_slices = rank_slices(1, K, version)
+        counts = [(per_rank[sl.stop] - per_rank[sl.start], True) for _, sl in rise_slices]
         counts += [(n, True) for n in n_starts]
         counts += [(n, True) for n in n_cont] if version == 1 else [(n, False) for n in n_cont + n_cont]
-        streams = iter(read_int_streams(it, counts, h, self._dctx))
-        rise = np.zeros((L, K), np.int64)
-        fill_by_rank(rise, starts, lambda n: next(streams), self.k, version, start=1)
-        codes = np.cumsum(np.where(starts, rise + 1, 0), axis=1) - 1
-        first, gap = np.zeros((L, K), np.int64), np.zeros((L, K), np.int64)
-        fill_by_rank(first, starts, lambda n: next(streams), self.k, version)
+        streams = read_int_streams(it, counts, h, self._dctx)
+        n_rise = len(rise_slices)
+        rise = np.zeros((K, L), np.int64)
+        rise[1:][starts[1:]] = _joined(streams[:n_rise])
+        codes = np.cumsum(np.where(starts, rise + 1, 0), axis=0) - 1
+        local = np.zeros((K, L), np.int64)
+        local[starts] = _joined(streams[n_rise : n_rise + len(n_starts)])
+        cont_at = ~starts
         if version == 1:
-            fill_by_rank(gap, ~starts, lambda n: next(streams), self.k, version)
+            gap = np.zeros((K, L), np.int64)
+            gap[cont_at] = _joined(streams[n_rise + len(n_starts) :])
         else:  # per rank class, the gaps after a pointer and after a table index, each in column order
             refs = reference_rows(input_ids)
             n_ref = 1 + (refs >= 0).sum(1) * K  # per row: where the table indices start
-            split = [[next(streams) for _ in n_cont] for _ in range(2)]
+            rest = streams[n_rise + len(n_starts) :]
+            split = [rest[: len(n_cont)], rest[len(n_cont) :]]
             used = np.zeros((2, len(slices)), np.int64)
         if len(next(it)):
             raise ValueError("top-k blob: the raw gap stream has a symbol part (corrupt)")
         low_words, pos = _byte_words(np.frombuffer(next(it), np.uint8)), 0
         n_low_bits = 8 * (low_words.size - 1)
-        rank_class = np.zeros(K, np.int64)  # column -> its rank class (index into the layout-2 gap streams)
+        rank_class = np.zeros(K, np.int64)  # rank -> its rank class (index into the layout-2 gap streams)
         for c, (_, sl) in enumerate(slices):
             rank_class[sl] = c
         rank_class = rank_class.tolist()
-        cont_cols = ~starts.T
-        # Column by column: a member's raw-bit width (and in layout 2 its stream) depends on the previous member.
-        local = first
+        # Rank by rank: a member's raw-bit width (and in layout 2 its stream) depends on the previous member.
         for j in range(1, K):
-            cont = np.flatnonzero(cont_cols[j])
+            cont = np.flatnonzero(cont_at[j])
             if cont.size == 0:
                 continue
-            prev = local[cont, j - 1]
+            prev = local[j - 1][cont]
             if version == 1:
-                g = gap[cont, j]
+                g = gap[j][cont]
             else:
                 c = rank_class[j]
                 in_ref = prev < n_ref[cont]
@@ -323,7 +335,8 @@ class TopKCodec:
             if n_bits:
                 g = (g << shift) | _read_fields(low_words, shift, pos, n_low_bits).astype(np.int64)
                 pos += n_bits
-            local[cont, j] = prev + g + 1
+            local[j][cont] = prev + g + 1
+        local, codes = np.ascontiguousarray(local.T), np.ascontiguousarray(codes.T)
         if version == 1:
             if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
                 raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")

@@ -54,15 +54,6 @@ def _eg_split(x: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return sym.astype(np.uint8), width, raw
 
 
-def _eg_join(sym: np.ndarray, raw_bits: np.ndarray, h: int) -> np.ndarray:
-    s = sym.astype(np.int64)
-    direct = s < (1 << (h + 1))
-    width = np.where(direct, 0, (s - (1 << (h + 1))) // (1 << h) + 1)
-    top = np.where(direct, s, (s - (1 << (h + 1))) % (1 << h) + (1 << h))
-    raw = _read_bits(_bit_windows(raw_bits), width)
-    return ((top.astype(np.uint64) << width.astype(np.uint64)) | raw) - np.uint64(1)
-
-
 def _pack_bits(raw: np.ndarray, width: np.ndarray) -> bytes:
     """Concatenate fields raw[i] < 2^width[i] (width <= 56), MSB first, zero-padded to whole bytes."""
     width = width.astype(np.int64)
@@ -87,19 +78,8 @@ def _pack_bits(raw: np.ndarray, width: np.ndarray) -> bytes:
 
 
 def _bit_windows(buf: np.ndarray) -> np.ndarray:
-    """[n_bytes, 8] view: row i holds bytes i..i+7 of buf (zero-padded), for ``_read_bits``."""
+    """[n_bytes, 8] view: row i holds bytes i..i+7 of buf (zero-padded), for ``_byte_words``."""
     return np.lib.stride_tricks.sliding_window_view(np.concatenate([buf, np.zeros(8, np.uint8)]), 8)
-
-
-def _read_bits(windows: np.ndarray, width: np.ndarray, start: int = 0) -> np.ndarray:
-    """Unsigned integers from consecutive MSB-first bit fields (widths <= 56) starting at bit ``start``."""
-    n_bits = (len(windows) - 1) * 8  # windows has n_bytes + 1 rows
-    if width.size == 0 or not width.any():
-        if start > n_bits:
-            raise ValueError("top-k blob: raw bit stream is shorter than its symbols say (corrupt or truncated)")
-        return np.zeros(width.size, np.uint64)
-    words = np.ascontiguousarray(windows).view(">u8").ravel().astype(np.uint64)
-    return _read_fields(words, width.astype(np.int64), start, n_bits)
 
 
 def _byte_words(buf: np.ndarray) -> np.ndarray:
@@ -110,8 +90,9 @@ def _byte_words(buf: np.ndarray) -> np.ndarray:
 def _read_fields(
     words: np.ndarray, width: np.ndarray, start: int, n_bits: int, offset: np.ndarray | None = None
 ) -> np.ndarray:
-    """``_read_bits`` on ``_byte_words`` (made once per buffer), for a buffer of n_bits bits; ``offset`` [n]
-    moves each field (fields of several streams in one buffer)."""
+    """Unsigned integers from consecutive MSB-first bit fields (widths <= 56) starting at bit ``start`` of a
+    buffer of n_bits bits, given as its ``_byte_words``; ``offset`` [n] moves each field (several streams in one
+    buffer)."""
     end = np.cumsum(width)
     off = start + end - width
     if offset is not None:
@@ -158,17 +139,22 @@ def rank_slices(start: int, k: int, version: int) -> list[tuple[str, slice]]:
     return [(f"@{a}", slice(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-def by_rank(arr: np.ndarray, mask: np.ndarray, k: int, version: int, start: int = 0) -> dict[str, np.ndarray]:
-    """Entries of arr [L, K] where mask, split into rank-position classes, each read rank-major.
+def by_rank(
+    arr: np.ndarray, mask: np.ndarray, k: int, version: int, name: str, start: int = 0, offset: int = 0
+) -> dict[str, np.ndarray]:
+    """Entries of arr [K, L] (rank-major: row = rank) where mask, split into the rank-position classes from
+    ``start`` on, each read rank-major; ``offset``: arr and mask start at that rank (row 0 = rank offset).
 
     Separate streams per class are a cheap context model: the top entries' statistics differ from the tail's.
+
+    Returns:
+        stream name (``name`` + class suffix) -> [n] entries.
     """
-    return {name: arr[:, sl].T[mask[:, sl].T] for name, sl in rank_slices(start, k, version)}
-
-
-def fill_by_rank(out: np.ndarray, mask: np.ndarray, ints, k: int, version: int, start: int = 0) -> None:
-    """Inverse of ``by_rank``: fill out [L, K] where mask from the streams ``ints(n)`` returns in order."""
-    for _, sl in rank_slices(start, k, version):
-        keep = mask[:, sl].T
-        view = out[:, sl].T
-        view[keep] = ints(int(keep.sum()))
+    slices = rank_slices(start, k, version)
+    if not slices:
+        return {}
+    arr, mask = arr[start - offset :], mask[start - offset :]
+    per_rank = np.concatenate([[0], np.cumsum(mask.sum(1))])
+    ends = [int(per_rank[sl.stop - start]) for _, sl in slices]
+    parts = np.split(arr[mask], ends[:-1])
+    return {name + suffix: part for (suffix, _), part in zip(slices, parts, strict=True)}
