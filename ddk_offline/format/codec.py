@@ -27,10 +27,8 @@ import numpy as np
 import zstandard
 
 from ddk_offline.format.codec_bits import (
-    _byte_words,
     _floor_log2,
     _from_code,
-    _read_fields,
     by_rank,
     freq_rank,
     rank_slices,
@@ -46,7 +44,7 @@ from ddk_offline.format.codec_context import (
     stored_order,
     unique_ids,
 )
-from ddk_offline.format.codec_streams import pack_streams, read_int_streams
+from ddk_offline.format.codec_streams import fill_gaps, pack_streams, read_int_streams
 
 CODEC_NAME = "ddk-topk"
 LAYOUT_VERSION = 2  # what encode writes by default; decode reads every version in LAYOUTS
@@ -157,7 +155,7 @@ class TopKCodec:
             is_next = ids == nxt[:, None]
             refs = reference_rows(input_ids)
             n_ref = 1 + (refs >= 0).sum(1, keepdims=True) * K
-            found, col = find_in_rows(ids, refs, self.vocab_size)
+            found, col_1 = find_in_rows(ids, refs, self.vocab_size)
             # The first reference that holds the id (where any does): the lowest set bit of a 5-bit mask.
             holders = np.zeros((L, K), np.uint8)
             for c in range(MAX_REFS):
@@ -166,7 +164,7 @@ class TopKCodec:
             hit = holders > 0
             slot = _FIRST_BIT[holders]
             ref_row = refs[np.arange(L)[:, None], slot]
-            ref_col = col.reshape(-1)[(slot * L + np.arange(L)[:, None]) * K + np.arange(K)]
+            ref_col = col_1.reshape(-1)[(slot * L + np.arange(L)[:, None]) * K + np.arange(K)].astype(np.int64) - 1
             local = np.where(hit, 1 + slot * K, 0)
             miss = ~hit & ~is_next
             table, inv, counts = unique_ids(ids[miss], self.vocab_size)
@@ -295,55 +293,20 @@ class TopKCodec:
         codes = np.cumsum(np.where(starts, rise + 1, 0), axis=0) - 1
         local = np.zeros((K, L), np.int64)
         local[starts] = _joined(streams[n_rise : n_rise + len(n_starts)])
-        cont_at = ~starts
-        if version == 1:
-            gap = np.zeros((K, L), np.int64)
-            gap[cont_at] = _joined(streams[n_rise + len(n_starts) :])
-        else:  # per rank class, the gaps after a pointer and after a table index, each in column order
+        gaps = streams[n_rise + len(n_starts) :]
+        if version == 2:
             refs = reference_rows(input_ids)
             n_ref = 1 + (refs >= 0).sum(1) * K  # per row: where the table indices start
-            rest = streams[n_rise + len(n_starts) :]
-            split = [rest[: len(n_cont)], rest[len(n_cont) :]]
-            used = np.zeros((2, len(slices)), np.int64)
         if len(next(it)):
             raise ValueError("top-k blob: the raw gap stream has a symbol part (corrupt)")
-        low_words, pos = _byte_words(np.frombuffer(next(it), np.uint8)), 0
-        n_low_bits = 8 * (low_words.size - 1)
-        rank_class = np.zeros(K, np.int64)  # rank -> its rank class (index into the layout-2 gap streams)
-        for c, (_, sl) in enumerate(slices):
-            rank_class[sl] = c
-        rank_class = rank_class.tolist()
-        # Rank by rank: a member's raw-bit width (and in layout 2 its stream) depends on the previous member.
-        for j in range(1, K):
-            cont = np.flatnonzero(cont_at[j])
-            if cont.size == 0:
-                continue
-            prev = local[j - 1][cont]
-            if version == 1:
-                g = gap[j][cont]
-            else:
-                c = rank_class[j]
-                in_ref = prev < n_ref[cont]
-                n_in = int(np.count_nonzero(in_ref))
-                a, b = used[0, c], used[1, c]
-                g = np.empty(cont.size, np.int64)
-                g[in_ref] = split[0][c][a : a + n_in]  # raises on a short stream (corrupt)
-                g[~in_ref] = split[1][c][b : b + cont.size - n_in]
-                used[0, c], used[1, c] = a + n_in, b + cont.size - n_in
-            shift = np.maximum(_floor_log2(prev + 1) - _GAP_RICE_BITS, 0)
-            n_bits = int(shift.sum())
-            if n_bits:
-                g = (g << shift) | _read_fields(low_words, shift, pos, n_low_bits).astype(np.int64)
-                pos += n_bits
-            local[j][cont] = prev + g + 1
+        low = np.frombuffer(next(it), np.uint8)
+        fill_gaps(local, starts, gaps, low, slices, _GAP_RICE_BITS, n_ref if version == 2 else None)
         local, codes = np.ascontiguousarray(local.T), np.ascontiguousarray(codes.T)
         if version == 1:
             if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
                 raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
             ids = table[np.argsort(freq_rank(count_class), kind="stable")][local]
         else:
-            if any(int(u) != s.size for u, s in zip(used.ravel(), split[0] + split[1], strict=True)):
-                raise ValueError("top-k blob: gap streams hold more values than the tie bitmaps use (corrupt)")
             ids = self._resolve(local, table, count_class, input_ids, refs, n_ref[:, None])
 
         d = _from_code(codes, cfg)

@@ -88,8 +88,8 @@ def find_in_rows(ids: np.ndarray, rows: np.ndarray, vocab_size: int) -> tuple[np
         vocab_size: ids are < vocab_size.
 
     Returns:
-        found [C, L, K] bool and col [C, L, K] int64: the column of the id in ``ids[rows[n, c]]`` where found, -1
-        elsewhere.
+        found [C, L, K] bool and col_1 [C, L, K] (an unsigned integer type): 1 + the column of the id in
+        ``ids[rows[n, c]]`` where found, 0 elsewhere.
     """
     L, K = ids.shape
     _, u, counts = unique_ids(ids, vocab_size)
@@ -103,8 +103,8 @@ def find_in_rows(ids: np.ndarray, rows: np.ndarray, vocab_size: int) -> tuple[np
     where[np.arange(L)[:, None], u] = np.arange(1, K + 1)
     where[:, n_multi] = 0
     row = np.where(rows.T >= 0, rows.T, L) * (n_multi + 1)
-    col = where.reshape(-1)[row[:, :, None] + u[None]].astype(np.int64) - 1
-    return col >= 0, col
+    col_1 = where.reshape(-1)[row[:, :, None] + u[None]]
+    return col_1 > 0, col_1
 
 
 def stored_order(codes: np.ndarray, local: np.ndarray, hit: np.ndarray, ref_row: np.ndarray, ref_col: np.ndarray):
@@ -212,30 +212,29 @@ def resolve_references(
     values, compact, _ = unique_ids(ids[~is_ptr], vocab_size)
     cid = np.zeros((L, K), np.int64)
     cid[~is_ptr] = compact
-    nxt = np.full(L, -1, np.int64)
-    at = np.minimum(np.searchsorted(values, next_token), values.size - 1)
+    at = np.minimum(np.searchsorted(values, next_token), max(values.size - 1, 0))
     has = values[at] == next_token if values.size else np.zeros(L, bool)
-    nxt[has] = at[has]
+    # Row n's list is its next token (or, without one, an id found nowhere: values.size) then its references'
+    # entries: the next token's copies are then never first, so never live, and a pointer p names entry p + 1.
+    out = np.concatenate([cid.reshape(-1), np.where(has, at, values.size)])
     flat = np.flatnonzero(is_ptr)
     bounds = np.searchsorted(flat, np.arange(L + 1) * K).tolist()
-    index = pointer.ravel()[flat]
-    out = cid.reshape(-1)
-    # Flat positions of each row's reference entries, in listed order (a row's valid references come first).
-    ref_pos = (np.maximum(refs, 0)[:, :, None] * K + np.arange(K)).reshape(L, -1)
-    width = ((refs >= 0).sum(1) * K).tolist()
-    nxt = nxt.tolist()
-    positions = np.arange(MAX_REFS * K)
-    first_at = np.zeros(values.size, np.int64)
+    index = pointer.reshape(-1)[flat] + 1
+    ref_pos = np.empty((L, 1 + MAX_REFS * K), np.int64)
+    ref_pos[:, 0] = L * K + np.arange(L)
+    ref_pos[:, 1:] = (np.maximum(refs, 0)[:, :, None] * K + np.arange(K)).reshape(L, -1)
+    width = (1 + (refs >= 0).sum(1) * K).tolist()
+    positions = np.arange(1 + MAX_REFS * K)
+    backwards = positions[::-1]
+    first_at = np.zeros(values.size + 1, np.int64)
     try:
         for n in np.flatnonzero(np.diff(bounds)).tolist():
-            ref_ids = out[ref_pos[n, : width[n]]]
-            pos = positions[: width[n]]
-            first_at[ref_ids[::-1]] = pos[::-1]  # the earliest position of each id wins
-            if nxt[n] >= 0:
-                first_at[nxt[n]] = -1  # the next token has index 0, never a pointer
-            live = ref_ids[first_at[ref_ids] == pos]
+            w = width[n]
+            ref_ids = out[ref_pos[n, :w]]
+            first_at[ref_ids[::-1]] = backwards[-w:]  # the earliest position of each id wins
+            live = ref_ids[first_at[ref_ids] == positions[:w]]
             a, b = bounds[n], bounds[n + 1]
             out[flat[a:b]] = live[index[a:b]]
     except IndexError:
         raise ValueError("top-k blob: a pointer names a missing reference entry (corrupt or wrong input_ids)") from None
-    return values[cid]
+    return values[out[: L * K].reshape(L, K)]

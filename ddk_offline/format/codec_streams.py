@@ -106,3 +106,78 @@ def read_int_streams(
         low = _read_fields(words, width, 0, 8 * (words.size - 1), offset=shift)
         value = (value << width.astype(np.uint64)) | low
     return np.split((value - np.uint64(1)).astype(np.int64), np.cumsum(sizes)[:-1])
+
+
+def fill_gaps(
+    local: np.ndarray,
+    starts: np.ndarray,
+    gaps: list[np.ndarray],
+    low: np.ndarray,
+    slices: list,
+    rice_bits: int,
+    n_ref: np.ndarray | None,
+) -> None:
+    """Decode the in-group members' local indices, rank by rank (a member's raw-bit width, and in layout 2 the
+    stream of its gap, depend on the previous member's index: vectorised over positions, sequential over ranks).
+
+    Args:
+        local: [K, L] int64 rank-major local indices, filled at group starts; the other entries are filled here.
+        starts: [K, L] bool, the group starts.
+        gaps: the gap quotient streams: layout 1 one per rank class (``slices``), layout 2 the ``gap_ref``
+            streams then the ``gap_table`` streams.
+        low: the raw gap bits (``gap_low``), uint8.
+        slices: ``rank_slices(0, K, layout)``.
+        rice_bits: ``_GAP_RICE_BITS`` of the codec.
+        n_ref: layout 2: [L] first table index of each row (gaps after a smaller index are in ``gap_ref``);
+            layout 1: None.
+
+    Raises:
+        ValueError: streams of the wrong length or raw bits too few or too wide (corrupt blob).
+    """
+    K, L = local.shape
+    cont_at = ~starts
+    if n_ref is None:
+        gap = np.zeros((K, L), np.int64)
+        gap[cont_at] = np.concatenate(gaps) if gaps else np.zeros(0, np.int64)
+    else:
+        split = [gaps[: len(slices)], gaps[len(slices) :]]
+        used = np.zeros((2, len(slices)), np.int64)
+    rank_class = np.zeros(K, np.int64)  # rank -> its rank class (index into the layout-2 gap streams)
+    for c, (_, sl) in enumerate(slices):
+        rank_class[sl] = c
+    rank_class = rank_class.tolist()
+    words, pos = _byte_words(low), 0
+    n_low_bits = 8 * (words.size - 1)
+    for j in range(1, K):
+        cont = np.flatnonzero(cont_at[j])
+        if cont.size == 0:
+            continue
+        prev = local[j - 1][cont]
+        if n_ref is None:
+            g = gap[j][cont]
+        else:
+            c = rank_class[j]
+            in_ref = prev < n_ref[cont]
+            n_in = int(np.count_nonzero(in_ref))
+            a, b = used[0, c], used[1, c]
+            g = np.empty(cont.size, np.int64)
+            g[in_ref] = split[0][c][a : a + n_in]  # raises on a short stream (corrupt)
+            g[~in_ref] = split[1][c][b : b + cont.size - n_in]
+            used[0, c], used[1, c] = a + n_in, b + cont.size - n_in
+        # Rice split: s = max(floor(log2(prev + 1)) - rice_bits, 0) low bits of each gap were sent raw.
+        shift = np.maximum(np.frexp((prev + 1).astype(np.float64))[1] - (rice_bits + 1), 0)
+        end = np.cumsum(shift)
+        n_bits = int(end[-1])
+        if n_bits:  # this rank's low bits: consecutive MSB-first fields from bit pos on
+            if pos + n_bits > n_low_bits or int(shift.max()) > 56:
+                raise ValueError("top-k blob: the raw gap bits are fewer or wider than the indices say (corrupt)")
+            off = end + (pos - shift)
+            w = shift.astype(np.uint64)
+            bits = (words[off >> 3] >> (np.uint64(64) - (off & 7).astype(np.uint64) - w)) & (
+                (np.uint64(1) << w) - np.uint64(1)
+            )
+            g = (g << shift) | bits.astype(np.int64)
+            pos += n_bits
+        local[j][cont] = prev + g + 1
+    if n_ref is not None and any(int(u) != s.size for u, s in zip(used.ravel(), split[0] + split[1], strict=True)):
+        raise ValueError("top-k blob: gap streams hold more values than the tie bitmaps use (corrupt)")
