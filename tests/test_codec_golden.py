@@ -16,7 +16,7 @@ import pytest
 from ddk_offline.format.codec import CodecConfig, TopKCodec
 
 
-def golden_case(L: int, k: int, vocab: int, pattern: str, seed: int):
+def golden_case(L: int, k: int, vocab: int, pattern: str, seed: int, presorted: bool = False):
     """One synthetic sequence shaped like a teacher's top-k.
 
     Args:
@@ -26,6 +26,7 @@ def golden_case(L: int, k: int, vocab: int, pattern: str, seed: int):
             the layout-2 pointers), "ties" (logits on a coarse grid: long tie groups and duplicate values) or
             "tail" (as "text", with -inf logits at the end of some rows and confident rows).
         seed: generator seed.
+        presorted: rows in descending-logit order (the dump's case) instead of shuffled.
 
     Returns:
         ids [L, k] int64 (shuffled order), logits [L, k] float32, lse [L] float32, input_ids [L] int64.
@@ -58,6 +59,8 @@ def golden_case(L: int, k: int, vocab: int, pattern: str, seed: int):
         logits[::7, k - k // 4 :] = -np.inf
         logits[::3, 0] += 30.0  # confident rows: top-k mass ~ 1
     perm = np.argsort(rng.random((L, k)), axis=1)
+    if presorted:  # as a teacher's torch.topk(sorted=True) hands them over (ties in any order)
+        perm = np.argsort(-logits + 0.0 * perm, axis=1, kind="stable")
     ids, logits = np.take_along_axis(ids, perm, 1), np.take_along_axis(logits, perm, 1).astype(np.float32)
     lse = (np.logaddexp.reduce(logits.astype(np.float64), axis=1) + rng.exponential(0.5, L)).astype(np.float32)
     return ids, logits, lse, tokens.astype(np.int64)
@@ -94,6 +97,13 @@ def _cases() -> list[tuple]:
         out.append((f"v{layout}-k128-V130", 50, 128, 130, "text", seed, "default", layout))  # k near V: dense rows
         seed += 1
         out.append((f"v{layout}-k64-L1024", 1024, 64, 49152, "text", seed, "default", layout))
+    seed = 1000
+    for layout in (1, 2):  # rows already in descending-logit order, as the dump passes them
+        for k in (8, 64, 128):
+            for pattern in ("text", "ties", "tail"):
+                seed += 1
+                name = f"v{layout}-k{k}-{pattern}-sorted"
+                out.append((name, 100, k, 49152, pattern + "+sorted", seed, "default", layout))
     return out
 
 
@@ -103,7 +113,8 @@ CASES = _cases()
 def blob_and_decoded_sha(case: tuple) -> tuple[str, str]:
     """sha256 of the encoded blob and of the decoded ids + logits bytes."""
     _, L, k, vocab, pattern, seed, cfg, layout = case
-    ids, logits, lse, tokens = golden_case(L, k, vocab, pattern, seed)
+    pattern, _, order = pattern.partition("+")
+    ids, logits, lse, tokens = golden_case(L, k, vocab, pattern, seed, presorted=order == "sorted")
     codec = TopKCodec(_CONFIGS[cfg], vocab_size=vocab, k=k, layout=layout)
     blob = codec.encode(ids, logits, lse, tokens)
     dec_ids, dec_logits = codec.decode(blob, lse, tokens)
@@ -183,6 +194,24 @@ GOLDEN: dict[str, tuple[str, str]] = {
     "v2-coarse": ("d50a450cb1d89f46", "a598604e8f42048f"),
     "v2-k128-V130": ("0e5db791572fdd3e", "73fdf3d4a0ae84ab"),
     "v2-k64-L1024": ("ecf7e6aeb7c05e01", "856459cdd7ccc77f"),
+    "v1-k8-text-sorted": ("3299eb65dcd3eee7", "4d61f7b70ada8b85"),
+    "v1-k8-ties-sorted": ("86c61d3c2f4dd7f7", "a53a00b2ca64ed54"),
+    "v1-k8-tail-sorted": ("0b4cf430d1066f8d", "6a828558a463ceaf"),
+    "v1-k64-text-sorted": ("920acf79b5e806e5", "bcce3f1f3e9aca5c"),
+    "v1-k64-ties-sorted": ("18e5ab1b4ec412bc", "e192a5c15c4bf963"),
+    "v1-k64-tail-sorted": ("298e0ae378285776", "5e917c2f244a0be8"),
+    "v1-k128-text-sorted": ("ef2ea42c27896d9a", "2da74f1800ff73df"),
+    "v1-k128-ties-sorted": ("9d5064e1b0590025", "5d5f5bf5f55cd387"),
+    "v1-k128-tail-sorted": ("ba4dac1132a5fb86", "d700262199764fc9"),
+    "v2-k8-text-sorted": ("7bde561be75268d8", "e47f502e75b7533c"),
+    "v2-k8-ties-sorted": ("833fc39f5c035e3f", "a4e0a1700d70c12d"),
+    "v2-k8-tail-sorted": ("fa1f26e483daee2e", "deb304003cff1183"),
+    "v2-k64-text-sorted": ("c7235a8dfceed8d2", "3309463346431959"),
+    "v2-k64-ties-sorted": ("d01e246508cef478", "4fe8829695bf6b67"),
+    "v2-k64-tail-sorted": ("e18f7a3dd212d2e8", "8c9809a5224e26a6"),
+    "v2-k128-text-sorted": ("1336a4aad82fc7b0", "0c9833d4bbce56f3"),
+    "v2-k128-ties-sorted": ("7a96254815fc4322", "7fccbe78e37fb0cf"),
+    "v2-k128-tail-sorted": ("2139945533cb25b9", "3a0546b07430e73c"),
 }
 
 
