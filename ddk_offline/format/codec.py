@@ -193,7 +193,7 @@ class TopKCodec:
         gaps[1:] -= loc[:-1] + 1
         ints: dict = {"table": np.diff(table, prepend=-1) - 1, "count_class": count_class, "mass": mass}
         # Value codes: which entries open a new code (bitmap) and by how much the code rises there.
-        ints.update(by_rank(starts, np.ones((K, L), bool), K, v, "starts", start=1))
+        ints.update(by_rank(starts, None, K, v, "starts", start=1))
         ints.update(by_rank(c[1:] - c[:-1] - 1, starts[1:], K, v, "rise", start=1, offset=1))
         ints.update(by_rank(loc, starts, K, v, "first"))
         # In-group gaps scale with the previous member's index (Zipf-like table order): their low

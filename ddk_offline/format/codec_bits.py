@@ -56,20 +56,21 @@ def _eg_split(x: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _pack_bits(raw: np.ndarray, width: np.ndarray) -> bytes:
     """Concatenate fields raw[i] < 2^width[i] (width <= 56), MSB first, zero-padded to whole bytes."""
-    width = width.astype(np.int64)
-    keep = width > 0
-    raw, width = raw[keep].astype(np.uint64), width[keep]
+    width, raw = width.astype(np.int64, copy=False), raw.astype(np.uint64, copy=False)
     if width.size == 0:
         return b""
     # Each field lands in the 64-bit word of its first bit, MSB-first; fields are disjoint, so OR-reducing the
     # (sorted) fields of each word builds it, and a field crossing into the next word adds its low part there.
+    # Empty fields hold 0 and add nothing wherever they land.
     end = np.cumsum(width)
     word = (end - width) >> 6
     e = end - (word << 6)  # the field ends e bits into its word (e > 64: it spills over)
     over = np.maximum(e - 64, 0)
     head = np.where(over > 0, raw >> over.astype(np.uint64), raw << np.maximum(64 - e, 0).astype(np.uint64))
     total = int(end[-1])
-    words = np.zeros((total + 63) >> 6, np.uint64)
+    if total == 0:
+        return b""
+    words = np.zeros((total >> 6) + 1, np.uint64)  # + 1: empty fields at the very end land there
     first = np.flatnonzero(np.diff(word, prepend=-1))
     words[word[first]] = np.bitwise_or.reduceat(head, first)
     spill = np.flatnonzero(over)
@@ -142,9 +143,9 @@ def rank_slices(start: int, k: int, version: int) -> list[tuple[str, slice]]:
 
 
 def by_rank(
-    arr: np.ndarray, mask: np.ndarray, k: int, version: int, name: str, start: int = 0, offset: int = 0
+    arr: np.ndarray, mask: np.ndarray | None, k: int, version: int, name: str, start: int = 0, offset: int = 0
 ) -> dict[str, np.ndarray]:
-    """Entries of arr [K, L] (rank-major: row = rank) where mask, split into the rank-position classes from
+    """Entries of arr [K, L] (rank-major: row = rank) where mask (None: all), split into the rank-position classes from
     ``start`` on, each read rank-major; ``offset``: arr and mask start at that rank (row 0 = rank offset).
 
     Separate streams per class are a cheap context model: the top entries' statistics differ from the tail's.
@@ -155,8 +156,14 @@ def by_rank(
     slices = rank_slices(start, k, version)
     if not slices:
         return {}
-    arr, mask = arr[start - offset :], mask[start - offset :]
-    per_rank = np.concatenate([[0], np.cumsum(mask.sum(1))])
+    arr = arr[start - offset :]
+    if mask is None:  # every entry
+        per_rank = np.arange(arr.shape[0] + 1) * arr.shape[1]
+        picked = arr.reshape(-1)
+    else:
+        mask = mask[start - offset :]
+        per_rank = np.concatenate([[0], np.cumsum(mask.sum(1))])
+        picked = arr[mask]
     ends = [int(per_rank[sl.stop - start]) for _, sl in slices]
-    parts = np.split(arr[mask], ends[:-1])
+    parts = np.split(picked, ends[:-1])
     return {name + suffix: part for (suffix, _), part in zip(slices, parts, strict=True)}

@@ -182,7 +182,7 @@ def live_references(ref_ids: np.ndarray, next_token: np.ndarray) -> np.ndarray:
     first[:, :1] = True
     np.not_equal(srt[:, 1:], srt[:, :-1], out=first[:, 1:])
     live = np.empty((L, W), bool)
-    live[np.arange(L)[:, None], key - srt * dt(W)] = first
+    live.reshape(-1)[(key - srt * dt(W)) + np.arange(0, L * W, W)[:, None]] = first
     return live & (ref_ids >= 0) & (ref_ids != next_token[:, None])
 
 

@@ -61,6 +61,18 @@ def pack_streams(ints: dict, h: int, cctx_for) -> dict[str, tuple[bytes, bytes]]
     return out
 
 
+def _eg_tables(h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exp-Golomb symbol byte -> (raw bit count, leading bits of x + 1), for ``eg_precision`` h."""
+    s = np.arange(256, dtype=np.int64)
+    direct = s < (1 << (h + 1))
+    width = np.where(direct, 0, ((s - (1 << (h + 1))) >> h) + 1)
+    top = np.where(direct, s, ((s - (1 << (h + 1))) & ((1 << h) - 1)) + (1 << h))
+    return width, top.astype(np.uint64)
+
+
+_EG_WIDTH, _EG_TOP = (list(t) for t in zip(*(_eg_tables(h) for h in range(4)), strict=True))
+
+
 def read_int_streams(
     chunks: Iterator, counts: list[tuple[int, bool]], h: int, dctx: zstandard.ZstdDecompressor
 ) -> list[np.ndarray]:
@@ -85,10 +97,8 @@ def read_int_streams(
             raise ValueError(f"top-k blob: stream holds {sym.size} symbols, expected {n} (corrupt)")
         syms.append(sym)
         raws.append(next(chunks))
-    s = np.concatenate(syms).astype(np.int64) if syms else np.zeros(0, np.int64)
-    direct = s < (1 << (h + 1))
-    width = np.where(direct, 0, ((s - (1 << (h + 1))) >> h) + 1)
-    top = np.where(direct, s, ((s - (1 << (h + 1))) & ((1 << h) - 1)) + (1 << h))
+    s = np.concatenate(syms) if syms else np.zeros(0, np.uint8)
+    width, top = _EG_WIDTH[h][s], _EG_TOP[h][s]
     sizes = [a.size for a in syms]
     value = top.astype(np.uint64)
     if width.any():
