@@ -6,10 +6,11 @@ The baseline is the codec as it was at commit ``--baseline`` (before the speed w
 with ``git show`` into a temporary package (``ddk_codec_pinned``), imported beside the library's codec, and both
 run over the same cached SmolLM2-135M-Instruct capture (real text, L = 1024; see bench_dump.py; ~2 min to capture
 on a first run). Each pass times every sequence of the capture with ``time.process_time`` (CPU time of this
-single-threaded process, so other jobs on the cores disturb it less than wall time), old and new interleaved, and
-the median pass is reported. Every new blob must equal the old blob byte for byte and every decoded array must be
-identical, or the script exits with an error. A profile of one new pass (cProfile, top functions by own time)
-says what limits further gains. Expected time on 2 cores: ~1 min per k at --repeat 5.
+single-threaded process, so other jobs on the cores disturb it less than wall time), old and new interleaved;
+the fastest pass is reported (other jobs only ever add CPU time), the median beside it. Every new blob must equal
+the old blob byte for byte and every decoded array must be identical, or the script exits with an error. A
+profile of one new pass (cProfile, top functions by own time) says what limits further gains. Expected time on
+2 cores: ~1 min per k at --repeat 5.
 
 Writes ``OUT/codec_speed_cpu.json`` and ``.md``.
 """
@@ -114,9 +115,14 @@ def bench(cap: dict, k: int, old, repeat: int) -> dict:
     res: dict = {"k": k, "tokens": tokens, "sequences": len(cap["input_ids"]), "blobs_identical": True}
     for what in ("encode", "decode"):
         for name in codecs:
-            res[f"{what}_{name}_tok_per_cpu_s"] = tokens / float(np.median(times[name][what]))
+            # The fastest pass: other jobs on the cores only ever add CPU time (shared caches, SMT siblings).
+            res[f"{what}_{name}_tok_per_cpu_s"] = tokens / float(np.min(times[name][what]))
+            res[f"{what}_{name}_tok_per_cpu_s_median"] = tokens / float(np.median(times[name][what]))
             res[f"{what}_{name}_cpu_s_passes"] = times[name][what]
         res[f"{what}_speedup"] = res[f"{what}_new_tok_per_cpu_s"] / res[f"{what}_old_tok_per_cpu_s"]
+        res[f"{what}_speedup_median"] = (
+            res[f"{what}_new_tok_per_cpu_s_median"] / res[f"{what}_old_tok_per_cpu_s_median"]
+        )
     res["profile_new"] = _profile(codecs["new"], cap, k)
     return res
 
@@ -128,19 +134,19 @@ def write(results: list[dict], meta: dict, out: Path) -> None:
         "# Top-k codec speed per core, old vs new (layout 2, SmolLM2-135M-Instruct capture)",
         "",
         f"`python pipelines/bench_codec.py` on {meta['machine']}; baseline = the codec at commit "
-        f"`{meta['baseline']}`, loaded from git beside the current one; median of {meta['repeat']} interleaved "
+        f"`{meta['baseline']}`, loaded from git beside the current one; fastest of {meta['repeat']} interleaved "
         f"passes over {results[0]['sequences']} sequences x L = 1024 ({results[0]['tokens']:,} tokens); "
         "tokens per CPU-second (`time.process_time`, one thread). Every blob byte-identical to the baseline's and "
         "every decoded array identical (checked in the run).",
         "",
-        "| k | encode old | encode new | speed-up | decode old | decode new | speed-up |",
+        "| k | encode old | encode new | speed-up (median) | decode old | decode new | speed-up (median) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['k']} | {r['encode_old_tok_per_cpu_s']:,.0f} | {r['encode_new_tok_per_cpu_s']:,.0f} | "
-            f"{r['encode_speedup']:.2f}x | {r['decode_old_tok_per_cpu_s']:,.0f} | "
-            f"{r['decode_new_tok_per_cpu_s']:,.0f} | {r['decode_speedup']:.2f}x |"
+            f"{r['encode_speedup']:.2f}x ({r['encode_speedup_median']:.2f}x) | {r['decode_old_tok_per_cpu_s']:,.0f} | "
+            f"{r['decode_new_tok_per_cpu_s']:,.0f} | {r['decode_speedup']:.2f}x ({r['decode_speedup_median']:.2f}x) |"
         )
     for r in results:
         lines += ["", f"## Where the new codec's time goes (k = {r['k']}, cProfile own time, top functions)", ""]

@@ -305,7 +305,7 @@ class TopKCodec:
         if version == 1:
             if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
                 raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
-            ids = table[np.argsort(freq_rank(count_class), kind="stable")][local]
+            ids = table[np.argsort(-count_class, kind="stable")][local]
         else:
             ids = self._resolve(local, table, count_class, input_ids, refs, n_ref[:, None])
 
@@ -328,7 +328,7 @@ class TopKCodec:
         if nxt.size and (nxt.max() >= L or input_ids[nxt].max() >= self.vocab_size or input_ids[nxt].min() < 0):
             raise ValueError("top-k blob: a next-token slot has no valid next input token (corrupt or wrong input_ids)")
         base = np.zeros((L, K), np.int64)
-        base[is_table] = table[np.argsort(freq_rank(count_class), kind="stable")][t_idx]
+        base[is_table] = table[np.argsort(-count_class, kind="stable")][t_idx]
         base[is_next] = input_ids[nxt]
         next_token = np.append(input_ids[1:], -1)
         index = np.where(pointer, local - 1, -1)

@@ -135,7 +135,7 @@ def stored_order(codes: np.ndarray, local: np.ndarray, hit: np.ndarray, ref_row:
     ranks = np.arange(K)
     inv = np.tile(ranks, L)  # inv[n * K + input column] = stored position; first guess: the input order
     flat[hits] = base + inv[target]
-    perm = key.argsort(axis=1)
+    perm = key.argsort(axis=1, kind="stable")  # keys are distinct (any sort agrees); rows are nearly sorted
     row_start = np.arange(0, L * K, K)[:, None]
     settled = inv.copy()
     inv[(perm + row_start).reshape(-1)] = settled
@@ -148,7 +148,7 @@ def stored_order(codes: np.ndarray, local: np.ndarray, hit: np.ndarray, ref_row:
         mark = np.zeros(L, bool)
         mark[hits[again] // K] = True
         rows = np.flatnonzero(mark)
-        p = key[rows].argsort(axis=1)
+        p = key[rows].argsort(axis=1, kind="stable")
         changed = (p != perm[rows]).any(1)
         rows, p = rows[changed], p[changed]
         perm[rows] = p
