@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny
 import torch
 from asserts import assert_close
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -205,3 +206,19 @@ def test_derive_explicit_head_dim_layer_types_and_fused_refusal():
     assert derive_student(gpt2, "layers=2").config.n_layer == 2
     with pytest.raises(ValueError, match=r"fused projections \['c_attn'\]"):
         derive_student(gpt2, "hidden=16,heads=2")
+
+
+def test_students_become_fp32_without_model_float(monkeypatch):
+    """transformers refuses ``.float()`` on a model loaded from a GGUF (it counts as quantised): not used."""
+    import torch
+
+    from ddk_offline.distillation.setup import _fp32
+
+    model = tiny.make_model(64, hidden=16, layers=1, heads=2).to(torch.bfloat16)
+
+    def refuse():
+        raise ValueError("`.float()` is not supported for quantized model")
+
+    monkeypatch.setattr(model, "float", refuse)
+    out = _fp32(model)
+    assert out is model and {p.dtype for p in model.parameters()} == {torch.float32}

@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
             None, help="Derive the student from the teacher, e.g. 'layers=8,hidden=384' (teacher-initialised)."
         ),
         teacher: Optional[str] = typer.Option(None, help="Teacher path for derive (default: the dump's manifest)."),
-        sampler: str = typer.Option("ddk", help="Domain sampler: ddk | uniform | proportional | fixed:a=0.5,b=0.5."),
+        sampler: str = typer.Option(
+            "ddk", help="Domain sampler: ddk | doremi[:eta=1,c=0.001] | uniform | proportional | fixed:a=0.5,b=0.5."
+        ),
         ddk_interval: Optional[int] = typer.Option(
             None, help="K: steps between sampler updates (default max(1, max_steps // 20))."
         ),
@@ -75,6 +77,19 @@ def register(app: typer.Typer) -> None:
         ),
         data_workers: Optional[int] = typer.Option(
             None, help="Processes decoding the dump's rows (default: the spare cores; 0: a thread). Same batches."
+        ),
+        cross_tokenizer: Optional[str] = typer.Option(
+            None,
+            help="A student with its own tokenizer: the KD method, exact-map (teacher ids with the same bytes) | "
+            "uld (sorted-probability distance). The dump's rows are re-tokenised once and aligned byte for byte.",
+        ),
+        student_tokenizer: Optional[str] = typer.Option(
+            None, help="With --cross-tokenizer: the student's tokenizer (folder or .gguf; default: --student's)."
+        ),
+        student_rows: Optional[str] = typer.Option(
+            None,
+            help="With --cross-tokenizer: cache folder of the aligned student rows (default: DUMP/student_rows when "
+            "writable, else OUT/student_rows).",
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
     ) -> None:
@@ -130,6 +145,8 @@ def row_line(row: dict) -> str:
     parts = [f"step {row['step'] + 1}", f"loss {row['loss']:.4f}", f"ce {row['ce']:.4f}"]
     if row.get("kl") is not None:
         parts.append(f"kl {row['kl']:.4f}")
+    if row.get("mapped_mass") is not None:  # --cross-tokenizer exact-map: teacher top-k mass with a student id
+        parts.append(f"mapped {row['mapped_mass']:.1%}")
     parts.append(f"lr {row['lr']:.2e}")
     if row.get("tokens_per_s"):
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")

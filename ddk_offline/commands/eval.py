@@ -67,11 +67,12 @@ def _print_tables(payload: list[dict]) -> None:
     console = output_console()
     for r in payload:
         table = Table(title=f"{r['model']} ({r['split']})")
-        for col in ("domain", "sequences", "loss", "ppl", "teacher loss", "teacher ppl", "ppl ratio"):
+        cols = ("domain", "sequences", "loss", "ppl", "teacher loss", "teacher ppl", "ppl ratio", "bpb", "teacher bpb")
+        for col in cols:
             table.add_column(col, justify="left" if col == "domain" else "right")
         for name, d in r["domains"].items():
             if not d["positions"]:
-                table.add_row(name, "0", *[""] * 5)
+                table.add_row(name, "0", *[""] * (len(cols) - 2))
                 continue
             table.add_row(
                 name,
@@ -81,6 +82,8 @@ def _print_tables(payload: list[dict]) -> None:
                 f"{d['teacher_loss']:.4f}",
                 f"{d['teacher_ppl']:.2f}",
                 f"{d['ratio']:.3f}",
+                f"{d['student_bpb']:.4f}",
+                f"{d['teacher_bpb']:.4f}",
             )
         console.print(table)
         console.print(f"mean ratio {r['mean_ratio']:.3f}, worst {r['worst_ratio']:.3f} ({r['worst_domain']})")

@@ -28,7 +28,10 @@ MAX_LR = 1.0
 # another spelling of the same path still resumes, and another dump at the same path does not.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "log_every", "save_every", "eval_every", "device", "data_workers", "dump", "out", "report_to"}
+    | {"student_tokenizer", "student_rows"}  # paths too: the student rows are keyed by the vocabularies' bytes
 )
+#: ``--cross-tokenizer`` methods (distillation/crosstok/methods.py registers one class each).
+CROSS_METHODS = ("exact-map", "uld")
 
 
 @dataclass
@@ -71,6 +74,11 @@ class DistillConfig:
         data_workers: processes that decode the dump's rows for training and evaluation (None: the spare cores,
             see :func:`ddk_offline.format.workers.auto_workers`; 0: a thread of this process). The batches are
             bit-identical for every value, so a resume may change it.
+        cross_tokenizer: a student whose tokenizer differs from the dump's: the KD method (``exact-map``, ``uld``;
+            see :mod:`ddk_offline.distillation.crosstok`). None: the student must share the dump's vocabulary.
+        student_tokenizer: the student's tokenizer (a folder, hub name or ``.gguf``; default: ``student``'s).
+        student_rows: where the student's aligned rows are cached (default: ``<dump>/student_rows`` when the dump
+            is a writable local folder, else ``<out>/student_rows``).
     """
 
     dump: str
@@ -107,6 +115,9 @@ class DistillConfig:
     report_to: str = "auto"
     extend: bool = False
     data_workers: int | None = None
+    cross_tokenizer: str | None = None
+    student_tokenizer: str | None = None
+    student_rows: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +155,23 @@ class DistillConfig:
         _choice("--gap-source", self.gap_source, GAP_SOURCES)
         _choice("--kd-mode", self.kd_mode, KD_MODES)
         _choice("--draw", self.draw, DRAWS)
+        if self.cross_tokenizer is not None:
+            _choice("--cross-tokenizer", self.cross_tokenizer, CROSS_METHODS)
+            if self.derive_from_teacher:
+                raise UserError(
+                    "--cross-tokenizer with --derive-from-teacher: a derived student has the teacher's "
+                    "tokenizer; drop --cross-tokenizer"
+                )
+            if not (self.student_tokenizer or self.student):
+                raise UserError(
+                    "--cross-tokenizer with --student-config: pass --student-tokenizer PATH (the "
+                    "tokenizer the student reads)"
+                )
+        elif self.student_tokenizer or self.student_rows:
+            raise UserError(
+                "--student-tokenizer / --student-rows are for --cross-tokenizer runs; add "
+                "--cross-tokenizer METHOD or drop them"
+            )
         parse_report_to(self.report_to)  # names, and installed
         if self.data_workers is not None and self.data_workers < 0:
             raise UserError(f"--data-workers must be >= 0 (or left out for automatic), got {self.data_workers}")

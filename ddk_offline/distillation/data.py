@@ -127,6 +127,8 @@ class Batch:
             or the dumped extra-T column when the run's T was dumped).
         teacher_nll: [B, L] float32 teacher loss on the label, 0 where the label is ignored.
         domain: [B] int64 domain index of each sequence.
+        student: in a cross-tokenizer run, the student's rows of the same bytes and the position pairs
+            (:class:`~ddk_offline.distillation.crosstok.batch.StudentBatch`); None otherwise.
     """
 
     input_ids: torch.Tensor
@@ -136,6 +138,7 @@ class Batch:
     teacher_lse: torch.Tensor
     teacher_nll: torch.Tensor
     domain: torch.Tensor
+    student: Any = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         moved = {
@@ -147,8 +150,8 @@ class Batch:
 
     @property
     def labelled(self) -> int:
-        """Positions that carry a label (and count in the loss)."""
-        return int((self.labels != IGNORE_INDEX).sum())
+        """Positions that carry a label (and count in the loss): the student's in a cross-tokenizer batch."""
+        return self.student.labelled if self.student is not None else int((self.labels != IGNORE_INDEX).sum())
 
 
 def collate(
@@ -242,6 +245,8 @@ class BatchLoader:
         self._pending: deque[tuple[np.ndarray, Future | Batch]] = deque()
         self._lock = threading.Lock()
         self._rows = RowDecoder(reader, workers) if workers > 0 else None
+        #: cross-tokenizer runs: ``plan [B, 3] -> StudentBatch`` of the same rows, attached to each batch built
+        self.student_rows: Callable[[np.ndarray], Any] | None = None
 
     # --- planning (caller's thread) -------------------------------------------------------------
     def plan(self, domain_idx: np.ndarray) -> np.ndarray:
@@ -361,6 +366,8 @@ class BatchLoader:
 
     def _finish(self, stacked: dict[str, np.ndarray], plan: np.ndarray) -> Batch:
         batch = collate(stacked, plan[:, 0], lse_key=self.lse_key, with_topk=self.with_topk, bos_id=self.bos_id)
+        if self.student_rows is not None:
+            batch.student = self.student_rows(plan)
         if self.pin_memory:
             batch = Batch(
                 **{

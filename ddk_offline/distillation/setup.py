@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,16 +70,50 @@ def build_student(cfg: DistillConfig, reader: DumpReader) -> torch.nn.Module:
         raise UserError(f"cannot build the student: {e}") from None
 
 
-def checked_student(factory: StudentFactory, cfg: DistillConfig, reader: DumpReader) -> torch.nn.Module:
-    """The student from ``factory``, refused if its vocabulary or context does not fit the dump; fp32 weights."""
+def check_dump(cfg: DistillConfig, reader: DumpReader) -> None:
+    """Refuse a dump the run's sampler or gap source cannot use."""
+    empty = [d for d in reader.domains if reader.num_sequences(d, "train") == 0]
+    if empty and not cfg.sampler.startswith("fixed"):
+        raise UserError(f"{cfg.dump}: domains {empty} have no train sequences; re-dump, or use --sampler fixed:")
+    if cfg.gap_source == "val" and not all(reader.num_sequences(d, "val") for d in reader.domains):
+        raise UserError(f"--gap-source val: {cfg.dump} lacks val sequences for some domain; use --gap-source train")
+
+
+def build_cross(cfg: DistillConfig, reader: DumpReader, say: Callable[[str], None]) -> Any:
+    """A cross-tokenizer run's :class:`~ddk_offline.distillation.crosstok.session.CrossTokenizer` (None otherwise):
+    the student's tokenizer loaded and the dump's rows aligned with it (cached)."""
+    if cfg.cross_tokenizer is None:
+        return None
+    from ddk_offline.distillation.crosstok.session import CrossTokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
+    return CrossTokenizer(
+        reader, tokenizer, method=cfg.cross_tokenizer, cache_root=cfg.student_rows, out=cfg.out, say=say
+    )
+
+
+def checked_student(
+    factory: StudentFactory, cfg: DistillConfig, reader: DumpReader, cross: Any = None
+) -> torch.nn.Module:
+    """The student from ``factory``, refused if its vocabulary or context does not fit the dump (with ``cross``: the
+    student rows); fp32 weights."""
     from ddk_offline.distillation.student import StudentMismatchError, check_fits
 
     model = factory(cfg, reader)
     try:
-        check_fits(model, reader.manifest, reader.path)
+        cross.check_student(model) if cross is not None else check_fits(model, reader.manifest, reader.path)
     except StudentMismatchError as e:
         raise UserError(str(e)) from None
-    return model.float()
+    return _fp32(model)
+
+
+def _fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """fp32 weights. Not ``model.float()``: transformers refuses it for a model loaded from a GGUF (it counts as
+    quantised, though its weights are dequantised), so the tensors are converted in place."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor.data = tensor.data.float()
+    return model
 
 
 def build_sampler(cfg: DistillConfig, reader: DumpReader) -> DomainSampler:

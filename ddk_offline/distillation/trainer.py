@@ -43,7 +43,6 @@ from ddk_offline.distillation.rundir import RunDir, resume_point, saved_config
 from ddk_offline.distillation.runlog import DistillSummary, MetricsWriter, Window
 from ddk_offline.distillation.samplers import GapStats
 from ddk_offline.distillation.setup import RunParts
-from ddk_offline.errors import UserError
 from ddk_offline.format.reader import open_dump
 from ddk_offline.runtime import distributed
 from ddk_offline.runtime.device import resolve_device
@@ -61,10 +60,16 @@ class Trainer:
         parts: components to use instead of the defaults built from ``config`` (see :class:`RunParts`).
     """
 
-    def __init__(self, config: DistillConfig, env: distributed.DistEnv | None = None, parts: RunParts | None = None):
+    def __init__(
+        self,
+        config: DistillConfig,
+        env: distributed.DistEnv | None = None,
+        parts: RunParts | None = None,
+        say: Callable[[str], None] | None = None,
+    ):
         self.env = env or distributed.DistEnv()
         #: Hooks for a front end (the CLI prints both): a status line, and each metrics row as it is logged.
-        self.say: Callable[[str], None] = lambda message: None
+        self.say: Callable[[str], None] = say or (lambda message: None)
         self.on_log: Callable[[dict[str, Any]], None] = lambda row: None
         self.run_dir = RunDir(Path(config.out))  # opened (made, locked, marked) on rank 0 once the options are checked
         try:
@@ -98,9 +103,10 @@ class Trainer:
         self.loss_spec = LossSpec(
             alpha=cfg.ce_weight, gamma=cfg.kd_weight, temperature=cfg.temperature, mode=cfg.kd_mode
         )
-        self._check_dump()
+        setup.check_dump(cfg, self.reader)
         # Every option is checked before the student loads (which can take minutes): the sampler is built first.
         self.sampler = (parts.sampler or setup.build_sampler)(cfg, self.reader)
+        self.cross = setup.build_cross(cfg, self.reader, lambda message: self.say(message))  # None: same tokenizer
         distributed.barrier(env)  # every rank has checked --out before rank 0 writes into it
         if env.is_main:
             self.run_dir.open()
@@ -113,7 +119,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        student = setup.checked_student(parts.student or setup.build_student, cfg, self.reader)
+        student = setup.checked_student(parts.student or setup.build_student, cfg, self.reader, self.cross)
         self.module = student.to(self.device).train()
         self.model = distributed.wrap_ddp(self.module, env, self.device)  # the module itself for one process
         self.gap = GapStats(self.domains)
@@ -123,6 +129,8 @@ class Trainer:
             self.opt, lambda s: setup.lr_factor(s, cfg.warmup_steps, cfg.max_steps)
         )
         self.loader = (parts.loader or setup.build_loader)(cfg, self.reader, env, self.device)
+        if self.cross is not None:
+            self.loader.student_rows = self.cross.batch
         self.draw_rng = np.random.default_rng([cfg.seed, 1])
         self.step, self.tokens_seen = 0, 0
         if ckpt is not None:
@@ -130,14 +138,6 @@ class Trainer:
         report = dict(report_to=parse_report_to(cfg.report_to), config=cfg.to_dict())
         writes = env.is_main and not self.complete
         self.log = MetricsWriter(self.out, resume_step=ckpt and self.step, **report) if writes else None
-
-    def _check_dump(self) -> None:
-        cfg, reader = self.cfg, self.reader
-        empty = [d for d in self.domains if reader.num_sequences(d, "train") == 0]
-        if empty and not cfg.sampler.startswith("fixed"):
-            raise UserError(f"{cfg.dump}: domains {empty} have no train sequences; re-dump, or use --sampler fixed:")
-        if cfg.gap_source == "val" and not all(reader.num_sequences(d, "val") for d in self.domains):
-            raise UserError(f"--gap-source val: {cfg.dump} lacks val sequences for some domain; use --gap-source train")
 
     # --- state -------------------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -197,8 +197,9 @@ class Trainer:
                 device=self.device,
                 max_sequences=self.cfg.eval_max_sequences,
                 data_workers=setup.data_workers(self.cfg),
+                cross=self.cross,
             )
-            self.gap.load_array(sums)
+            self.gap.load_array(sums[3:6] if self.cross is not None else sums[:3])  # per byte across tokenizers
         else:
             self.gap.load_array(distributed.all_reduce_sum(self.env, self.gap.as_array()))
         self.sampler.update(self.gap, step)
@@ -240,7 +241,7 @@ class Trainer:
             n = b.labelled
             b = b.to(self.device, non_blocking=True)
             with distributed.no_sync(self.model, last=i == len(batches) - 1):  # one gradient all-reduce per step
-                r = loss_step(self.model, b, self.loss_spec, n, total)
+                r = (self.cross.loss_step if self.cross else loss_step)(self.model, b, self.loss_spec, n, total)
             step_loss += r["loss"]
             args = (b.domain, r["row_ce"], r["row_nll"], r["row_n"])
             if cfg.gap_source == "train":
@@ -268,7 +269,7 @@ class Trainer:
                     d: (None if math.isnan(g) else float(g))
                     for d, g in zip(self.domains, self.sampler.gaps, strict=True)
                 },
-            }
+            } | (self.cross.log_fields() if self.cross is not None else {})
             if self.log is not None:
                 row = self.window.row(step, lr=lr, weights=weights, kd=cfg.kd_weight > 0, extra=extra)
                 self.log.write(row)
@@ -289,6 +290,7 @@ class Trainer:
             device=self.device,
             max_sequences=self.cfg.eval_max_sequences,
             data_workers=setup.data_workers(self.cfg),
+            cross=self.cross,
         )
 
     def run(self, progress=None) -> DistillSummary:
@@ -323,7 +325,7 @@ class Trainer:
         guards.check_weights(self.module, self.cfg, self.step, "the final model")
         self.say(f"saving the final model to {final}")
         self.module.save_pretrained(final)
-        self.reader.tokenizer().save_pretrained(final)
+        (self.cross.tokenizer if self.cross is not None else self.reader.tokenizer()).save_pretrained(final)
         has_val = any(self.reader.num_sequences(d, "val") for d in self.domains)
         if has_val:
             self.say("evaluating the final model on the val split")
@@ -375,7 +377,7 @@ def distill(
     try:
         if say is not None and env.is_main:
             say(f"loading the dump {config.dump} and the student")
-        run = Trainer(config, env, parts)  # a refused run leaves no folder it made behind
+        run = Trainer(config, env, parts, say if env.is_main else None)  # a refused run leaves no folder it made
         if env.is_main:
             run.say, run.on_log = say or run.say, on_log or run.on_log
         try:
