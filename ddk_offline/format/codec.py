@@ -27,15 +27,9 @@ import numpy as np
 import zstandard
 
 from ddk_offline.format.codec_bits import (
-    _bit_windows,
-    _eg_join,
-    _eg_split,
     _floor_log2,
     _from_code,
-    _pack_bits,
-    _read_bits,
     by_rank,
-    fill_by_rank,
     freq_rank,
     rank_slices,
     sorted_rows,
@@ -50,6 +44,7 @@ from ddk_offline.format.codec_context import (
     stored_order,
     unique_ids,
 )
+from ddk_offline.format.codec_streams import fill_gaps, pack_streams, read_int_streams
 
 CODEC_NAME = "ddk-topk"
 LAYOUT_VERSION = 2  # what encode writes by default; decode reads every version in LAYOUTS
@@ -57,6 +52,11 @@ LAYOUTS = (1, 2)
 _MAGIC = b"DKTK"
 _HEADER = struct.Struct("<4sBBIHI")  # magic, layout version, n_streams, L, k, table size
 _GAP_RICE_BITS = 6  # in-group gaps after a member with index >= 2^(6 + s) send their s low bits raw
+_FIRST_BIT = np.array([(m & -m).bit_length() - 1 if m else 0 for m in range(1 << MAX_REFS)], np.int64)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 class TopKCodec:
@@ -132,18 +132,10 @@ class TopKCodec:
         return {name: len(a) + len(b) for name, (a, b) in self._streams(ints).items()}
 
     def _streams(self, ints: dict[str, np.ndarray]) -> dict[str, tuple[bytes, bytes]]:
-        out = {}
-        for name, arr in ints.items():
-            cctx = self._cctx if name.startswith(("first", "gap")) else self._cctx_small
-            if isinstance(arr, tuple):  # raw bit fields (values, widths): no symbol part
-                out[name] = (b"", _pack_bits(*arr))
-                continue
-            if arr.dtype == bool:  # a bitmap: packed bytes, zstd's Huffman stage models 8 decisions per symbol
-                out[name] = (cctx.compress(np.packbits(arr.ravel()).tobytes()), b"")
-                continue
-            sym, width, raw = _eg_split(arr.ravel(), self.config.eg_precision)
-            out[name] = (cctx.compress(sym.tobytes()), _pack_bits(raw, width))
-        return out
+        big = ("first", "gap")  # the large id-index streams: pure entropy coding, a fast level
+        return pack_streams(
+            ints, self.config.eg_precision, lambda name: self._cctx if name.startswith(big) else self._cctx_small
+        )
 
     def _integers(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, input_ids: np.ndarray | None) -> dict:
         """The integer arrays the blob entropy-codes, in stream order (plus "shape": L, K, table size)."""
@@ -163,60 +155,63 @@ class TopKCodec:
             is_next = ids == nxt[:, None]
             refs = reference_rows(input_ids)
             n_ref = 1 + (refs >= 0).sum(1, keepdims=True) * K
-            found, col = find_in_rows(ids, refs, self.vocab_size)
-            hit = np.zeros((L, K), bool)
-            ref_row, ref_col, local = (np.zeros((L, K), np.int64) for _ in range(3))
+            found, col_1 = find_in_rows(ids, refs, self.vocab_size)
+            # The first reference that holds the id (where any does): the lowest set bit of a 5-bit mask.
+            holders = np.zeros((L, K), np.uint8)
             for c in range(MAX_REFS):
-                new = found[c] & ~hit & ~is_next
-                hit |= new
-                ref_row[new] = np.broadcast_to(refs[:, c : c + 1], (L, K))[new]
-                ref_col[new], local[new] = col[c][new], 1 + c * K
+                holders |= found[c].view(np.uint8) << c
+            holders[is_next] = 0
+            hit = holders > 0
+            slot = _FIRST_BIT[holders]
+            ref_row = refs[np.arange(L)[:, None], slot]
+            ref_col = col_1.reshape(-1)[(slot * L + np.arange(L)[:, None]) * K + np.arange(K)].astype(np.int64) - 1
+            local = np.where(hit, 1 + slot * K, 0)
             miss = ~hit & ~is_next
             table, inv, counts = unique_ids(ids[miss], self.vocab_size)
             count_class = np.floor(np.log2(counts)).astype(np.int64)
             local[miss] = np.broadcast_to(n_ref, (L, K))[miss] + freq_rank(count_class)[inv]
             perm, local = stored_order(codes, local, hit, ref_row, ref_col)
-            codes = np.take_along_axis(codes, perm, 1)
+            at = perm + np.arange(0, L * K, K)[:, None]
+            codes = codes.reshape(-1)[at]
             # Pointers count only the live reference entries (first listing of an id, not the next token).
-            stored_ids = np.take_along_axis(ids, perm, 1)
-            ref_ids = np.where((refs >= 0)[:, :, None], stored_ids[np.maximum(refs, 0)], -1).reshape(L, -1)
+            stored_ids = ids.reshape(-1)[at]
+            stored_ids = np.vstack([stored_ids, np.full((1, K), -1)])  # row L: "no reference row"
+            ref_ids = stored_ids[np.where(refs >= 0, refs, L)].reshape(L, -1)
             live_rank = np.cumsum(live_references(ref_ids, nxt), axis=1) - 1
             at = np.nonzero((local >= 1) & (local < n_ref))
             local[at] = 1 + live_rank[at[0], local[at] - 1]
         # Inside a tie group (equal value codes) the order is free: sort by local index to save its entropy.
-        tie = np.lexsort((local, codes), axis=1)
-        codes, local = np.take_along_axis(codes, tie, 1), np.take_along_axis(local, tie, 1)
-        starts = np.ones((L, K), bool)
-        starts[:, 1:] = np.diff(codes, axis=1) > 0
-        gaps = np.diff(local, axis=1, prepend=-1) - 1
-
+        # (Layout 2's stored order already is that order: renumbering pointers over live entries is monotone.)
+        if v == 1:
+            tie = np.lexsort((local, codes), axis=1)
+            codes, local = np.take_along_axis(codes, tie, 1), np.take_along_axis(local, tie, 1)
+        # The streams list entries rank-major (docs/CODEC.md): work on [K, L] copies, whose rows are ranks.
+        c, loc = codes.T.copy(), local.T.copy()
+        starts = np.ones((K, L), bool)
+        np.greater(c[1:], c[:-1], out=starts[1:])
+        gaps = loc.copy()
+        gaps[1:] -= loc[:-1] + 1
         ints: dict = {"table": np.diff(table, prepend=-1) - 1, "count_class": count_class, "mass": mass}
-        # Value codes: which entries open a new code (bitmap, rank-major) and by how much the code rises there.
-        everywhere = np.ones((L, K), bool)
-        for name, arr in by_rank(starts, everywhere, self.k, v, start=1).items():
-            ints[f"starts{name}"] = arr
-        rise = np.zeros((L, K), np.int64)
-        rise[:, 1:] = codes[:, 1:] - codes[:, :-1] - 1
-        for name, arr in by_rank(rise, starts, self.k, v, start=1).items():
-            ints[f"rise{name}"] = arr
-        for name, arr in by_rank(local, starts, self.k, v).items():
-            ints[f"first{name}"] = arr
+        # Value codes: which entries open a new code (bitmap) and by how much the code rises there.
+        ints.update(by_rank(starts, None, K, v, "starts", start=1))
+        ints.update(by_rank(c[1:] - c[:-1] - 1, starts[1:], K, v, "rise", start=1, offset=1))
+        ints.update(by_rank(loc, starts, K, v, "first"))
         # In-group gaps scale with the previous member's index (Zipf-like table order): their low
         # `shift` bits are near-uniform, so they go raw (rank-major) and only the quotient is entropy-coded.
-        shift = np.zeros((L, K), np.int64)
-        shift[:, 1:] = np.maximum(_floor_log2(local[:, :-1] + 1) - _GAP_RICE_BITS, 0)
+        shift = np.zeros((K, L), np.int64)
+        shift[1:] = np.maximum(_floor_log2(loc[:-1] + 1) - _GAP_RICE_BITS, 0)
         shift[starts] = 0
+        cont = ~starts
         if v == 1:
-            for name, arr in by_rank(gaps >> shift, ~starts, self.k, v).items():
-                ints[f"gap{name}"] = arr
+            ints.update(by_rank(gaps >> shift, cont, K, v, "gap"))
         else:  # gaps among pointers (small) and among table indices (large) get separate streams
-            in_ref = np.zeros((L, K), bool)
-            in_ref[:, 1:] = local[:, :-1] < n_ref
-            for region, mask in (("ref", in_ref), ("table", ~in_ref)):
-                for name, arr in by_rank(gaps >> shift, ~starts & mask, self.k, v).items():
-                    ints[f"gap_{region}{name}"] = arr
-        low = (gaps & ((1 << shift) - 1)).T[(~starts).T]
-        ints["gap_low"] = (low.astype(np.uint64), shift.T[(~starts).T])
+            in_ref = np.zeros((K, L), bool)
+            np.less(loc[:-1], n_ref.T, out=in_ref[1:])
+            quotient = gaps >> shift
+            ints.update(by_rank(quotient, cont & in_ref, K, v, "gap_ref"))
+            ints.update(by_rank(quotient, cont & ~in_ref, K, v, "gap_table"))
+        width = shift[cont]
+        ints["gap_low"] = ((gaps[cont] & ((1 << width) - 1)).astype(np.uint64), width)
         ints["shape"] = (L, K, table.size)
         return ints
 
@@ -259,7 +254,7 @@ class TopKCodec:
             raise ValueError(f"top-k blob: malformed streams ({type(e).__name__}: {e})") from e
 
     def _decode_streams(self, view, version, n_streams, L, K, n_table, lse, input_ids):
-        cfg = self.config
+        cfg, h = self.config, self.config.eg_precision
         lens = struct.unpack_from(f"<{n_streams}I", view, _HEADER.size)
         pos, chunks = _HEADER.size + 4 * n_streams, []
         for n in lens:
@@ -268,16 +263,8 @@ class TopKCodec:
         if pos != len(view) - 4:
             raise ValueError("top-k blob: stream lengths do not add up to the blob size (corrupt)")
         it = iter(chunks)
-
-        def ints(n: int, exact: bool = True) -> np.ndarray:
-            sym = np.frombuffer(self._dctx.decompress(next(it), max_output_size=n), np.uint8)
-            if sym.size > n or (exact and sym.size != n):
-                raise ValueError(f"top-k blob: stream holds {sym.size} symbols, expected {n} (corrupt)")
-            return _eg_join(sym, np.frombuffer(next(it), np.uint8), cfg.eg_precision).astype(np.int64)
-
-        table = np.cumsum(ints(n_table) + 1) - 1
-        count_class = ints(n_table)
-        zz = ints(L)
+        table, count_class, zz = read_int_streams(it, [(n_table, True), (n_table, True), (L, True)], h, self._dctx)
+        table = np.cumsum(table + 1) - 1
         lam = np.where(zz % 2 == 1, -(zz + 1) // 2, zz // 2) * cfg.mass_step
 
         def bits(n: int) -> np.ndarray:
@@ -286,55 +273,40 @@ class TopKCodec:
                 raise ValueError("top-k blob: a tie bitmap has the wrong size (corrupt)")
             return np.unpackbits(packed)[:n].astype(bool)
 
-        starts = np.ones((L, K), bool)
-        fill_by_rank(starts, starts.copy(), bits, self.k, version, start=1)
-        rise = np.zeros((L, K), np.int64)
-        fill_by_rank(rise, starts, ints, self.k, version, start=1)
-        codes = np.cumsum(np.where(starts, rise + 1, 0), axis=1) - 1
-        first, gap = np.zeros((L, K), np.int64), np.zeros((L, K), np.int64)
-        fill_by_rank(first, starts, ints, self.k, version)
-        slices = rank_slices(0, self.k, version)
-        if version == 1:
-            fill_by_rank(gap, ~starts, ints, self.k, version)
-        else:  # per rank class, the gaps after a pointer and after a table index, each in column order
+        # Rank-major [K, L] arrays (row = rank), as the streams list their entries.
+        starts = np.ones((K, L), bool)
+        for _, sl in rank_slices(1, K, version):
+            starts[sl] = bits((sl.stop - sl.start) * L).reshape(-1, L)
+        # Every other integer stream's length is known now: join them in one pass, then hand them out in order.
+        per_rank = np.concatenate([[0], np.cumsum(starts.sum(1))]).tolist()
+        slices = rank_slices(0, K, version)
+        n_starts = [per_rank[sl.stop] - per_rank[sl.start] for _, sl in slices]
+        n_cont = [(sl.stop - sl.start) * L - n for n, (_, sl) in zip(n_starts, slices, strict=True)]
+        rise_slices = rank_slices(1, K, version)
+        counts = [(per_rank[sl.stop] - per_rank[sl.start], True) for _, sl in rise_slices]
+        counts += [(n, True) for n in n_starts]
+        counts += [(n, True) for n in n_cont] if version == 1 else [(n, False) for n in n_cont + n_cont]
+        streams = read_int_streams(it, counts, h, self._dctx)
+        n_rise = len(rise_slices)
+        rise = np.zeros((K, L), np.int64)
+        rise[1:][starts[1:]] = _joined(streams[:n_rise])
+        codes = np.cumsum(np.where(starts, rise + 1, 0), axis=0) - 1
+        local = np.zeros((K, L), np.int64)
+        local[starts] = _joined(streams[n_rise : n_rise + len(n_starts)])
+        gaps = streams[n_rise + len(n_starts) :]
+        if version == 2:
             refs = reference_rows(input_ids)
             n_ref = 1 + (refs >= 0).sum(1) * K  # per row: where the table indices start
-            n_cont = [int((~starts[:, sl]).sum()) for _, sl in slices]
-            split = [[ints(n, exact=False) for n in n_cont] for _ in range(2)]
-            used = np.zeros((2, len(slices)), np.int64)
         if len(next(it)):
             raise ValueError("top-k blob: the raw gap stream has a symbol part (corrupt)")
-        low_bits, pos = _bit_windows(np.frombuffer(next(it), np.uint8)), 0
-        # Column by column: a member's raw-bit width (and in layout 2 its stream) depends on the previous member.
-        local = np.empty((L, K), np.int64)
-        local[:, 0] = first[:, 0]
-        for j in range(1, K):
-            local[:, j] = first[:, j]
-            cont = np.flatnonzero(~starts[:, j])
-            if cont.size == 0:
-                continue
-            prev = local[cont, j - 1]
-            if version == 1:
-                g = gap[cont, j]
-            else:
-                c = next(i for i, (_, sl) in enumerate(slices) if sl.start <= j < sl.stop)
-                g = np.empty(cont.size, np.int64)
-                in_ref = prev < n_ref[cont]
-                for region, sel in enumerate((in_ref, ~in_ref)):
-                    a = used[region, c]
-                    g[sel] = split[region][c][a : a + int(sel.sum())]  # raises on a short stream (corrupt)
-                    used[region, c] = a + int(sel.sum())
-            shift = np.maximum(_floor_log2(prev + 1) - _GAP_RICE_BITS, 0)
-            low = _read_bits(low_bits, shift, pos).astype(np.int64)
-            pos += int(shift.sum())
-            local[cont, j] = prev + ((g << shift) | low) + 1
+        low = np.frombuffer(next(it), np.uint8)
+        fill_gaps(local, starts, gaps, low, slices, _GAP_RICE_BITS, n_ref if version == 2 else None)
+        local, codes = np.ascontiguousarray(local.T), np.ascontiguousarray(codes.T)
         if version == 1:
             if n_table == 0 or local.max() >= n_table or table[-1] >= self.vocab_size:
                 raise ValueError("top-k blob: ids fall outside the id table or the vocabulary (corrupt)")
-            ids = table[np.argsort(freq_rank(count_class), kind="stable")][local]
+            ids = table[np.argsort(-count_class, kind="stable")][local]
         else:
-            if any(int(u) != s.size for u, s in zip(used.ravel(), split[0] + split[1], strict=True)):
-                raise ValueError("top-k blob: gap streams hold more values than the tie bitmaps use (corrupt)")
             ids = self._resolve(local, table, count_class, input_ids, refs, n_ref[:, None])
 
         d = _from_code(codes, cfg)
@@ -356,7 +328,7 @@ class TopKCodec:
         if nxt.size and (nxt.max() >= L or input_ids[nxt].max() >= self.vocab_size or input_ids[nxt].min() < 0):
             raise ValueError("top-k blob: a next-token slot has no valid next input token (corrupt or wrong input_ids)")
         base = np.zeros((L, K), np.int64)
-        base[is_table] = table[np.argsort(freq_rank(count_class), kind="stable")][t_idx]
+        base[is_table] = table[np.argsort(-count_class, kind="stable")][t_idx]
         base[is_next] = input_ids[nxt]
         next_token = np.append(input_ids[1:], -1)
         index = np.where(pointer, local - 1, -1)

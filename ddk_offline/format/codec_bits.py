@@ -54,51 +54,65 @@ def _eg_split(x: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return sym.astype(np.uint8), width, raw
 
 
-def _eg_join(sym: np.ndarray, raw_bits: np.ndarray, h: int) -> np.ndarray:
-    s = sym.astype(np.int64)
-    direct = s < (1 << (h + 1))
-    width = np.where(direct, 0, (s - (1 << (h + 1))) // (1 << h) + 1)
-    top = np.where(direct, s, (s - (1 << (h + 1))) % (1 << h) + (1 << h))
-    raw = _read_bits(_bit_windows(raw_bits), width)
-    return ((top.astype(np.uint64) << width.astype(np.uint64)) | raw) - np.uint64(1)
-
-
 def _pack_bits(raw: np.ndarray, width: np.ndarray) -> bytes:
-    total = int(width.sum())
+    """Concatenate fields raw[i] < 2^width[i] (width <= 56), MSB first, zero-padded to whole bytes."""
+    width, raw = width.astype(np.int64, copy=False), raw.astype(np.uint64, copy=False)
+    if width.size == 0:
+        return b""
+    # Each field lands in the 64-bit word of its first bit, MSB-first; fields are disjoint, so OR-reducing the
+    # (sorted) fields of each word builds it, and a field crossing into the next word adds its low part there.
+    # Empty fields hold 0 and add nothing wherever they land.
+    end = np.cumsum(width)
+    word = (end - width) >> 6
+    e = end - (word << 6)  # the field ends e bits into its word (e > 64: it spills over)
+    over = np.maximum(e - 64, 0)
+    head = np.where(over > 0, raw >> over.astype(np.uint64), raw << np.maximum(64 - e, 0).astype(np.uint64))
+    total = int(end[-1])
     if total == 0:
         return b""
-    owner = np.repeat(np.arange(raw.size), width)
-    pos = np.arange(total) - np.repeat(np.cumsum(width) - width, width)
-    shift = (width[owner] - 1 - pos).astype(np.uint64)
-    return np.packbits(((raw[owner] >> shift) & np.uint64(1)).astype(np.uint8)).tobytes()
+    words = np.zeros((total >> 6) + 1, np.uint64)  # + 1: empty fields at the very end land there
+    first = np.flatnonzero(np.diff(word, prepend=-1))
+    words[word[first]] = np.bitwise_or.reduceat(head, first)
+    spill = np.flatnonzero(over)
+    words[word[spill] + 1] |= raw[spill] << (64 - over[spill]).astype(np.uint64)
+    return words.byteswap().tobytes()[: (total + 7) >> 3]
 
 
 def _bit_windows(buf: np.ndarray) -> np.ndarray:
-    """[n_bytes, 8] view: row i holds bytes i..i+7 of buf (zero-padded), for ``_read_bits``."""
+    """[n_bytes, 8] view: row i holds bytes i..i+7 of buf (zero-padded), for ``_byte_words``."""
     return np.lib.stride_tricks.sliding_window_view(np.concatenate([buf, np.zeros(8, np.uint8)]), 8)
 
 
-def _read_bits(windows: np.ndarray, width: np.ndarray, start: int = 0) -> np.ndarray:
-    """Unsigned integers from consecutive MSB-first bit fields (widths <= 56) starting at bit ``start``."""
-    width = width.astype(np.int64)
-    if (len(windows) - 1) * 8 < start + int(width.sum()):  # windows has n_bytes + 1 rows
+def _byte_words(buf: np.ndarray) -> np.ndarray:
+    """[n_bytes + 1] uint64: the big-endian 8-byte word starting at each byte of buf (zero-padded)."""
+    return np.ascontiguousarray(_bit_windows(buf)).view(">u8").ravel().astype(np.uint64)
+
+
+def _read_fields(
+    words: np.ndarray, width: np.ndarray, start: int, n_bits: int, offset: np.ndarray | None = None
+) -> np.ndarray:
+    """Unsigned integers from consecutive MSB-first bit fields (widths <= 56) starting at bit ``start`` of a
+    buffer of n_bits bits, given as its ``_byte_words``; ``offset`` [n] moves each field (several streams in one
+    buffer)."""
+    end = np.cumsum(width)
+    off = start + end - width
+    if offset is not None:
+        off += offset
+    if (int((off + width).max()) if offset is not None else start + int(end[-1])) > n_bits:
         raise ValueError("top-k blob: raw bit stream is shorter than its symbols say (corrupt or truncated)")
-    if width.size == 0:
-        return np.zeros(0, np.uint64)
-    if width.max() > 56:
+    if int(width.max()) > 56:
         raise ValueError("top-k blob: a raw bit field is wider than 56 bits (corrupt)")
-    off = start + np.cumsum(width) - width
-    # A big-endian 8-byte word at each field's first byte, shifted down and masked to the field.
-    word = np.ascontiguousarray(windows[off >> 3]).view(">u8").ravel().astype(np.uint64)
-    shift = (64 - (off & 7) - width).astype(np.uint64)
-    return (word >> shift) & ((np.uint64(1) << width.astype(np.uint64)) - np.uint64(1))
+    w = width.astype(np.uint64)
+    return (words[off >> 3] >> (np.uint64(64) - (off & 7).astype(np.uint64) - w)) & ((np.uint64(1) << w) - np.uint64(1))
 
 
 def sorted_rows(ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, cfg: CodecConfig) -> tuple:
     """Rows sorted by logit: ids [L, K], value codes [L, K] (non-decreasing), zig-zag mass codes [L]."""
     lg = logits.astype(np.float64)
-    order = np.argsort(-lg, axis=1, kind="stable")
-    lg, ids = np.take_along_axis(lg, order, 1), np.take_along_axis(ids, order, 1)
+    # A teacher's top-k (torch.topk(sorted=True)) comes sorted already: then the stable sort is the identity.
+    if not (lg[:, 1:] <= lg[:, :-1]).all():
+        order = np.argsort(-lg, axis=1, kind="stable")
+        lg, ids = np.take_along_axis(lg, order, 1), np.take_along_axis(ids, order, 1)
     lp = lg - lse.astype(np.float64)[:, None]
     codes = _to_code(lp[:, :1] - lp, cfg)
     # Per-row logit of the top-k mass, so the decoder can put the row back on the absolute scale.
@@ -128,17 +142,28 @@ def rank_slices(start: int, k: int, version: int) -> list[tuple[str, slice]]:
     return [(f"@{a}", slice(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-def by_rank(arr: np.ndarray, mask: np.ndarray, k: int, version: int, start: int = 0) -> dict[str, np.ndarray]:
-    """Entries of arr [L, K] where mask, split into rank-position classes, each read rank-major.
+def by_rank(
+    arr: np.ndarray, mask: np.ndarray | None, k: int, version: int, name: str, start: int = 0, offset: int = 0
+) -> dict[str, np.ndarray]:
+    """Entries of arr [K, L] (rank-major: row = rank) where mask (None: all), split into the rank-position classes from
+    ``start`` on, each read rank-major; ``offset``: arr and mask start at that rank (row 0 = rank offset).
 
     Separate streams per class are a cheap context model: the top entries' statistics differ from the tail's.
+
+    Returns:
+        stream name (``name`` + class suffix) -> [n] entries.
     """
-    return {name: arr[:, sl].T[mask[:, sl].T] for name, sl in rank_slices(start, k, version)}
-
-
-def fill_by_rank(out: np.ndarray, mask: np.ndarray, ints, k: int, version: int, start: int = 0) -> None:
-    """Inverse of ``by_rank``: fill out [L, K] where mask from the streams ``ints(n)`` returns in order."""
-    for _, sl in rank_slices(start, k, version):
-        keep = mask[:, sl].T
-        view = out[:, sl].T
-        view[keep] = ints(int(keep.sum()))
+    slices = rank_slices(start, k, version)
+    if not slices:
+        return {}
+    arr = arr[start - offset :]
+    if mask is None:  # every entry
+        per_rank = np.arange(arr.shape[0] + 1) * arr.shape[1]
+        picked = arr.reshape(-1)
+    else:
+        mask = mask[start - offset :]
+        per_rank = np.concatenate([[0], np.cumsum(mask.sum(1))])
+        picked = arr[mask]
+    ends = [int(per_rank[sl.stop - start]) for _, sl in slices]
+    parts = np.split(picked, ends[:-1])
+    return {name + suffix: part for (suffix, _), part in zip(slices, parts, strict=True)}

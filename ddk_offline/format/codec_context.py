@@ -88,57 +88,76 @@ def find_in_rows(ids: np.ndarray, rows: np.ndarray, vocab_size: int) -> tuple[np
         vocab_size: ids are < vocab_size.
 
     Returns:
-        found [C, L, K] bool and col [C, L, K] int64: the column of the id in ``ids[rows[n, c]]`` where found.
+        found [C, L, K] bool and col_1 [C, L, K] (an unsigned integer type): 1 + the column of the id in
+        ``ids[rows[n, c]]`` where found, 0 elsewhere.
     """
     L, K = ids.shape
     _, u, counts = unique_ids(ids, vocab_size)
-    # A dense [L, ids seen in 2+ rows] map of columns (-1: absent) makes each lookup one gather; ids seen in
-    # one row only can never be found elsewhere and all share the last, empty column.
+    # A dense [L + 1, ids seen in 2+ rows] map of column + 1 (0: absent) makes each lookup one gather; ids seen
+    # in one row only can never be found elsewhere and all share the last, empty column, as "no row" (-1) shares
+    # the last, empty row. Zero-filled, so the map's pages are only touched where written.
     multi = counts > 1
     n_multi = int(multi.sum())
     u = np.where(multi[u], np.cumsum(multi)[u] - 1, n_multi).reshape(L, K)
-    where = np.full((L, n_multi + 1), -1, np.int8 if K < 2**7 else np.int16 if K < 2**15 else np.int32)
-    where[np.arange(L)[:, None], u] = np.arange(K)
-    where[:, n_multi] = -1
-    col = where.ravel()[(np.maximum(rows.T, 0) * (n_multi + 1))[:, :, None] + u[None]].astype(np.int64)
-    found = (col >= 0) & (rows.T >= 0)[:, :, None]
-    return found, np.where(found, col, 0)
+    where = np.zeros((L + 1, n_multi + 1), np.uint8 if K < 2**8 else np.uint16 if K < 2**16 else np.uint32)
+    where[np.arange(L)[:, None], u] = np.arange(1, K + 1)
+    where[:, n_multi] = 0
+    row = np.where(rows.T >= 0, rows.T, L) * (n_multi + 1)
+    col_1 = where.reshape(-1)[row[:, :, None] + u[None]]
+    return col_1 > 0, col_1
 
 
 def stored_order(codes: np.ndarray, local: np.ndarray, hit: np.ndarray, ref_row: np.ndarray, ref_col: np.ndarray):
     """Order of each row as stored (code ascending, then local index ascending), with pointer slots resolved.
 
     A hit's local index is ``local + (position of the referenced entry in its row's *stored* order)``, so a row's
-    stored order depends on earlier rows' stored orders: rows are processed in sequence (each step is a few
-    numpy calls over K entries).
+    stored order depends on earlier rows' stored orders. Rather than walking the rows in sequence, every row is
+    sorted at once from a guess of those positions (their input columns), then only the rows whose hits name a
+    row that moved are sorted again, until nothing moves. Each row's order is a function of earlier rows only,
+    so the system has exactly one fixed point, the sequential answer; pass t settles at least every row whose
+    chain of references is t deep, so it ends (on real text after 4-9 passes).
 
     Args:
         codes: [L, K] value codes, non-decreasing along each row.
         local: [L, K] local indices of misses and of the next-token slot; for hits, the slot base ``1 + c * K``.
         hit: [L, K] bool, entries coded as pointers into reference rows.
-        ref_row, ref_col: [L, K] the referenced row and its column (in the input order of ``codes``).
+        ref_row, ref_col: [L, K] the referenced row and its column (in the input order of ``codes``), read at hits.
 
     Returns:
         perm [L, K] (stored column j holds input column perm[n, j]) and the stored local indices [L, K].
     """
     L, K = codes.shape
-    key = (codes * (int(local.max(initial=0)) + K + 1) + local).ravel()  # stored order = ascending key
-    flat_hits = np.flatnonzero(hit)  # row-major, so each row's hits are one slice
-    bounds = np.searchsorted(flat_hits, np.arange(L + 1) * K)
-    ref_flat = (ref_row * K + ref_col).ravel()[flat_hits]
-    inv = np.empty(L * K, np.int64)  # inv[n * K + input column] = stored position
-    perm = np.empty((L, K), np.int64)
+    key = codes * (int(local.max(initial=0)) + K + 1) + local  # stored order = ascending key (keys are distinct)
+    flat = key.reshape(-1)
+    hits = np.flatnonzero(hit)
+    target = (ref_row * K + ref_col).reshape(-1)[hits]
+    target_row, base = target // K, flat[hits]
     ranks = np.arange(K)
-    for n in range(L):
-        a, b = bounds[n], bounds[n + 1]
-        if b > a:  # earlier rows are final, so their stored positions can be read now
-            key[flat_hits[a:b]] += inv[ref_flat[a:b]]
-        p = key[n * K : (n + 1) * K].argsort()  # keys are distinct: any sort is the stable one
-        perm[n] = p
-        inv[n * K + p] = ranks
-    local = local.copy()
-    local.ravel()[flat_hits] += inv[ref_flat]
-    return perm, np.take_along_axis(local, perm, 1)
+    inv = np.tile(ranks, L)  # inv[n * K + input column] = stored position; first guess: the input order
+    flat[hits] = base + inv[target]
+    perm = key.argsort(axis=1, kind="stable")  # keys are distinct (any sort agrees); rows are nearly sorted
+    row_start = np.arange(0, L * K, K)[:, None]
+    settled = inv.copy()
+    inv[(perm + row_start).reshape(-1)] = settled
+    moved = (inv != settled).reshape(L, K).any(1)
+    while True:
+        again = np.flatnonzero(moved[target_row])  # hits whose target row moved in the last pass
+        if again.size == 0:
+            break
+        flat[hits[again]] = base[again] + inv[target[again]]
+        mark = np.zeros(L, bool)
+        mark[hits[again] // K] = True
+        rows = np.flatnonzero(mark)
+        p = key[rows].argsort(axis=1, kind="stable")
+        changed = (p != perm[rows]).any(1)
+        rows, p = rows[changed], p[changed]
+        perm[rows] = p
+        inv.reshape(L, K)[rows[:, None], p] = ranks
+        moved = np.zeros(L, bool)
+        moved[rows] = True
+    out = local.reshape(-1).copy()
+    out[hits] = out[hits] + inv[target]
+    return perm, out[perm + row_start]
 
 
 def live_references(ref_ids: np.ndarray, next_token: np.ndarray) -> np.ndarray:
@@ -153,13 +172,17 @@ def live_references(ref_ids: np.ndarray, next_token: np.ndarray) -> np.ndarray:
     Returns:
         live [L, W] bool. Pointer index p of row n names the p-th live entry of ``ref_ids[n]``.
     """
-    W = ref_ids.shape[1]
-    key = np.sort((ref_ids + 1) * W + np.arange(W), axis=1)  # by id, then position (keys are distinct)
-    srt, order = key // W, key % W
-    first = np.ones(srt.shape, bool)
-    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    live = np.empty_like(first)
-    np.put_along_axis(live, order, first, 1)
+    L, W = ref_ids.shape
+    # One sort per row of (id, position) keys; int32 keys when they fit (twice as fast to sort).
+    dt = np.int32 if (int(ref_ids.max(initial=0)) + 2) * W < 2**31 else np.int64
+    key = (ref_ids + 1).astype(dt) * dt(W) + np.arange(W, dtype=dt)
+    key.sort(axis=1)
+    srt = key // dt(W)
+    first = np.empty((L, W), bool)
+    first[:, :1] = True
+    np.not_equal(srt[:, 1:], srt[:, :-1], out=first[:, 1:])
+    live = np.empty((L, W), bool)
+    live.reshape(-1)[(key - srt * dt(W)) + np.arange(0, L * W, W)[:, None]] = first
     return live & (ref_ids >= 0) & (ref_ids != next_token[:, None])
 
 
@@ -189,29 +212,29 @@ def resolve_references(
     values, compact, _ = unique_ids(ids[~is_ptr], vocab_size)
     cid = np.zeros((L, K), np.int64)
     cid[~is_ptr] = compact
-    nxt = np.full(L, -1, np.int64)
-    has = np.isin(next_token, values)
-    nxt[has] = np.searchsorted(values, next_token[has])
+    at = np.minimum(np.searchsorted(values, next_token), max(values.size - 1, 0))
+    has = values[at] == next_token if values.size else np.zeros(L, bool)
+    # Row n's list is its next token (or, without one, an id found nowhere: values.size) then its references'
+    # entries: the next token's copies are then never first, so never live, and a pointer p names entry p + 1.
+    out = np.concatenate([cid.reshape(-1), np.where(has, at, values.size)])
     flat = np.flatnonzero(is_ptr)
     bounds = np.searchsorted(flat, np.arange(L + 1) * K).tolist()
-    index = pointer.ravel()[flat]
-    out = cid.reshape(-1)
-    # Flat positions of each row's reference entries, in listed order (a row's valid references come first).
-    ref_pos = (np.maximum(refs, 0)[:, :, None] * K + np.arange(K)).reshape(L, -1)
-    width = ((refs >= 0).sum(1) * K).tolist()
-    nxt = nxt.tolist()
-    positions = np.arange(MAX_REFS * K)
-    first_at = np.zeros(values.size, np.int64)
+    index = pointer.reshape(-1)[flat] + 1
+    ref_pos = np.empty((L, 1 + MAX_REFS * K), np.int64)
+    ref_pos[:, 0] = L * K + np.arange(L)
+    ref_pos[:, 1:] = (np.maximum(refs, 0)[:, :, None] * K + np.arange(K)).reshape(L, -1)
+    width = (1 + (refs >= 0).sum(1) * K).tolist()
+    positions = np.arange(1 + MAX_REFS * K)
+    backwards = positions[::-1]
+    first_at = np.zeros(values.size + 1, np.int64)
     try:
         for n in np.flatnonzero(np.diff(bounds)).tolist():
-            ref_ids = out[ref_pos[n, : width[n]]]
-            pos = positions[: width[n]]
-            first_at[ref_ids[::-1]] = pos[::-1]  # the earliest position of each id wins
-            if nxt[n] >= 0:
-                first_at[nxt[n]] = -1  # the next token has index 0, never a pointer
-            live = ref_ids[first_at[ref_ids] == pos]
+            w = width[n]
+            ref_ids = out[ref_pos[n, :w]]
+            first_at[ref_ids[::-1]] = backwards[-w:]  # the earliest position of each id wins
+            live = ref_ids[first_at[ref_ids] == positions[:w]]
             a, b = bounds[n], bounds[n + 1]
             out[flat[a:b]] = live[index[a:b]]
     except IndexError:
         raise ValueError("top-k blob: a pointer names a missing reference entry (corrupt or wrong input_ids)") from None
-    return values[cid]
+    return values[out[: L * K].reshape(L, K)]
