@@ -145,7 +145,9 @@ class DumpLoop:
         ids = torch.from_numpy(np.stack([s.input_ids for s in batch]))
         temps = tuple(self.manifest.temperatures[1:])
         hidden = self.manifest.hidden_states  # the dump's own setting (a resume keeps it)
-        t = self.teacher.targets(ids, k=self.manifest.k, extra_temperatures=temps, hidden=hidden is not None)
+        # ``hidden`` only when the dump stores hidden states: a backend written before the option needs no change.
+        more = {"hidden": True} if hidden is not None else {}
+        t = self.teacher.targets(ids, k=self.manifest.k, extra_temperatures=temps, **more)
         self.stats.forward_s += t.forward_s
         if hidden is not None and (problem := hidden_codec.range_problem(t.hidden, hidden["encoding"])) is not None:
             raise UserError(
