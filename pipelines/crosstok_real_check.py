@@ -123,7 +123,7 @@ def paired_bpb(a: dict, b: dict, rng) -> tuple[float, float]:
 
 
 def markdown(res: dict) -> str:
-    domains = list(res["bpb"]["teacher"])
+    domains = [d for d in res["bpb"]["teacher"] if d != "all"]
     lines = [
         "# Cross-tokenizer real check: Gemma-3-270M -> SmolLM2-135M-Instruct (`pipelines/crosstok_real_check.py`)",
         "",
@@ -140,7 +140,7 @@ def markdown(res: dict) -> str:
     lines += ["", "Each arm minus `ce-only`, bits per byte (± bootstrap SE over val rows; negative: better):", ""]
     lines += ["| arm | " + " | ".join(domains) + " | all |", "|---|" + "---:|" * (len(domains) + 1)]
     for name, per in res["paired_vs_ce_only"].items():
-        cells = [f"{per[d][0]:+.4f} ± {per[d][1]:.4f}" for d in [*domains, "all"]]
+        cells = [f"{per[d][0]:+.4f} ± {per[d][1]:.4f}" for d in [*domains, "all"]]  # (difference, SE)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| arm | wall s | s / step | teacher tokens/s | peak RSS MiB |", "|---|---:|---:|---:|---:|"]
     for name, c in res["cost"].items():
@@ -198,7 +198,7 @@ def main() -> None:
         summary, measured = (json.loads((out / f).read_text()) for f in ("summary.json", "cost.json"))
         speed = {"step_seconds": summary["seconds"] / args.steps, "tokens_per_s": summary["tokens_per_s"]}
         cost[name] = measured | speed
-    from transformers import AutoModelForCausalLM
+    from ddk_offline.distillation.student import load_student
 
     reader = open_dump(gemma_dump)
     t0 = time.perf_counter()
@@ -208,9 +208,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
     for name, path in [("student before", student), *[(n, work / "runs" / n / "final") for n in ARMS]]:
         print(f"evaluating {name}", flush=True)
-        p = Path(path)
-        kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent if kw else p), **kw).float().eval()
+        model = load_student(pretrained=path).eval()  # a .gguf or a save_pretrained folder, fp32 on CPU
         rows[name] = per_row(model, cross)
         del model
     teacher = {d: {"ce": r["nll"], "bytes": r["bytes"]} for d, r in rows["student before"].items()}
