@@ -100,8 +100,11 @@ def checked_student(
     from ddk_offline.distillation.student import StudentMismatchError, check_fits
 
     model = factory(cfg, reader)
+    if cross is not None:
+        cross.check_student(model)  # raises UserError itself
+        return _fp32(model)
     try:
-        cross.check_student(model) if cross is not None else check_fits(model, reader.manifest, reader.path)
+        check_fits(model, reader.manifest, reader.path)
     except StudentMismatchError as e:
         raise UserError(str(e)) from None
     return _fp32(model)

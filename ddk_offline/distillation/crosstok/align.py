@@ -209,7 +209,7 @@ def _assemble(ids, data, starts, docs, teacher: VocabBytes, student: VocabBytes)
         if d.eos and student.eos is not None:
             s_ids.append(student.eos), s_len.append(0), s_start.append(d.hi), s_eos.append(True)
     t_len = np.diff(starts)
-    plain = [_Document(d.first, d.end, d.lo, d.hi, d.eos, d.bos) for d, _ in docs]
+    plain = [d for d, _ in docs]
     t_eos = np.asarray([i == teacher.eos for i in ids], bool)
     keys_t = _keys(starts[:-1], t_len, t_eos, _kept(starts, t_len, plain))
     s_len_a = np.asarray(s_len, np.int64)

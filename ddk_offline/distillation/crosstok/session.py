@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,7 +153,3 @@ class CrossTokenizer:
 
     def log_fields(self) -> dict[str, float]:
         return self.method.log_fields() if self.method is not None else {}
-
-
-def bits(nats: float) -> float:
-    return nats / math.log(2) if not math.isnan(nats) else math.nan
