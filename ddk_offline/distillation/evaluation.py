@@ -176,11 +176,11 @@ SUM_ROWS = ("ce", "nll", "positions", "ce_bytes", "nll_bytes", "bytes", "teacher
 @functools.lru_cache(maxsize=4)  # a run evaluates every eval_every steps: read a 262k vocabulary once per reader
 def _piece_lengths(reader: DumpReader) -> torch.Tensor | None:
     """Bytes of each id of the dump's vocabulary [V] (None when the tokenizer's family is not known: no BPB)."""
-    from ddk_offline.distillation.crosstok.vocab_bytes import vocab_bytes
+    from ddk_offline.distillation.crosstok.vocab_bytes import dump_vocab_bytes
     from ddk_offline.errors import UserError
 
     try:
-        pieces = vocab_bytes(reader.tokenizer()).pieces
+        pieces = dump_vocab_bytes(reader).pieces
     except UserError:
         return None
     lengths = torch.zeros(max(len(pieces), reader.manifest.vocab_size), dtype=torch.float64)
@@ -348,7 +348,7 @@ def _cross_for(path: str, reader: DumpReader, say: Callable[[str], None] | None)
     from pathlib import Path
 
     from ddk_offline.distillation.crosstok.session import CrossTokenizer, load_tokenizer
-    from ddk_offline.distillation.crosstok.vocab_bytes import vocab_bytes
+    from ddk_offline.distillation.crosstok.vocab_bytes import dump_vocab_bytes, vocab_bytes
     from ddk_offline.errors import UserError
 
     try:
@@ -356,7 +356,7 @@ def _cross_for(path: str, reader: DumpReader, say: Callable[[str], None] | None)
     except UserError:
         return None
     try:
-        if vocab_bytes(tokenizer).sha256 == vocab_bytes(reader.tokenizer()).sha256:
+        if vocab_bytes(tokenizer).sha256 == dump_vocab_bytes(reader).sha256:
             return None
     except UserError:
         return None  # a tokenizer family alignment cannot read: evaluated as the dump's vocabulary (checked)

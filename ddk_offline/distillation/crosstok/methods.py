@@ -91,7 +91,9 @@ class ExactMap(CrossMethod):
     def __init__(self, teacher: VocabBytes, student: VocabBytes) -> None:
         super().__init__(teacher, student)
         self.map = id_map(teacher, student)
-        self._mass = [0.0, 0.0]  # mapped teacher mass, all top-k teacher mass (paired positions since the last log)
+        # Mapped teacher mass and all top-k teacher mass over the paired positions since the last log, kept on the
+        # device so a step costs no host sync for it (read in log_fields).
+        self._mass = torch.zeros(2, dtype=torch.float64)
 
     def kd(self, flat, batch, spec):
         from ddk_kernels import fused_kd_loss
@@ -101,8 +103,7 @@ class ExactMap(CrossMethod):
         s_ids = self.map.to(t_ids.device)[t_ids.clamp_min(0)].masked_fill(t_ids < 0, -1)
         with torch.no_grad():
             p = torch.exp(t_logits.float() / spec.temperature - lse[:, None])
-            self._mass[0] += float((p * (s_ids >= 0)).sum())
-            self._mass[1] += float(p.sum())
+            self._mass = self._mass.to(p.device) + torch.stack([(p * (s_ids >= 0)).sum(), p.sum()]).double()
         s_ids, scaled = merge_duplicates(s_ids, t_logits.float() / spec.temperature)  # merged at the run's T
         t_logits = scaled * spec.temperature
         labels = sb.labels.reshape(-1).index_select(0, sb.pair_student)
@@ -125,8 +126,8 @@ class ExactMap(CrossMethod):
         return loss * rows, float(kl.sum())
 
     def log_fields(self):
-        mapped, total = self._mass
-        self._mass = [0.0, 0.0]
+        mapped, total = self._mass.tolist()
+        self._mass = torch.zeros_like(self._mass)
         return {"mapped_mass": mapped / total} if total > 0 else {}
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ddk_offline.distillation.crosstok.batch import IGNORE_INDEX, StudentBatch, student_batch
 from ddk_offline.distillation.crosstok.methods import METHODS
 from ddk_offline.distillation.crosstok.rows import StudentRows, default_cache_root, load_or_build
-from ddk_offline.distillation.crosstok.vocab_bytes import VocabBytes, vocab_bytes
+from ddk_offline.distillation.crosstok.vocab_bytes import VocabBytes, dump_vocab_bytes, vocab_bytes
 from ddk_offline.errors import UserError
 from ddk_offline.format.reader import DumpReader
 from ddk_offline.runtime.device import autocast
@@ -62,7 +62,7 @@ class CrossTokenizer:
         if method is not None and method not in METHODS:
             raise UserError(f"--cross-tokenizer {method!r}: unknown; choose one of {', '.join(sorted(METHODS))}")
         self.reader, self.tokenizer = reader, tokenizer
-        self.teacher: VocabBytes = vocab_bytes(reader.tokenizer())
+        self.teacher: VocabBytes = dump_vocab_bytes(reader)
         self.student: VocabBytes = vocab_bytes(tokenizer)
         root = Path(cache_root) if cache_root else default_cache_root(reader, out)
         say(f"aligning the dump's rows with the student's tokenizer (once per tokenizer pair; cache in {root})")

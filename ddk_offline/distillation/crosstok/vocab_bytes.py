@@ -16,6 +16,7 @@ literally in text, so they stand for their content's UTF-8.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -153,3 +154,9 @@ def _added_bos(tokenizer: Any) -> int | None:
         return None
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return int(bos) if ids and ids[0] == bos else None
+
+
+@functools.lru_cache(maxsize=4)
+def dump_vocab_bytes(reader: Any) -> VocabBytes:
+    """:func:`vocab_bytes` of a dump's tokenizer, once per reader (loading Gemma's tokenizer alone takes seconds)."""
+    return vocab_bytes(reader.tokenizer())
