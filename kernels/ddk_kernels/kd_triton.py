@@ -96,7 +96,8 @@ def _kd_fwd_kernel(
     r_t = tl.zeros((BLOCK_V,), tl.float32)  # Σ 2^(x/T) per lane, relative to 2^(m1/T) (T != 1)
     v_row = tl.where(valid, V, 0)  # ignored rows cost no vocabulary pass
     head = tl.minimum(((VEC - row_off % VEC) % VEC).to(tl.int32), v_row)  # before the first aligned element
-    m1, r1, r_t = _fwd_masked(m1, r1, r_t, row_ptr, 0, head, inv_t, T_ONE, BLOCK_V)
+    if head > 0:  # aligned rows (16 | stride, e.g. V = 32000) skip it
+        m1, r1, r_t = _fwd_masked(m1, r1, r_t, row_ptr, 0, head, inv_t, T_ONE, BLOCK_V)
     n_full = (v_row - head) // BLOCK_V
     start = tl.multiple_of(row_off + head, VEC)  # 16-byte aligned: 128-bit loads
     for b in range(0, n_full):  # unmasked: no predicate per element
@@ -231,7 +232,8 @@ def _kd_bwd_kernel(
     tl.debug_barrier()
     lanes = tl.arange(0, BLOCK_V)
     head = tl.minimum(((VEC - row_off % VEC) % VEC).to(tl.int32), V)  # as in the forward
-    _bwd_masked(row_ptr, grow_ptr, 0, head, a1, lse1, a_t, lse_t, c_t, T_ONE, BLOCK_V)
+    if head > 0:
+        _bwd_masked(row_ptr, grow_ptr, 0, head, a1, lse1, a_t, lse_t, c_t, T_ONE, BLOCK_V)
     n_full = (V - head) // BLOCK_V
     start = tl.multiple_of(row_off + head, VEC)
     gstart = tl.multiple_of(grow_off + head, VEC) if GRAD_ALIGNED else grow_off + head
@@ -273,8 +275,7 @@ def launch_config(V: int, K: int, elem_bytes: int, mode: int, temperature: float
 
 
 def _aligned(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`t` seen from the 16-byte-aligned address at or before its first element, and that element's column there
-    (the kernels add it to every offset), so the compiler knows the base's alignment and the rows' phase is exact."""
+    """`t` seen from the 16-byte-aligned address at or before its first element, and that element's column there."""
     col0 = (t.data_ptr() % 16) // t.element_size()
     if col0 == 0 or t.storage_offset() < col0:  # aligned already, or a storage that is not (no vector loads then)
         return t, 0
@@ -284,8 +285,7 @@ def _aligned(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 def grad_like(logits: torch.Tensor) -> torch.Tensor:
     """An uninitialised gradient with the logits' row stride and 16-byte phase, so the backward stores 128 bits
     (``empty_like`` of a ``logits[:, :V]`` view would be contiguous, its rows in another phase)."""
-    N, V = logits.shape
-    stride = logits.stride(0)
+    (N, V), stride = logits.shape, logits.stride(0)
     if logits.is_contiguous() or N == 0 or stride > V + V // 8 + 64:  # a much wider buffer is not worth the memory
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
     col0 = (logits.data_ptr() % 16) // logits.element_size()
