@@ -268,7 +268,7 @@ def _kd_bwd_kernel(
 def launch_config(V: int, K: int, elem_bytes: int, mode: int, temperature: float, config: dict | None = None) -> dict:
     """``{"*": {"constexprs", "num_warps"}}`` of both kernels (kernel_report.py compiles the same); ``config``
     ({"BLOCK_V", "num_warps"}) overrides the static default; GRAD_ALIGNED as for a gradient from :func:`grad_like`."""
-    cfg = {**kd_tune.static_config(V, elem_bytes, min(MAX_BLOCK_V, triton.next_power_of_2(V))), **(config or {})}
+    cfg = {**kd_tune.static_config(V, min(MAX_BLOCK_V, triton.next_power_of_2(V))), **(config or {})}
     constexprs = dict(MODE=mode, T_ONE=temperature == 1.0, BLOCK_V=cfg["BLOCK_V"],
                       BLOCK_K=triton.next_power_of_2(max(K, 1)), VEC=16 // elem_bytes, GRAD_ALIGNED=True)  # fmt: skip
     return {"*": dict(constexprs=constexprs, num_warps=cfg["num_warps"])}
@@ -305,7 +305,7 @@ def _choose(pass_: str, logits, K: int, spec: KDSpec, config: dict | None) -> di
     V, eb = logits.shape[1], logits.element_size()
     compiled = logits.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     if config is None and compiled and kd_tune.autotune_enabled():
-        default = kd_tune.static_config(V, eb, min(MAX_BLOCK_V, triton.next_power_of_2(V)))
+        default = kd_tune.static_config(V, min(MAX_BLOCK_V, triton.next_power_of_2(V)))
         config = kd_tune.tuned(pass_, logits, K, spec, default, kd_forward, kd_backward)
     return launch_config(V, K, eb, spec.mode, spec.temperature, config)["*"]
 

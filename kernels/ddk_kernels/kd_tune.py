@@ -35,7 +35,7 @@ _SOURCES = ("kd_triton.py", "kd_triton_math.py")
 Measure = Callable[[dict], tuple[float, int, int]]
 
 
-def static_config(V: int, elem_bytes: int, block_v: int | None = None, num_warps: int | None = None) -> dict:
+def static_config(V: int, block_v: int | None = None, num_warps: int | None = None) -> dict:
     """The default {"BLOCK_V", "num_warps"} of a row of V elements (either may be given to override it)."""
     block_v = block_v or min(MAX_BLOCK_V, _next_pow2(V))
     return {"BLOCK_V": block_v, "num_warps": num_warps or (8 if block_v >= 2048 else 4)}
@@ -51,7 +51,7 @@ def candidates(V: int, elem_bytes: int) -> list[dict]:
             per_thread = block_v // (32 * warps)
             if block_v <= max(_next_pow2(V), 1024) and vec <= per_thread <= 32:
                 out.append({"BLOCK_V": block_v, "num_warps": warps})
-    default = static_config(V, elem_bytes)
+    default = static_config(V)
     return [default] + [c for c in out if c != default]
 
 
