@@ -146,3 +146,31 @@ def test_off_cuda_the_launcher_uses_the_static_config_and_accepts_an_override(mo
     ce_b, kl_b, _ = kd_triton.kd_forward(logits, labels, ids, tlog, None, spec, config={"BLOCK_V": 128, "num_warps": 2})
     torch.testing.assert_close(ce_a, ce_b)
     torch.testing.assert_close(kl_a, kl_b)
+
+
+def test_the_process_tuner_follows_the_cache_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDK_KD_AUTOTUNE_CACHE", str(tmp_path / "a.json"))
+    first = kd_tune.tuner()
+    assert first.path == tmp_path / "a.json" and kd_tune.tuner() is first
+    monkeypatch.setenv("DDK_KD_AUTOTUNE_CACHE", "off")
+    assert kd_tune.tuner().path is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tuner times kernels on CUDA only")
+def test_on_cuda_the_first_call_tunes_both_passes_and_writes_the_cache(tmp_path, monkeypatch):
+    from ddk_kernels import fused_kd_loss
+
+    path = tmp_path / "kd_autotune.json"
+    monkeypatch.setenv("DDK_KD_AUTOTUNE_CACHE", str(path))
+    V, K = 50257, 64
+    logits = torch.randn(64, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, V, (64,), device="cuda")
+    ids = torch.randint(0, V, (64, K), device="cuda")
+    before = logits.detach().clone()
+    fused_kd_loss(logits, labels, ids, torch.randn(64, K, device="cuda")).backward()
+    assert torch.equal(logits.detach(), before)  # timed on scratch buffers
+    entries = json.loads(path.read_text())["entries"]
+    assert {k.split("|")[0] for k in entries} == {"forward", "backward"}
+    for entry in entries.values():
+        assert entry["BLOCK_V"] in (1024, 2048, 4096, 8192) and len(entry["timings_s"]) >= 2

@@ -222,8 +222,9 @@ _TUNER: Tuner | None = None
 
 
 def tuner() -> Tuner:
-    """The process's tuner, its cache file from the environment at first use."""
+    """The process's tuner; a new one (empty memory) when ``DDK_KD_AUTOTUNE_CACHE`` names another file."""
     global _TUNER
-    if _TUNER is None:
-        _TUNER = Tuner(cache_path())
+    path = cache_path()
+    if _TUNER is None or _TUNER.path != path:
+        _TUNER = Tuner(path)
     return _TUNER
