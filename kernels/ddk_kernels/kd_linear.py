@@ -24,9 +24,9 @@ import torch
 from ddk_kernels.kd_torch import teacher_probs
 from ddk_kernels.spec import TAIL, KDSpec
 
-DEFAULT_MEMORY_BUDGET = 64 << 20  # bytes of tile temporaries (~8 fp32 [R, C] buffers alive at once)
-_TILE_BUFFERS = 8
-_MIN_COLS = 256  # narrower tiles make the [R, D] gradient accumulation memory-bound
+DEFAULT_MEMORY_BUDGET = 128 << 20  # bytes of tile temporaries (~5 fp32 [R, C] buffers alive at once)
+_TILE_BUFFERS = 5
+_MIN_COLS = 512  # narrower tiles make the [R, D] gradient accumulation memory-bound
 _MAX_ROWS = 4096
 
 
@@ -39,12 +39,12 @@ def tile_shape(n_rows: int, vocab: int, memory_budget: int | None, chunk_rows: i
 
 
 def _block_state(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, C] fp32 (may hold -inf) -> (m, r) [R]: max and Σ_{all but one max} e^(x - m)."""
-    m = x.amax(dim=1)
+    """x [R, C] fp32 (may hold -inf) -> (m, r) [R]: max and Σ_{all but one max} e^(x - m) (ties count)."""
+    m, at = x.max(dim=1)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    is_max = x == m[:, None]
-    e = torch.exp(x - m_safe[:, None]).masked_fill_(is_max, 0.0)
-    return m, e.sum(dim=1) + (is_max.sum(dim=1).to(torch.float32) - 1.0)
+    e = torch.sub(x, m_safe[:, None]).exp_()
+    e.scatter_(1, at[:, None], 0.0)  # one maximum out exactly: 1 - softmax(max) = r / (1 + r) never cancels
+    return m, e.sum(dim=1)
 
 
 def _merge(m: torch.Tensor, r: torch.Tensor, mb: torch.Tensor, rb: torch.Tensor):
@@ -139,28 +139,50 @@ def forward_stats(hidden, weight, bias, tch: _Teacher, spec: KDSpec, rows: int, 
     return torch.where(v, ce, torch.zeros_like(ce)), torch.where(v, kl, torch.zeros_like(kl)), stats
 
 
-def tile_grad(z, rs, re, cs, tch: _Teacher, stats, c_ce, c_kl, spec: KDSpec):
-    """d loss / d z of one tile z [R, C] fp32 at rows [rs, re), columns from cs; c_ce = g·α/n, c_kl = g·γ·T/n."""
+class _Coefs:
+    """Per-row constants of the backward, 0 on ignored rows: the gradient of a tile is
+    ``ce·softmax(z) + kl·softmax(z/T) − tail·c (off the ids) − Σ_ids c_kl·p``, with the label entry recomputed exactly.
+    """
+
+    def __init__(self, tch: _Teacher, stats, c_ce, c_kl, spec: KDSpec):
+        v = tch.valid.to(torch.float32)
+        m1, l1, mT, lT, mC, lC = (stats[:, i] for i in range(6))
+        inf = torch.full_like(m1, float("inf"))
+        self.lse1 = torch.where(tch.valid, m1 + l1, inf)  # exp(z - inf) = 0 on ignored rows: no 0·inf
+        self.lseT = torch.where(tch.valid, mT + lT, inf)
+        self.lseC = torch.where(tch.valid, mC + lC, inf)
+        self.m1, self.l1, self.mT, self.lT = m1, l1, mT, lT
+        self.ce, self.kl = c_ce * v, c_kl * tch.P * v
+        self.tail = c_kl * tch.p_tail * v
+        self.ids = -(c_kl * tch.p) * v[:, None]
+        self.one_t = spec.inv_t == 1.0
+
+
+def tile_grad(z, rs, re, cs, tch: _Teacher, k: _Coefs, spec: KDSpec):
+    """d loss / d z of one tile z [R, C] fp32 at rows [rs, re), columns from cs (``k``: the per-row constants)."""
     R, C = z.shape
     sl = slice(rs, re)
-    m1, l1, mT, lT, mC, lC = (stats[sl, i : i + 1] for i in range(6))
-    valid, ok, p = tch.valid[sl], tch.ok[sl], tch.p[sl]
-    grad = torch.exp((z - m1) - l1)
+    inv_t = spec.inv_t
+    grad = torch.sub(z, k.lse1[sl, None]).exp_()  # softmax(z)
+    zt = z if k.one_t else z * inv_t
+    if k.one_t:
+        grad.mul_((k.ce[sl] + k.kl[sl])[:, None])
+    else:
+        grad.mul_(k.ce[sl, None]).add_(torch.sub(zt, k.lseT[sl, None]).exp_().mul_(k.kl[sl, None]))
+    # The label entry, exactly: softmax_y - 1 as expm1 (a confident row's 1 - q_y would be rounding otherwise).
     loc, inside = _local(tch.y[sl], cs, C)
-    at_y = z.gather(1, loc[:, None])
-    grad.scatter_(1, loc[:, None], torch.where(inside[:, None], torch.expm1((at_y - m1) - l1),
-                                               grad.gather(1, loc[:, None])))  # fmt: skip
-    grad.mul_(c_ce)
-    zt = z if spec.inv_t == 1.0 else z * spec.inv_t
-    kl_part = torch.exp((zt - mT) - lT).mul_(tch.P[sl, None])
+    inside = inside & tch.valid[sl]
+    z_y = z.gather(1, loc[:, None]).squeeze(1)
+    exact = k.ce[sl] * torch.expm1((z_y - k.m1[sl]) - k.l1[sl])
+    exact = exact + k.kl[sl] * torch.exp((z_y * inv_t - k.mT[sl]) - k.lT[sl])
+    grad.scatter_(1, loc[:, None], torch.where(inside, exact, grad.gather(1, loc[:, None]).squeeze(1))[:, None])
     kloc, kin = _local(tch.ids[sl], cs, C)
     if spec.mode == TAIL:
-        comp = torch.exp((zt - mC) - lC).mul_(tch.p_tail[sl, None])
-        kl_part.sub_(comp.masked_fill_(_tile_in_topk(kloc, kin & ok, C), 0.0))
+        comp = torch.sub(zt, k.lseC[sl, None]).exp_().mul_(k.tail[sl, None])
+        grad.sub_(comp.masked_fill_(_tile_in_topk(kloc, kin & tch.ok[sl], C), 0.0))
         del comp
-    kl_part.scatter_add_(1, kloc, torch.where(kin, -p, torch.zeros_like(p)))  # padded slots carry p = 0
-    grad.add_(kl_part.mul_(c_kl))
-    return grad.masked_fill_(~valid[:, None], 0.0)
+    grad.scatter_add_(1, kloc, torch.where(kin, k.ids[sl], torch.zeros_like(k.ids[sl])))  # padded slots: p = 0
+    return grad
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -199,7 +221,7 @@ class TorchLinearKDLoss(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         tch = _Teacher(labels, topk_ids, topk_logits, tlse if spec.uses_lse else None, spec)
         g = grad_loss.to(torch.float32) / n_valid
-        c_ce, c_kl = g * spec.alpha, g * (spec.gamma * spec.temperature)
+        coefs = _Coefs(tch, stats, g * spec.alpha, g * (spec.gamma * spec.temperature), spec)
         N, V = hidden.shape[0], weight.shape[0]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
@@ -212,7 +234,7 @@ class TorchLinearKDLoss(torch.autograd.Function):
                 re = min(N, rs + rows)
                 with torch.no_grad():
                     z = _logits(hidden, weight, bias, rs, re, cs, ce_)
-                    gz = tile_grad(z, rs, re, cs, tch, stats, c_ce, c_kl, spec)
+                    gz = tile_grad(z, rs, re, cs, tch, coefs, spec)
                     del z
                     if need_h:
                         _accumulate(grad_h[rs:re], gz, w_tile)
