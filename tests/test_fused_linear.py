@@ -140,7 +140,10 @@ def test_equals_fused_kd_loss_on_logits():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_matches_oracle(mode, dtype):
+def test_triton_matches_oracle(mode, dtype, monkeypatch):
+    import ddk_kernels.kd_linear_triton as kd_linear_triton
+
+    monkeypatch.setattr(kd_linear_triton, "_COLS", 128)  # grad_weight in several vocabulary slices (bf16)
     inputs = make_inputs(7, 16, 300, 8, dtype, 2.0)
     kw = dict(temperature=2.0, alpha=0.5, gamma=0.2, mode=mode)
     check(run(*inputs, backend="triton", chunk_rows=3, **kw), run_oracle(*inputs, **kw), dtype, dtype)

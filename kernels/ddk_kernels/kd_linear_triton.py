@@ -21,6 +21,19 @@ def _logits(hidden, weight, bias, rs, re):
     return (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).contiguous()
 
 
+_COLS = 8192  # vocabulary slice of one half-precision grad_weight product (its [C, D] temporary)
+
+
+def _add_outer(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """acc [V, D] fp32 += g.T @ h, the product in g's dtype (bf16 tensor cores) a vocabulary slice at a time, so the
+    half-precision temporary is [C, D], not [V, D]."""
+    if g.dtype == torch.float32:
+        acc.addmm_(g.T, h)
+        return
+    for cs in range(0, acc.shape[0], _COLS):
+        acc[cs : cs + _COLS].add_((g[:, cs : cs + _COLS].T @ h).float())
+
+
 class TritonLinearKDLoss(torch.autograd.Function):
     """``TritonKDLoss`` of ``hidden @ weight.T + bias``, R rows at a time; gradients as ``TorchLinearKDLoss``."""
 
@@ -65,10 +78,8 @@ class TritonLinearKDLoss(torch.autograd.Function):
                 kd_backward(z, z, labels[rs:re], ids[rs:re], tlog[rs:re], tlse[rs:re], stats[rs:re], scale, spec)
                 if need_h:
                     torch.mm(z, weight, out=grad_h[rs:re])
-                if need_w and weight.dtype == torch.float32:
-                    grad_w.addmm_(z.T, hidden[rs:re])
-                elif need_w:
-                    grad_w.add_((z.T @ hidden[rs:re]).float())
+                if need_w:
+                    _add_outer(grad_w, z, hidden[rs:re])
                 if need_b:
                     grad_b += z.float().sum(dim=0)
                 del z
