@@ -4,6 +4,7 @@ forward + backward, on CPU; each (provider, shape) in its own subprocesses, as `
 
     python pipelines/bench_fused_linear.py            # 2 shapes; ~40 min on 2 cores; eager only at the first
                                                       # (at N=2048, V=262,144 it would need ~15 GiB)
+    python pipelines/bench_fused_linear.py --no-eager # ~30 min
 
 Writes benchmarks/results/fused_linear/kernels_cpu.{csv,json,png}; `extra_mib` is the loss's own memory (the peak
 less the gradients of hidden and weight, which every provider returns).
@@ -30,7 +31,7 @@ if __name__ == "__main__":
     cfg = BenchConfig(device="cpu", modes=["full"], out_dir=ROOT / "benchmarks/results/fused_linear", cpu_reps=2)
     rows = []
     for shape, providers in PLAN.items():
-        for provider in providers:
+        for provider in [p for p in providers if not ("--no-eager" in sys.argv and p == "torch-eager")]:
             for r in _cpu_subprocess(provider, shape, cfg, "fp32"):
                 r.update(dtype="fp32", loss_mode=cfg.loss_mode, D=shape[3])
                 print(report.fmt_row(r), flush=True)
