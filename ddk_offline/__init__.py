@@ -6,7 +6,8 @@ Public API (stable names), in the order data flows:
 - :func:`open_dump` - read a teacher dump (manifest, per-domain sequences, random access).
 - :func:`make_sampler` - the domain samplers (ddk, uniform, proportional, fixed).
 - :func:`fused_kd_loss` - the CE + KL loss over full student logits and sparse top-k teacher
-  targets (re-exported from the ``ddk_kernels`` package).
+  targets (re-exported from the ``ddk_kernels`` package); :func:`fused_linear_kd_loss` - the same loss from
+  hidden states and the output head, without the [N, V] logits.
 - :class:`DistillConfig`, :func:`distill` - phase two: train a student from a dump.
 - :func:`evaluate` - per-domain validation loss of models next to the teacher's stored loss.
 """
@@ -26,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "open_dump": "ddk_offline.format.reader",
     "make_sampler": "ddk_offline.distillation.samplers",
     "fused_kd_loss": "ddk_kernels",
+    "fused_linear_kd_loss": "ddk_kernels",
     "DistillConfig": "ddk_offline.distillation.config",
     "distill": "ddk_offline.distillation.trainer",
     "evaluate": "ddk_offline.distillation.evaluation",

@@ -37,3 +37,33 @@ def test_cli_lists_bench_kernels(cli):
     out = cli("bench-kernels", "--help").stdout
     for option in ("--device", "--dtype", "--shapes", "--providers", "--modes", "--out-dir"):
         assert option in out
+
+
+def test_linear_shapes_compare_fused_linear_with_the_logits_path(tmp_path):
+    cfg = BenchConfig(
+        device="cpu",
+        providers=["torch-chunked", "fused-linear"],
+        modes=["full"],
+        custom_shapes=[(64, 700, 8, 16), (64, 700, 8)],
+        out_dir=tmp_path,
+        cpu_reps=1,
+    )
+    rows = list(csv.DictReader(run_benchmarks(cfg, log=lambda _line: None).open()))
+    by = {(r["provider"], r["D"]): r for r in rows}
+    assert by[("fused-linear", "")]["status"].startswith("skipped")  # no D: nothing to fuse
+    for provider in ("torch-chunked", "fused-linear"):
+        r = by[(provider, "16")]
+        assert r["status"] == "ok", r
+        assert float(r["grads_mib"]) > 0 and r["extra_mib"] != "" and r["gbps"] == ""
+    assert float(by[("fused-linear", "16")]["time_ratio_vs_logits"]) > 0
+    assert float(by[("torch-chunked", "16")]["time_ratio_vs_logits"]) == 1.0
+
+
+def test_an_old_csv_gets_the_new_columns(tmp_path):
+    from ddk_offline.bench.report import COLUMNS, _upgrade_header
+
+    path = tmp_path / "kernels_cpu.csv"
+    path.write_text("provider,N,V,k,ms\ntorch-eager,1,2,3,4.5\n")
+    _upgrade_header(path)
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == COLUMNS and rows[0]["ms"] == "4.5" and rows[0]["D"] == ""

@@ -41,7 +41,7 @@ class BenchConfig:
     loss_mode: str = "renorm"
     out_dir: Path = Path("benchmarks/results")
     cpu_reps: int = 5
-    custom_shapes: list[tuple[int, int, int]] | None = None  # (N, V, k) list replacing the shape set (tests)
+    custom_shapes: list[tuple[int, ...]] | None = None  # (N, V, k) or (N, V, k, D) list replacing the shape set
 
 
 def _resolve(cfg: BenchConfig) -> tuple[str, str]:
@@ -59,7 +59,7 @@ def _cpu_subprocess(provider: str, shape: tuple[int, int, int], cfg: BenchConfig
     tim = _cpu_child_run(provider, shape, cfg, dtype, "time", {})
     merged = []
     for m_row, t_row in zip(mem, tim, strict=True):
-        row = {**m_row, "ms": t_row.get("ms"), "gbps": t_row.get("gbps")}
+        row = {**m_row, "ms": t_row.get("ms"), "gbps": t_row.get("gbps")}  # memory from one process, time the other
         if m_row.get("status") == "ok" and t_row.get("status") != "ok":
             row["status"] = t_row.get("status")
         merged.append(row)
@@ -87,9 +87,9 @@ def _cpu_child_run(provider, shape, cfg: BenchConfig, dtype: str, what: str, ext
 
 def _child(spec: dict) -> None:
     cfg = BenchConfig(**{**spec["cfg"], "out_dir": Path(spec["cfg"]["out_dir"])})
-    N, V, k = spec["shape"]
+    N, V, k = spec["shape"][:3]
     try:
-        rows = measure_shape(spec["provider"], N, V, k, cfg, "cpu", spec["dtype"], spec["what"])
+        rows = measure_shape(spec["provider"], tuple(spec["shape"]), cfg, "cpu", spec["dtype"], spec["what"])
     except Exception as exc:  # report why (e.g. torch.compile without a working C++ toolchain) and go on
         rows = [
             dict(
@@ -117,7 +117,7 @@ def run_benchmarks(cfg: BenchConfig, log=print) -> Path:
     rows: list[dict] = []
     for shape in shapes:
         for provider in cfg.providers:
-            reason = skip_reason(provider, device)
+            reason = skip_reason(provider, device, tuple(shape))
             if reason:
                 got = [
                     dict(provider=provider, mode=m, N=shape[0], V=shape[1], k=shape[2], status=reason)
@@ -125,7 +125,7 @@ def run_benchmarks(cfg: BenchConfig, log=print) -> Path:
                 ]
             elif device == "cuda":
                 try:
-                    got = measure_shape(provider, *shape, cfg, device, dtype)
+                    got = measure_shape(provider, tuple(shape), cfg, device, dtype)
                 except Exception as exc:  # one failing provider must not lose the others' numbers
                     got = [
                         dict(
@@ -141,7 +141,7 @@ def run_benchmarks(cfg: BenchConfig, log=print) -> Path:
             else:
                 got = _cpu_subprocess(provider, shape, cfg, dtype)
             for r in got:
-                r.update(dtype=dtype, loss_mode=cfg.loss_mode)
+                r.update(dtype=dtype, loss_mode=cfg.loss_mode, D=shape[3] if len(shape) == 4 else None)
                 log(report.fmt_row(r))
             rows.extend(got)
     report.add_ratios(rows)

@@ -6,16 +6,21 @@ Adding a provider: one entry in :data:`PROVIDERS` and one branch in :func:`loss_
 
 from __future__ import annotations
 
-# torch-chunked-inplace: the same with inplace_grad=True (the trainer's case: lm_head's output dies with the loss)
-PROVIDERS = ("triton-fused", "torch-chunked", "torch-chunked-inplace", "torch-eager", "torch-compile", "liger")
+# torch-chunked-inplace: the same with inplace_grad=True (the trainer's case: lm_head's output dies with the loss).
+# fused-linear: fused_linear_kd_loss from hidden states and the head (shapes with D only: the "linear" sets, where
+# every other provider computes logits = hidden @ weight.T first and all take gradients of hidden and weight).
+PROVIDERS = ("triton-fused", "torch-chunked", "torch-chunked-inplace", "torch-eager", "torch-compile", "liger",
+             "fused-linear")  # fmt: skip
 MODES = ("forward", "backward", "full")
 GPU_SHAPES = {
     "quick": [(4096, 32000, 64), (4096, 151936, 64)],
     "full": [(n, v, k) for n in (4096, 16384) for v in (32000, 49152, 128256, 151936) for k in (16, 64, 128)],
+    "linear": [(8192, 151936, 64, 1536), (8192, 262144, 64, 640)],  # (N, V, k, D)
 }
 CPU_SHAPES = {
     "quick": [(1024, 32000, 64), (4096, 49152, 64)],
     "full": [(1024, 32000, 64), (4096, 49152, 16), (4096, 49152, 64), (4096, 49152, 128), (1024, 151936, 64)],
+    "linear": [(4096, 49152, 64, 576), (2048, 262144, 64, 640)],  # (N, V, k, D): SmolLM2-135M's and Gemma-3's heads
 }
 
 
@@ -34,11 +39,41 @@ def make_inputs(N: int, V: int, k: int, dtype: str, device: str, temperature: fl
     return logits, labels, topk_ids, topk_logits, teacher_lse
 
 
-def loss_fn(provider: str, loss_mode: str):
-    """Returns f(x, labels, ids, tlog, tlse) -> scalar loss, or raises RuntimeError('skip: why')."""
+def make_leaves(shape: tuple, dtype: str, device: str):
+    """``(leaves, args)``: the differentiable inputs (logits, or hidden [N, D] and weight [V, D] for a shape with D)
+    and (labels, ids, tlog, tlse)."""
     import torch
 
+    N, V, k = shape[:3]
+    logits, *args = make_inputs(N, V, k, dtype, device)
+    if len(shape) == 3:
+        return (logits.requires_grad_(True),), tuple(args)
+    del logits
+    D = shape[3]
+    g = torch.Generator(device=device).manual_seed(1)
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    hidden = torch.randn(N, D, device=device, generator=g).to(tdt)
+    weight = torch.randn(V, D, device=device, generator=g).mul_(3.0 / D**0.5).to(tdt)  # logits of std ~3, as above
+    return (hidden.requires_grad_(True), weight.requires_grad_(True)), tuple(args)
+
+
+def loss_fn(provider: str, loss_mode: str, linear: bool = False):
+    """Returns f(*leaves, labels, ids, tlog, tlse) -> scalar loss (leaves: logits, or hidden and weight when
+    ``linear``), or raises RuntimeError('skip: why')."""
     kw = dict(temperature=1.0, alpha=1.0, gamma=1.0, mode=loss_mode)
+    if provider == "fused-linear":
+        from ddk_kernels import fused_linear_kd_loss
+
+        return lambda h, w, y, i, t, s: fused_linear_kd_loss(h, w, y, i, t, s, **kw)
+    if linear:
+        base = loss_fn(provider, loss_mode)
+        return lambda h, w, y, i, t, s: base(h @ w.T, y, i, t, s)
+    return _logits_loss_fn(provider, kw)
+
+
+def _logits_loss_fn(provider: str, kw: dict):
+    import torch
+
     if provider in ("triton-fused", "torch-chunked", "torch-chunked-inplace"):
         from ddk_kernels import fused_kd_loss
 
@@ -65,8 +100,11 @@ def loss_fn(provider: str, loss_mode: str):
     raise ValueError(f"bench-kernels: unknown provider {provider!r}; use one of {PROVIDERS}")
 
 
-def skip_reason(provider: str, device: str) -> str | None:
+def skip_reason(provider: str, device: str, shape: tuple = ()) -> str | None:
     import importlib.util
+
+    if provider == "fused-linear" and len(shape) != 4:
+        return "skipped: needs shapes with D (--shapes linear)"
 
     if provider == "triton-fused" and device != "cuda":
         return "skipped: needs a GPU (the CPU interpreter's timings mean nothing)"

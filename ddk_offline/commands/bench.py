@@ -20,9 +20,13 @@ def register(app: typer.Typer) -> None:
     def bench_kernels(
         device: str = typer.Option("auto", help="cuda, cpu, or auto (cuda when available)."),
         dtype: str = typer.Option("auto", help="Logits dtype: bf16, fp16, fp32, or auto (bf16 on GPU, fp32 on CPU)."),
-        shapes: str = typer.Option("quick", help="Shape set: quick or full (GPU full: N 4096/16384 x 4 vocabs x k)."),
+        shapes: str = typer.Option(
+            "quick",
+            help="Shape set: quick, full (GPU full: N 4096/16384 x 4 vocabs x k), or linear (N, V, k, D: inputs are "
+            "hidden states and the head's weight; fused-linear against the logits path).",
+        ),
         providers: str = typer.Option(
-            "triton-fused,torch-chunked,torch-chunked-inplace,torch-eager,torch-compile,liger",
+            "triton-fused,torch-chunked,torch-chunked-inplace,torch-eager,torch-compile,liger,fused-linear",
             help="Comma list of providers; unavailable ones are reported as skipped with the reason.",
         ),
         modes: str = typer.Option("forward,backward,full", help="Comma list of forward, backward, full."),
@@ -30,11 +34,12 @@ def register(app: typer.Typer) -> None:
         out_dir: str = typer.Option("benchmarks/results", help="Where the CSV (appended), JSON and PNG go."),
         cpu_reps: int = typer.Option(5, min=1, help="Timed repetitions per measurement on CPU (median reported)."),
     ) -> None:
-        """Benchmark fused_kd_loss: median ms, peak memory, GB/s against the 2·N·V·bytes floor."""
+        """Benchmark fused_kd_loss (and fused_linear_kd_loss): median ms, peak memory, GB/s against the 2·N·V·bytes
+        floor."""
         from ddk_offline.bench.kernels import MODES, PROVIDERS, BenchConfig, run_benchmarks
 
-        if shapes not in ("quick", "full"):
-            raise typer.BadParameter(f"--shapes: {shapes!r}; choose quick or full")
+        if shapes not in ("quick", "full", "linear"):
+            raise typer.BadParameter(f"--shapes: {shapes!r}; choose quick, full or linear")
         from ddk_kernels import KD_MODES
 
         if loss_mode not in KD_MODES:

@@ -91,6 +91,11 @@ def register(app: typer.Typer) -> None:
             help="With --cross-tokenizer: cache folder of the aligned student rows (default: DUMP/student_rows when "
             "writable, else OUT/student_rows).",
         ),
+        loss_impl: str = typer.Option(
+            "auto",
+            help="How the loss reaches the student's output: fused-linear (from the final hidden states and the "
+            "head's weight; the N x V logits never exist) | logits | auto (fused-linear for a plain linear head).",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
     ) -> None:
         """Distil a student from a teacher dump with DDK domain sampling (or a baseline sampler).

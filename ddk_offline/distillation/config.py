@@ -29,9 +29,12 @@ MAX_LR = 1.0
 RESUMABLE_CHANGES = frozenset(
     {"resume", "log_every", "save_every", "eval_every", "device", "data_workers", "dump", "out", "report_to"}
     | {"student_tokenizer", "student_rows"}  # paths too: the student rows are keyed by the vocabularies' bytes
+    | {"loss_impl"}  # the same loss either way (to floating-point rounding)
 )
 #: ``--cross-tokenizer`` methods (distillation/crosstok/methods.py registers one class each).
 CROSS_METHODS = ("exact-map", "uld")
+#: ``--loss-impl`` choices (distillation/head.py decides what ``auto`` means for a student).
+LOSS_IMPLS = ("auto", "fused-linear", "logits")
 
 
 @dataclass
@@ -79,6 +82,9 @@ class DistillConfig:
         student_tokenizer: the student's tokenizer (a folder, hub name or ``.gguf``; default: ``student``'s).
         student_rows: where the student's aligned rows are cached (default: ``<dump>/student_rows`` when the dump
             is a writable local folder, else ``<out>/student_rows``).
+        loss_impl: ``fused-linear`` (the loss from the final hidden states and the output head's weight, the [N, V]
+            logits never materialised), ``logits`` (the student's logits, then the fused KD loss) or ``auto``
+            (fused-linear when the head is a plain linear layer; see :mod:`ddk_offline.distillation.head`).
     """
 
     dump: str
@@ -118,6 +124,7 @@ class DistillConfig:
     cross_tokenizer: str | None = None
     student_tokenizer: str | None = None
     student_rows: str | None = None
+    loss_impl: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +162,7 @@ class DistillConfig:
         _choice("--gap-source", self.gap_source, GAP_SOURCES)
         _choice("--kd-mode", self.kd_mode, KD_MODES)
         _choice("--draw", self.draw, DRAWS)
+        _choice("--loss-impl", self.loss_impl, LOSS_IMPLS)
         if self.cross_tokenizer is not None:
             _choice("--cross-tokenizer", self.cross_tokenizer, CROSS_METHODS)
             if self.derive_from_teacher:

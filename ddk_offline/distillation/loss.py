@@ -93,6 +93,59 @@ def kd_loss(
     return spec.alpha * ce.sum() / max(positions, 1), ce, 0.0
 
 
+class FusedLinearLoss(torch.nn.Module):
+    """The student with its loss computed in its forward from the final hidden states and the output head's weight
+    (:func:`ddk_kernels.fused_linear_kd_loss`): the [N, V] logits and their gradient never exist.
+
+    The whole loss runs inside ``forward`` so that DistributedDataParallel, which wraps this module, sees every
+    parameter (the head's included) used by one forward. ``decoder`` and ``head`` come from
+    :func:`ddk_offline.distillation.head.linear_head`; the student is registered, they are views into it.
+    """
+
+    def __init__(self, student: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Linear):
+        super().__init__()
+        self.student = student
+        self._parts = (decoder, head)  # a tuple: not registered twice
+
+    def forward(self, batch: Batch, spec: LossSpec, positions: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(mean loss, per-row CE [N], KL sum) of one micro-batch, as :func:`kd_loss`."""
+        decoder, head = self._parts
+        device = batch.input_ids.device
+        with autocast(device):
+            hidden = decoder(input_ids=batch.input_ids).last_hidden_state
+        dtype = torch.get_autocast_dtype(device.type) if device.type == "cuda" else hidden.dtype  # as lm_head would
+        hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+        bias = None if head.bias is None else head.bias.to(dtype)
+        labels = batch.labels.reshape(-1)
+        from ddk_kernels import fused_linear_kd_loss
+
+        targets = KDTargets.from_batch(batch, spec.mode) if spec.uses_teacher else None
+        k = 1 if targets is None else targets.ids.shape[1]
+        none = torch.full((labels.shape[0], k), -1, dtype=torch.int64, device=device)  # CE only: every slot padded
+        loss, ce, kl = fused_linear_kd_loss(
+            hidden,
+            head.weight.to(dtype),
+            labels,
+            none if targets is None else targets.ids,
+            none.float() if targets is None else targets.logits,
+            None if targets is None else targets.lse,
+            bias=bias,
+            temperature=spec.temperature,
+            alpha=spec.alpha,
+            gamma=spec.gamma,
+            mode="renorm" if targets is None else targets.mode,
+            ignore_index=IGNORE_INDEX,
+            return_per_row=True,
+        )
+        return loss, ce, float(kl.sum())
+
+
+def fused_linear_step(model, batch: Batch, spec: LossSpec, positions: int, total: int) -> dict[str, Any]:
+    """:func:`loss_step` for a :class:`FusedLinearLoss` (or DistributedDataParallel around one)."""
+    loss, ce, kl_sum = model(batch, spec, positions)
+    return _backward(loss, ce, kl_sum, batch, positions, total)
+
+
 def loss_step(model: torch.nn.Module, batch: Batch, spec: LossSpec, positions: int, total: int) -> dict[str, Any]:
     """Forward + backward of one micro-batch holding ``positions`` labelled positions of the step's ``total``.
 
@@ -107,12 +160,16 @@ def loss_step(model: torch.nn.Module, batch: Batch, spec: LossSpec, positions: i
         logits = model(input_ids=batch.input_ids).logits
     B, L, V = logits.shape
     flat, labels = logits.reshape(B * L, V), batch.labels.reshape(-1)
-    mask = batch.labels != IGNORE_INDEX
-    n = positions
     targets = KDTargets.from_batch(batch, spec.mode) if spec.uses_teacher else None
-    loss, ce, kl_sum = kd_loss(flat, labels, targets, spec, n)
+    loss, ce, kl_sum = kd_loss(flat, labels, targets, spec, positions)
+    return _backward(loss, ce, kl_sum, batch, positions, total)
+
+
+def _backward(loss, ce, kl_sum: float, batch: Batch, positions: int, total: int) -> dict[str, Any]:
+    n = positions
+    mask = batch.labels != IGNORE_INDEX
     (loss * (n / max(total, 1))).backward()
-    ce = ce.detach().float().reshape(B, L)
+    ce = ce.detach().float().reshape(mask.shape)
     return {
         "loss": float(loss.detach()) * n,
         "ce": float(ce.sum()),

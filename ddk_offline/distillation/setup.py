@@ -19,7 +19,7 @@ from ddk_offline.distillation.samplers import DomainSampler, make_sampler
 from ddk_offline.errors import UserError
 from ddk_offline.format.reader import DumpReader
 from ddk_offline.format.workers import auto_workers
-from ddk_offline.runtime.distributed import DistEnv
+from ddk_offline.runtime.distributed import DistEnv, wrap_ddp
 
 StudentFactory = Callable[[DistillConfig, DumpReader], torch.nn.Module]
 SamplerFactory = Callable[[DistillConfig, DumpReader], DomainSampler]
@@ -108,6 +108,23 @@ def checked_student(
     except StudentMismatchError as e:
         raise UserError(str(e)) from None
     return _fp32(model)
+
+
+def build_loss(
+    cfg: DistillConfig, module: torch.nn.Module, cross: Any, env: DistEnv, device: torch.device, say: Callable
+) -> tuple[torch.nn.Module, Callable]:
+    """``(model, step)`` for ``--loss-impl``: the loss step calls ``step(model, batch, spec, positions, total)``.
+
+    ``model`` is the student, or :class:`~ddk_offline.distillation.loss.FusedLinearLoss` around it, in
+    DistributedDataParallel when there are several ranks (the module itself for one process).
+    """
+    from ddk_offline.distillation.head import choose_loss_impl
+    from ddk_offline.distillation.loss import FusedLinearLoss, fused_linear_step, loss_step
+
+    found = choose_loss_impl(cfg.loss_impl, module, cross=cross is not None, say=say)
+    if found is None:
+        return wrap_ddp(module, env, device), (cross.loss_step if cross is not None else loss_step)
+    return wrap_ddp(FusedLinearLoss(module, *found), env, device), fused_linear_step
 
 
 def _fp32(model: torch.nn.Module) -> torch.nn.Module:

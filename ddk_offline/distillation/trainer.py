@@ -37,7 +37,7 @@ from ddk_offline.distillation.checkpoint import (
 )
 from ddk_offline.distillation.config import DistillConfig
 from ddk_offline.distillation.evaluation import domain_sums, evaluate_model
-from ddk_offline.distillation.loss import LossSpec, loss_step
+from ddk_offline.distillation.loss import LossSpec
 from ddk_offline.distillation.reporters import parse_report_to
 from ddk_offline.distillation.rundir import RunDir, resume_point, saved_config
 from ddk_offline.distillation.runlog import DistillSummary, MetricsWriter, Window
@@ -121,7 +121,7 @@ class Trainer:
         random.seed(cfg.seed)
         student = setup.checked_student(parts.student or setup.build_student, cfg, self.reader, self.cross)
         self.module = student.to(self.device).train()
-        self.model = distributed.wrap_ddp(self.module, env, self.device)  # the module itself for one process
+        self.model, self.loss_step = setup.build_loss(cfg, self.module, self.cross, env, self.device, self.say)
         self.gap = GapStats(self.domains)
         self.window = Window(self.domains)
         self.opt = setup.build_optimizer(self.module, cfg)
@@ -241,7 +241,7 @@ class Trainer:
             n = b.labelled
             b = b.to(self.device, non_blocking=True)
             with distributed.no_sync(self.model, last=i == len(batches) - 1):  # one gradient all-reduce per step
-                r = (self.cross.loss_step if self.cross else loss_step)(self.model, b, self.loss_spec, n, total)
+                r = self.loss_step(self.model, b, self.loss_spec, n, total)
             step_loss += r["loss"]
             args = (b.domain, r["row_ce"], r["row_nll"], r["row_n"])
             if cfg.gap_source == "train":

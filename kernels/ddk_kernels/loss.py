@@ -17,18 +17,23 @@ def _fail(field: str, problem: str, fix: str) -> None:
 
 
 def _check(logits, labels, topk_ids, topk_logits, teacher_lse, temperature, mode, backend) -> None:
+    if logits.dim() != 2 or not logits.is_floating_point():
+        _fail("logits", f"has shape {tuple(logits.shape)} / dtype {logits.dtype}", "pass a float [N, V] tensor "
+              "(flatten batch and sequence with logits.view(-1, V))")  # fmt: skip
+    if logits.stride(-1) != 1:
+        _fail("logits", "has a non-unit stride along the vocabulary", "pass logits.contiguous()")
+    _check_targets(logits.shape[0], "logits", logits.device, labels, topk_ids, topk_logits, teacher_lse, temperature,
+                   mode, backend)  # fmt: skip
+
+
+def _check_targets(N, what, device, labels, topk_ids, topk_logits, teacher_lse, temperature, mode, backend) -> None:
+    """Checks shared by both entry points: options, and labels / teacher targets for ``N`` rows on ``device``."""
     if mode not in KD_MODES:
         _fail("mode", f"is {mode!r}", f"use one of {KD_MODES}")
     if backend not in _BACKENDS:
         _fail("backend", f"is {backend!r}", f"use one of {_BACKENDS}")
     if not temperature > 0:
         _fail("temperature", f"is {temperature!r}", "pass a positive float")
-    if logits.dim() != 2 or not logits.is_floating_point():
-        _fail("logits", f"has shape {tuple(logits.shape)} / dtype {logits.dtype}", "pass a float [N, V] tensor "
-              "(flatten batch and sequence with logits.view(-1, V))")  # fmt: skip
-    if logits.stride(-1) != 1:
-        _fail("logits", "has a non-unit stride along the vocabulary", "pass logits.contiguous()")
-    N = logits.shape[0]
     if labels.shape != (N,) or labels.dtype != torch.int64:
         _fail("labels", f"has shape {tuple(labels.shape)} / dtype {labels.dtype}", f"pass int64 [{N}]")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != N or topk_ids.dtype not in (torch.int32, torch.int64):
@@ -46,13 +51,13 @@ def _check(logits, labels, topk_ids, topk_logits, teacher_lse, temperature, mode
         ("topk_logits", topk_logits),
         ("teacher_lse", teacher_lse),
     ):
-        if t is not None and t.device != logits.device:
-            _fail(name, f"is on {t.device} but logits on {logits.device}", "move all inputs to one device")
+        if t is not None and t.device != device:
+            _fail(name, f"is on {t.device} but {what} on {device}", "move all inputs to one device")
 
 
-def _check_values(logits, labels, topk_ids, ignore_index) -> None:
+def _check_values(logits, labels, topk_ids, ignore_index, V=None) -> None:
     # Out-of-range ids would read outside the row; on GPU check asynchronously (no host sync per step).
-    V = logits.shape[1]
+    V = logits.shape[1] if V is None else V
     labels_ok = ((labels == ignore_index) | ((labels >= 0) & (labels < V))).all()
     ids_ok = (topk_ids < V).all()
     if logits.device.type == "cuda":
