@@ -35,6 +35,12 @@ def sequence_ce(model: torch.nn.Module, input_ids: np.ndarray) -> np.ndarray:
     return (-logp.gather(1, x[0, 1:, None])[:, 0]).numpy()
 
 
+def bootstrap_se(per_seq: np.ndarray, rng: np.random.Generator, draws: int = BOOTSTRAP) -> float:
+    """Bootstrap standard error of the mean of ``per_seq`` (one value per sequence), resampling sequences."""
+    idx = rng.integers(0, len(per_seq), (draws, len(per_seq)))
+    return float(per_seq[idx].mean(axis=1).std())
+
+
 def paired(demo: Path, *, seed: int = 0) -> dict:
     """Per domain and baseline: mean CE difference DDK - baseline, its bootstrap SE over sequences, counts."""
     from transformers import AutoModelForCausalLM
@@ -56,10 +62,9 @@ def paired(demo: Path, *, seed: int = 0) -> dict:
         for other in list(STUDENTS)[1:]:
             per_seq = np.array([(a - b).mean() for a, b in zip(ce["ddk"], ce[other], strict=True)])
             tokens = np.concatenate(ce["ddk"]) - np.concatenate(ce[other])
-            draws = rng.integers(0, len(per_seq), (BOOTSTRAP, len(per_seq)))
             out[domain][other] = {
                 "mean_diff_nats": float(tokens.mean()),
-                "bootstrap_se_nats": float(per_seq[draws].mean(axis=1).std()),
+                "bootstrap_se_nats": bootstrap_se(per_seq, rng),
                 "sequences": len(per_seq),
                 "positions": len(tokens),
             }
