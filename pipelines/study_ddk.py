@@ -12,7 +12,8 @@ Sections (each skipped when its output exists, so a rerun resumes and reuses fin
   3. ONE warm start: a student derived from the teacher, trained once with uniform KD; every arm starts from it.
      Its per-domain PPL ratio on the choices split is recorded (the goal is <= ~3 on every domain).
   4. the arms (``ARMS``), each for every seed, the same steps x batch x seq_len tokens.
-  5. scoring: per-position CE of every final model on the report split (``demo_paired.sequence_ce``).
+  5. scoring, right after each run: per-position CE of its final model on the report split
+     (``demo_paired.sequence_ce``), cached in the run's ``report_scores.json``.
   6. the report (``study_report``): README.md, results.json, PNG plots under OUT/report (and --results).
 """
 
@@ -62,10 +63,10 @@ SIZES: dict[str, dict] = {
         "dump_batch": 4, "choices_fraction": 0.2, "student": "layers=1", "warmup_steps": 4, "warmup_lr": 1e-3,
         "steps": 6, "batch": 2, "lr": 1e-3, "k": 2, "k_small": 1, "k_large": 6, "seeds": "0",
     },
-    "quick": {  # ~60 min for 3 seeds on 2 quiet cores (docs/results/study_ddk_quick)
+    "quick": {  # 2 shared CPU cores (docs/results/study_ddk_quick): what fits ~45 min there, not the paper's regime
         "tokens_per_domain": 6000, "max_doc_chars": 2000, "report_fraction": 0.3, "seq_len": 128, "top_k": 64,
-        "dump_batch": 8, "choices_fraction": 0.1, "student": "layers=20", "warmup_steps": 60, "warmup_lr": 3e-4,
-        "steps": 24, "batch": 4, "lr": 2e-4, "k": 3, "k_small": 1, "k_large": 12, "seeds": "0,1,2",
+        "dump_batch": 8, "choices_fraction": 0.1, "student": "layers=4", "warmup_steps": 50, "warmup_lr": 5e-4,
+        "steps": 16, "batch": 2, "lr": 3e-4, "k": 2, "k_small": 1, "k_large": 8, "seeds": "0,1,2",
     },
     "full": {  # a GPU: documented, not run here
         "tokens_per_domain": 100_000, "max_doc_chars": 6000, "report_fraction": 0.1, "seq_len": 1024, "top_k": 64,
@@ -166,7 +167,7 @@ def teacher_sums(report_dump: Path) -> dict:
 
 
 def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: list[str], device: str = "cpu",
-              results: Path | None = None) -> dict:  # fmt: skip
+              results: Path | None = None, report_only: bool = False) -> dict:  # fmt: skip
     """Run (or resume) the whole study into ``out`` and write its report; returns the report's JSON payload."""
     cfg = SIZES[size]
     start = time.time()
@@ -190,25 +191,20 @@ def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: lis
             _cli("eval", "--dump", str(out / "dump"), "--model", str(warm / "final"), "--device", device, "--json",
                  stdout=f)  # fmt: skip
         (warm / "choices_eval.json.tmp").rename(warm / "choices_eval.json")
-    for seed in seeds:  # seed-major: every arm of seed 0 first, so a cut-short run still compares all arms
-        for name in arms:
-            run = out / "arms" / name / f"seed{seed}"
-            _log(start, f"4. arm {name}, seed {seed}")
-            fresh = train(run, out / "dump", cfg, device, *arm_args(name, cfg, seed, warm / "final"))
-            if fresh or not (run / "seconds.json").is_file():
-                summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-                (run / "seconds.json").write_text(json.dumps({"seconds": summary.get("seconds")}) + "\n")
-    _log(start, "5. scoring on the report split")
     teacher_path = out / "report_teacher.json"
     if not teacher_path.is_file():
         teacher_path.write_text(json.dumps(teacher_sums(out / "report_dump")) + "\n", encoding="utf-8")
-    scores = {}
-    for name in arms:
-        for seed in seeds:
+    scores = {"warmup": {0: score(warm / "final", out / "report_dump", warm / "report_scores.json")}}
+    for seed in seeds:  # seed-major: every arm of seed 0 first, so a cut-short run still compares all arms
+        for name in arms:
             run = out / "arms" / name / f"seed{seed}"
+            if report_only and not (run / "final" / "config.json").is_file():
+                print(f"missing {run} (--report-only: not trained; the report leaves it out)")
+                continue
+            _log(start, f"4. arm {name}, seed {seed}: train, then score on the report split")
+            train(run, out / "dump", cfg, device, *arm_args(name, cfg, seed, warm / "final"))
             scores.setdefault(name, {})[seed] = score(run / "final", out / "report_dump", run / "report_scores.json")
-    scores["warmup"] = {0: score(warm / "final", out / "report_dump", warm / "report_scores.json")}
-    _log(start, "6. report")
+    _log(start, "5-6. report")
     payload = study_report.write_report(out, size=size, cfg=cfg, arms={a: ARMS[a][0] for a in arms}, seeds=seeds,
                                         scores=scores, baseline=BASELINE, results=results)  # fmt: skip
     _log(start, f"done: {out / 'report' / 'README.md'}")
@@ -223,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", help="comma-separated seeds (default: the size's)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument(
+        "--report-only", action="store_true", help="train nothing: report the finished arms x seeds (a study cut short)"
+    )
     ap.add_argument("--results", type=Path, help="also copy the report to RESULTS/study_ddk_SIZE (e.g. docs/results)")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher = str(smollm2_gguf())
     seeds = [int(s) for s in (args.seeds or SIZES[args.size]["seeds"]).split(",")]
     run_study(args.out or ROOT / "runs" / f"study-{args.size}", size=args.size, teacher=teacher, seeds=seeds,
-              arms=arms, device=args.device, results=args.results)  # fmt: skip
+              arms=arms, device=args.device, results=args.results, report_only=args.report_only)  # fmt: skip
     return 0
 
 

@@ -66,26 +66,32 @@ def summarise(scores: dict, teacher: dict, seeds: list[int], baseline: str, *, s
     domains = list(teacher)
     idx = {d: rng.integers(0, len(teacher[d]["nll_sum"]), (BOOTSTRAP, len(teacher[d]["nll_sum"]))) for d in domains}
     arms = [a for a in scores if a != "warmup"]
+    have = {a: [s for s in seeds if s in scores[a]] for a in arms}  # a study cut short may lack some runs
     table, draws = {}, {}
     for arm in arms:
-        per_seed = [ratios(scores[arm][s], teacher) for s in seeds]
+        per_seed = [ratios(scores[arm][s], teacher) for s in have[arm]]
         mw = [_mean_worst(r) for r in per_seed]
-        boot = [_mean_worst(ratios(scores[arm][s], teacher, idx)) for s in seeds]
-        draws[arm] = (np.stack([b[0] for b in boot]), np.stack([b[1] for b in boot]))  # [seeds, B] each
+        draws[arm] = {s: _mean_worst(ratios(scores[arm][s], teacher, idx)) for s in have[arm]}  # ([B], [B])
         row = {d: _spread([float(r[d]) for r in per_seed]) for d in domains}
         row["mean"] = _spread([float(m) for m, _ in mw])
         row["worst"] = _spread([float(w) for _, w in mw])
         row["worst_domain"] = [domains[int(np.argmax([r[d] for d in domains]))] for r in per_seed]
+        row["seeds"] = have[arm]
         table[arm] = row
     versus = {}
     for arm in arms:
-        if arm == baseline:
+        common = [s for s in have[arm] if s in have[baseline]]
+        if arm == baseline or not common:
             continue
-        versus[arm] = {}
+        versus[arm] = {"seeds": common}
         for j, key in enumerate(("mean", "worst")):
-            diff_seeds = np.array(table[arm][key]["values"]) - np.array(table[baseline][key]["values"])
-            se_boot = float((draws[arm][j] - draws[baseline][j]).mean(0).std())
-            se_seed = float(diff_seeds.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else 0.0
+            pick = [table[arm]["seeds"].index(s) for s in common], [table[baseline]["seeds"].index(s) for s in common]
+            diff_seeds = (
+                np.array(table[arm][key]["values"])[pick[0]] - np.array(table[baseline][key]["values"])[pick[1]]
+            )
+            boot = np.mean([draws[arm][s][j] - draws[baseline][s][j] for s in common], axis=0)
+            se_boot = float(boot.std())
+            se_seed = float(diff_seeds.std(ddof=1) / math.sqrt(len(common))) if len(common) > 1 else 0.0
             se = math.hypot(se_boot, se_seed)
             diff = float(diff_seeds.mean())
             versus[arm][key] = {
@@ -98,7 +104,7 @@ def summarise(scores: dict, teacher: dict, seeds: list[int], baseline: str, *, s
                 "worse": diff > 2 * se,
             }
         versus[arm]["beats"] = versus[arm]["mean"]["better"] and versus[arm]["worst"]["better"]
-        versus[arm]["paired_ce"] = _paired_ce(scores[arm], scores[baseline], seeds, domains, rng)
+        versus[arm]["paired_ce"] = _paired_ce(scores[arm], scores[baseline], common, domains, rng)
     warm = {d: float(v) for d, v in ratios(scores["warmup"][0], teacher).items()} if "warmup" in scores else {}
     return {"domains": domains, "table": table, "versus": versus, "warmup_report": warm,
             "sequences": {d: len(teacher[d]["nll_sum"]) for d in domains}}  # fmt: skip
@@ -127,13 +133,13 @@ def _cell(x: dict, bold: bool = False) -> str:
 def _table(summary: dict, rows: tuple[str, ...], labels: dict[str, str]) -> list[str]:
     rows = tuple(r for r in rows if r in summary["table"])
     cols = [*summary["domains"], "mean", "worst"]
-    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for r in rows:
         cells = []
         for c in cols:
             best = min(summary["table"][o][c]["mean"] for o in rows)
             cells.append(_cell(summary["table"][r][c], summary["table"][r][c]["mean"] == best))
-        lines.append(f"| {labels[r]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels[r]} | {len(summary['table'][r]['seeds'])} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -179,15 +185,17 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
         "",
         f"## Against {arms[baseline]} (difference of the seed mean; SE = bootstrap over sequences ⊕ seed spread)",
         "",
-        "| arm | Δ mean ratio | SE (boot, seed) | Δ worst ratio | SE (boot, seed) | per-seed Δ mean | verdict |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| arm | seeds | Δ mean ratio | SE (boot, seed) | Δ worst ratio | SE (boot, seed) | per-seed Δ mean "
+        "| verdict |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for arm, v in summary["versus"].items():
         m, w = v["mean"], v["worst"]
         verdict = ("**better on both by > 2 SE**" if v["beats"] else
                    "worse by > 2 SE" if m["worse"] or w["worse"] else "no difference beyond 2 SE")  # fmt: skip
         lines.append(
-            f"| {arms[arm]} | {m['diff']:+.3f} | {m['se']:.3f} ({m['se_boot']:.3f}, {m['se_seed']:.3f}) | "
+            f"| {arms[arm]} | {','.join(map(str, v['seeds']))} | {m['diff']:+.3f} | "
+            f"{m['se']:.3f} ({m['se_boot']:.3f}, {m['se_seed']:.3f}) | "
             f"{w['diff']:+.3f} | {w['se']:.3f} ({w['se_boot']:.3f}, {w['se_seed']:.3f}) | "
             + ", ".join(f"{x:+.3f}" for x in m["per_seed"])
             + f" | {verdict} |"
@@ -299,8 +307,10 @@ def write_report(study: Path, *, size: str, cfg: dict, arms: dict[str, str], see
     seconds = {}
     for a in arms:
         for s in seeds:
-            path = study / "arms" / a / f"seed{s}" / "seconds.json"
-            seconds[f"{a}/seed{s}"] = json.loads(path.read_text())["seconds"] if path.is_file() else None
+            path = study / "arms" / a / f"seed{s}" / "summary.json"
+            if not path.is_file():
+                continue
+            seconds[f"{a}/seed{s}"] = json.loads(path.read_text()).get("seconds")
     out = study / "report"
     out.mkdir(parents=True, exist_ok=True)
     files = write_plots(out, summary, arms, metrics)
