@@ -56,7 +56,7 @@ def topk_kl(z: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor, lse: tor
     zT = z.float() / T
     lse_s = torch.logsumexp(zT, dim=1)
     valid = ids >= 0
-    idx = ids.clamp_min(0)
+    idx = ids.clamp_min(0).long()
     log_q = zT.gather(1, idx) - lse_s[:, None]
     tT = t_logits.float() / T
     if mode == "tail":
