@@ -166,7 +166,8 @@ class DSKD(CrossMethod):
         dtype = torch.float32 if device.type == "cpu" else self.head.dtype  # CPU matmuls in fp16 are slow
         self.embed, self.head = self.embed.to(device), self.head.to(device, dtype)
         self.bias = self.bias.to(device, torch.float32) if self.bias is not None else None
-        opt.add_param_group({"params": list(self.projectors.parameters()), "lr": PROJECTOR_LR, "weight_decay": 0.0})
+        # The reference adds the group without its own weight decay, so AdamW's 1e-2 applies (its scripts' value too).
+        opt.add_param_group({"params": list(self.projectors.parameters()), "lr": PROJECTOR_LR, "weight_decay": 0.01})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.projectors.state_dict().items()} if self.projectors else {}
