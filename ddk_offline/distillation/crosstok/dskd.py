@@ -163,8 +163,9 @@ class DSKD(CrossMethod):
                 raise UserError("--cross-tokenizer dskd runs in one process (its projectors are not all-reduced)")
         d_s = int(model.get_input_embeddings().weight.shape[1])
         self.projectors = Projectors(d_s, int(self.head.shape[1])).to(device)
-        dtype = torch.float32 if device.type == "cpu" else self.head.dtype  # CPU matmuls in fp16 are slow
-        self.embed, self.head = self.embed.to(device), self.head.to(device, dtype)
+        # The head in float32 (Gemma's: 671 MB): the gradient dz·W_T has entries near (q - p)/T, which float16
+        # would flush to zero, and CPU matmuls in float16 are slow. The embedding is only indexed: stored dtype.
+        self.embed, self.head = self.embed.to(device), self.head.to(device, torch.float32)
         self.bias = self.bias.to(device, torch.float32) if self.bias is not None else None
         # The reference adds the group without its own weight decay, so AdamW's 1e-2 applies (its scripts' value too).
         opt.add_param_group({"params": list(self.projectors.parameters()), "lr": PROJECTOR_LR, "weight_decay": 0.01})
