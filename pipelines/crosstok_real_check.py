@@ -10,7 +10,8 @@ Sections:
 2. dumps through the CLI at the demo's settings (L = 256, k = 64, fp32): Gemma ``--bos auto`` (the teacher), and
    SmolLM2 (a same-tokenizer dump of the same corpus, only for the step-time comparison);
 3. arms, each ``distill`` through the CLI from the same pretrained student, the same steps, batch, learning rate and
-   uniform domain mix (equal budget): ``ce-only`` (``--kd-weight 0``), ``exact-map``, ``uld``; and ``same-tokenizer``
+   uniform domain mix (equal budget): ``ce-only`` (``--kd-weight 0``), ``exact-map``, ``uld``, ``dskd`` (the
+   reference's weights and T = 2; without hidden states in a reused ``--dump``, its s2t half only); ``same-tokenizer``
    (SmolLM2 on its own dump, CE + KL) for the step time. Wall time, teacher tokens per second and peak RSS of each;
 4. evaluation on the val rows: per row, the student's CE over the scored bytes (the span both tokenisations cover,
    docs/CROSSTOK.md) and the teacher's NLL over the same bytes; bits per byte per domain for the teacher, the
@@ -48,7 +49,10 @@ ARMS = {
     "ce-only": ["--cross-tokenizer", "exact-map", "--kd-weight", "0"],
     "exact-map": ["--cross-tokenizer", "exact-map"],
     "uld": ["--cross-tokenizer", "uld"],
-}
+    # The reference's setting (kd_rate 0.5, T = 2; renorm: the dump holds the lse at T = 1 only).
+    "dskd": ["--cross-tokenizer", "dskd", "--ce-weight", "0.5", "--kd-weight", "0.5", "--temperature", "2",
+             "--kd-mode", "renorm"],
+}  # fmt: skip
 BOOTSTRAP = 2000
 LN2 = math.log(2)
 
@@ -78,12 +82,14 @@ def run_measured(*args: str) -> tuple[float, float]:
 
 
 def dump(teacher: str, corpus: Path, out: Path) -> None:
+    """A dump of the corpus at the demo's settings, with the teacher matrices and hidden states (the dskd arm)."""
     if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text()).get("complete"):
         return
     run_measured("dump-teacher", "--teacher", teacher, "--data", str(corpus / "train"), "--out", str(out),
                  "--text-column", "text", "--domain-column", "domain", "--seq-len", str(SEQ_LEN), "--top-k",
                  str(TOP_K), "--batch-size", str(DUMP_BATCH), "--val-fraction", str(VAL_FRACTION), "--dtype",
-                 "float32", "--device", "cpu", "--bos", "auto", "-q")  # fmt: skip
+                 "float32", "--device", "cpu", "--bos", "auto", "--store-teacher-matrices", "--store-hidden-states",
+                 "-q")  # fmt: skip
 
 
 @torch.no_grad()
@@ -187,6 +193,9 @@ def main() -> None:
     train = ["--student", student, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr",
              str(args.lr), "--warmup-steps", "0", "--sampler", "uniform", "--device", "cpu", "--data-workers", "0",
              "--save-every", "0", "--report-to", "none", "-q"]  # fmt: skip
+    if json.loads((gemma_dump / "manifest.json").read_text()).get("teacher_matrices") is None:
+        print("adding the teacher matrices to the Gemma dump (dskd)", flush=True)  # a --dump from before them
+        run_measured("dumps", "add-teacher-matrices", str(gemma_dump))  # the manifest's teacher, checked by hash
     cost = {}
     for name, extra in [*ARMS.items(), ("same-tokenizer", [])]:
         out, dump_dir = work / "runs" / name, same_dump if name == "same-tokenizer" else gemma_dump

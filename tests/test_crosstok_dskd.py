@@ -147,13 +147,30 @@ def test_the_loss_and_its_gradients_match_the_dense_reference(mode, with_t2s):
     assert fields["s2t_kl"] > 0 and (("t2s_ce" in fields) == with_t2s)
 
 
-def test_topk_kl_tail_mode_is_the_full_kl_when_k_covers_the_vocabulary():
-    z, t = torch.randn(4, 9), torch.randn(4, 9) * 2
-    ids = torch.arange(9).repeat(4, 1)
-    kl = topk_kl(z, ids, t, torch.logsumexp(t / T, 1), T, "tail")
-    want = torch.nn.functional.kl_div(torch.log_softmax(z / T, 1), torch.log_softmax(t / T, 1), log_target=True,
-                                      reduction="none").sum(1)  # fmt: skip
-    torch.testing.assert_close(kl, want, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("mode", ["tail", "renorm"])
+@pytest.mark.parametrize("k", [3, 9])
+def test_topk_kl_and_its_gradient_match_autograd_on_the_dense_definition(mode, k):
+    z = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 9, dtype=torch.float64) * 2
+    top = t.topk(k, dim=1)
+    ids = top.indices.clone()
+    ids[0, -1] = -1  # a padded slot
+    kl, grad = topk_kl(z.detach().float(), ids, top.values.float(), torch.logsumexp(t / T, 1).float(), T, mode)
+    log_q = torch.log_softmax(z / T, 1)
+    valid = ids >= 0
+    tl = top.values.masked_fill(~valid, float("-inf"))
+    log_p = tl / T - torch.logsumexp(t / T, 1, keepdim=True) if mode == "tail" else torch.log_softmax(tl / T, 1)
+    p = log_p.exp()
+    want = (p * (log_p.masked_fill(~valid, 0) - log_q.gather(1, ids.clamp_min(0)))).masked_fill(~valid, 0).sum(1)
+    if mode == "tail":
+        inside = torch.zeros_like(z, dtype=torch.bool)
+        for r in range(4):
+            inside[r, ids[r][valid[r]]] = True
+        p_tail, q_tail = 1 - p.sum(1), log_q.exp().masked_fill(inside, 0).sum(1)
+        want = want + torch.where(p_tail > 1e-12, p_tail * (p_tail / q_tail).log(), 0.0)
+    want_grad = torch.autograd.grad(want.sum(), z)[0]
+    torch.testing.assert_close(kl.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
 
 
 # --- through the CLI --------------------------------------------------------------------------------------------

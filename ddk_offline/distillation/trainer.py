@@ -256,7 +256,7 @@ class Trainer:
                 loss_sum=r["loss"], ce_sum=r["ce"], kl_sum=r["kl"], positions=r["positions"], tokens=b.input_ids.numel()
             )
             self.tokens_seen += b.input_ids.numel() * self.env.world
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]  # + dskd's projectors
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         # Before the update: a non-finite step stops the run with the weights of this step untouched.
         guards.check_finite(self.env, self.cfg, step, step_loss, float(norm))

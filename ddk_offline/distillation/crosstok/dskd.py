@@ -16,9 +16,9 @@ embedding output E_T and head W_T from the dump's teacher matrices); x the input
 
 Here ``--ce-weight`` is 1-r and ``--kd-weight`` r (no T², as in the reference). Offline the teacher in s2t_kl is its
 stored top-k (``tail`` mode: plus one bucket for its remaining mass against the s2t distribution's mass outside
-those ids; ``renorm``: the top-k renormalised), and z_s2t [N, V_t] exists one chunk of rows at a time, recomputed in
-the backward (V_t = 262,144 for Gemma). Without the dump's hidden states only the s2t half runs. docs/CROSSTOK.md
-lists every deviation.
+those ids; ``renorm``: the top-k renormalised), and z_s2t [N, V_t] exists one chunk of rows at a time, its
+gradient taken in the forward (V_t = 262,144 for Gemma). Without the dump's hidden states only the s2t half runs.
+docs/CROSSTOK.md lists every deviation.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ddk_offline.distillation.crosstok.batch import IGNORE_INDEX
 from ddk_offline.distillation.crosstok.methods import CrossMethod, register
@@ -37,7 +36,7 @@ from ddk_offline.errors import UserError
 #: AdamW learning rate of the projectors (the reference scripts' ``--projector-lr``).
 PROJECTOR_LR = 1e-3
 #: Rows of teacher-space logits [CHUNK_ROWS, V_t] alive at once in the s2t KL.
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 512
 _MASKED = -1e9  # an attention score that softmax turns into exactly 0 next to any unmasked score
 
 
@@ -49,14 +48,25 @@ def documents(ids: torch.Tensor, eos: int | None) -> torch.Tensor:
     return is_eos.cumsum(1) - is_eos
 
 
-def topk_kl(z: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor, lse: torch.Tensor, T: float, mode: str):
-    """[N] KL(teacher ‖ softmax(z / T)) per row from the teacher's top-k (ids [N, k], -1 = padding; raw logits; lse at
-    T) over logits z [N, V]. ``tail``: the teacher's mass beyond its k ids is one bucket, matched to the student's mass
-    outside them (taken from the complement's logsumexp, never 1 - Σq); ``renorm``: the k ids' softmax at T."""
+def topk_kl(
+    z: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor, lse: torch.Tensor, T: float, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(teacher ‖ softmax(z / T)) per row from the teacher's top-k, and its gradient w.r.t. z.
+
+    Args:
+        z: [N, V] logits. ids: [N, k] the teacher's top-k ids (-1 = padding). t_logits: [N, k] its raw logits.
+        lse: [N] its logsumexp at T. T: temperature. mode: ``tail`` (the teacher's mass beyond its k ids is one
+            bucket, matched to the student's mass outside them, taken from the complement's logsumexp, never
+            1 - Σq) or ``renorm`` (the k ids' softmax at T).
+
+    Returns:
+        kl [N] and d kl / d z [N, V] (DESIGN.md §3: (q_v - p_v) / T on the ids; q_v - p_tail·c_v outside them, c the
+        complement's softmax, in ``tail`` mode).
+    """
     zT = z.float() / T
     lse_s = torch.logsumexp(zT, dim=1)
     valid = ids >= 0
-    idx = ids.clamp_min(0)
+    idx = ids.clamp_min(0).long()
     log_q = zT.gather(1, idx) - lse_s[:, None]
     tT = t_logits.float() / T
     if mode == "tail":
@@ -66,15 +76,48 @@ def topk_kl(z: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor, lse: tor
     log_p = log_p.masked_fill(~valid, 0.0)
     p = log_p.exp() * valid
     kl = (p * (log_p - log_q)).sum(1)
+    grad = zT.sub_(lse_s[:, None]).exp_()  # q, in place of zT (no second [N, V] buffer)
     if mode == "tail":
-        in_top = torch.zeros(z.shape, dtype=torch.int8, device=z.device).scatter_reduce(
-            1, idx, valid.to(torch.int8), "amax"
-        )
-        # A finite fill: when the k ids are the whole vocabulary, p_tail = 0 and the term stays 0 (not 0 * -inf).
-        log_q_tail = torch.logsumexp(zT.masked_fill(in_top.bool(), -1e30), dim=1) - lse_s
-        p_tail = (1.0 - p.sum(1)).clamp_min(0.0).masked_fill(in_top.bool().all(1), 0.0)  # no tail: no mass there
-        kl = kl + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
-    return kl
+        in_top = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, idx, valid)
+        in_top[:, 0] = (idx == 0).logical_and(valid).any(1)  # padded slots (idx 0) may have written False there
+        q_out = grad.masked_fill(in_top, 0.0)
+        q_tail = q_out.sum(1)
+        # log q_tail from the complement's own sum of probabilities, not 1 - Σq (pure rounding when Σq -> 1).
+        p_tail = (1.0 - p.sum(1)).clamp_min(0.0).masked_fill(~(q_out > 0).any(1), 0.0)
+        kl = kl + torch.xlogy(p_tail, p_tail) - torch.xlogy(p_tail, q_tail)
+        grad.sub_(q_out * (p_tail / q_tail.clamp_min(torch.finfo(torch.float32).tiny))[:, None])
+    grad.scatter_add_(1, idx, -p)
+    return kl, grad.div_(T)
+
+
+class _S2TKL(torch.autograd.Function):
+    """Σ_rows topk_kl(h @ headᵀ (+ bias, soft-cap)) over chunks of rows; the gradient w.r.t. h is computed in the
+    forward, chunk by chunk ([C, V] logits, then dz @ head), so no [N, V] tensor is kept for the backward and none is
+    recomputed: one matmul for the logits and one for the gradient per chunk (as a fused linear cross-entropy does)."""
+
+    @staticmethod
+    def forward(ctx, h, ids, t_logits, lse, head, bias, softcap, T, mode, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            part = slice(s, s + chunk)
+            z = (h[part].to(head.dtype) @ head.T).float()
+            if bias is not None:
+                z = z + bias
+            capped = softcap * torch.tanh(z / softcap) if softcap else z
+            kl, dz = topk_kl(capped, ids[part], t_logits[part], lse[part], T, mode)
+            if softcap:
+                dz = dz * (1.0 - (capped / softcap) ** 2)
+            total += kl.sum()
+            grad_h[part] = (dz.to(head.dtype) @ head).float()
+        ctx.save_for_backward(grad_h)
+        ctx.h_dtype = h.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_out).to(ctx.h_dtype), *([None] * 9)
 
 
 class Projectors(torch.nn.Module):
@@ -120,10 +163,12 @@ class DSKD(CrossMethod):
                 raise UserError("--cross-tokenizer dskd runs in one process (its projectors are not all-reduced)")
         d_s = int(model.get_input_embeddings().weight.shape[1])
         self.projectors = Projectors(d_s, int(self.head.shape[1])).to(device)
-        dtype = torch.float32 if device.type == "cpu" else self.head.dtype  # CPU matmuls in fp16 are slow
-        self.embed, self.head = self.embed.to(device), self.head.to(device, dtype)
+        # The head in float32 (Gemma's: 671 MB): the gradient dz·W_T has entries near (q - p)/T, which float16
+        # would flush to zero, and CPU matmuls in float16 are slow. The embedding is only indexed: stored dtype.
+        self.embed, self.head = self.embed.to(device), self.head.to(device, torch.float32)
         self.bias = self.bias.to(device, torch.float32) if self.bias is not None else None
-        opt.add_param_group({"params": list(self.projectors.parameters()), "lr": PROJECTOR_LR, "weight_decay": 0.0})
+        # The reference adds the group without its own weight decay, so AdamW's 1e-2 applies (its scripts' value too).
+        opt.add_param_group({"params": list(self.projectors.parameters()), "lr": PROJECTOR_LR, "weight_decay": 0.01})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.projectors.state_dict().items()} if self.projectors else {}
@@ -131,23 +176,11 @@ class DSKD(CrossMethod):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.projectors.load_state_dict(state)
 
-    def _teacher_logits(self, h: torch.Tensor) -> torch.Tensor:
-        z = (h.to(self.head.dtype) @ self.head.T).float()
-        if self.bias is not None:
-            z = z + self.bias
-        return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
-
     def _s2t_kl(self, h, ids, t_logits, lse, spec) -> torch.Tensor:
-        """Σ of the s2t KL over rows of h [N, D_t], CHUNK_ROWS rows of teacher-space logits at a time."""
-        total = h.new_zeros((), dtype=torch.float32)
-
-        def chunk(h_c, ids_c, logits_c, lse_c):
-            return topk_kl(self._teacher_logits(h_c), ids_c, logits_c, lse_c, spec.temperature, spec.mode).sum()
-
-        for s in range(0, h.shape[0], self.chunk_rows):
-            part = slice(s, s + self.chunk_rows)
-            total = total + checkpoint(chunk, h[part], ids[part], t_logits[part], lse[part], use_reentrant=False)
-        return total
+        """Σ of the s2t KL over rows of h [N, D_t]: at most ``chunk_rows`` rows of teacher-space logits at a time."""
+        return _S2TKL.apply(
+            h, ids, t_logits, lse, self.head, self.bias, self.softcap, spec.temperature, spec.mode, self.chunk_rows
+        )
 
     def kd(self, flat, batch, spec, *, hidden=None, model=None):
         model = getattr(model, "module", model)
