@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 try:  # imported as pipelines.demo_corpus (tests, other pipelines)
-    from .demo_sources import COLLECTORS, DOMAIN_INFO, Doc, SourceMissing
+    from .demo_sources import COLLECTORS, DOMAIN_INFO, STUDY_COLLECTORS, Doc, SourceMissing
 except ImportError:  # run as a script: its own folder is on sys.path
-    from demo_sources import COLLECTORS, DOMAIN_INFO, Doc, SourceMissing
+    from demo_sources import COLLECTORS, DOMAIN_INFO, STUDY_COLLECTORS, Doc, SourceMissing
 
 MANIFEST_VERSION = 1
-DOMAINS = tuple(COLLECTORS)
+DOMAINS = tuple(COLLECTORS)  # the demo's four (the default)
+STUDY_DOMAINS = DOMAINS + tuple(STUDY_COLLECTORS)  # seven, for pipelines/study_ddk.py (--domains study)
 # tokens_per_domain counts train + val text tokens (the dump adds one EOS per document on top).
 SIZES = {
     "quick": {"tokens_per_domain": 8_000, "max_doc_chars": 2_000},  # 4 domains: ~32k tokens, CPU demo
@@ -121,7 +122,7 @@ def chunk_doc(doc: Doc, max_chars: int) -> list[Doc]:
         return [doc]
     if doc.domain == "code":
         units, sep = _CODE_UNIT.split(doc.text), "\n"
-    elif doc.domain == "multilingual":
+    elif doc.domain in ("multilingual", "manpages"):  # roff has few blank lines: cut at line ends
         units, sep = doc.text.split("\n"), "\n"
     else:
         units, sep = _PARAGRAPH.split(doc.text), "\n\n"
@@ -194,7 +195,7 @@ def build_demo_corpus(
         val_fraction: share of each domain's budget given to held-out documents, in [0, 0.5].
         seed: shuffling seed; the same seed and sources give byte-identical files.
         max_doc_chars: documents longer than this are chunked at natural boundaries.
-        domains: which of ``DOMAINS`` to build.
+        domains: which of ``STUDY_DOMAINS`` to build (default: the demo's ``DOMAINS``).
         token_counter: exact counter (``load_token_counter``); default: ``estimate_tokens``.
         require_all: raise when a domain's source is missing instead of skipping the domain.
         verbose: print the per-domain summary table.
@@ -206,9 +207,9 @@ def build_demo_corpus(
         ValueError: a bad argument (the message names it and the accepted values).
         SourceMissing: ``require_all`` and a source is absent, or no domain could be built at all.
     """
-    unknown = sorted(set(domains) - set(DOMAINS))
+    unknown = sorted(set(domains) - set(STUDY_DOMAINS))
     if unknown:
-        raise ValueError(f"domains: unknown {unknown}; choose from {list(DOMAINS)}")
+        raise ValueError(f"domains: unknown {unknown}; choose from {list(STUDY_DOMAINS)}")
     if not 0.0 <= val_fraction <= 0.5:
         raise ValueError(f"val_fraction: {val_fraction} is outside [0, 0.5]")
     if tokens_per_domain < MIN_DOC_TOKENS or max_doc_chars < 200:
@@ -226,7 +227,7 @@ def build_demo_corpus(
     }
     for domain in sorted(domains):
         try:
-            whole = COLLECTORS[domain]()
+            whole = {**COLLECTORS, **STUDY_COLLECTORS}[domain]()  # looked up now: tests patch COLLECTORS
         except SourceMissing as exc:
             if require_all:
                 raise
@@ -283,7 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-doc-chars", type=int, help="override the preset's maximum document length")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of each domain (0 to 0.5)")
     p.add_argument("--seed", type=int, default=0, help="shuffling seed")
-    p.add_argument("--domains", default=",".join(DOMAINS), help=f"comma-separated subset of {','.join(DOMAINS)}")
+    p.add_argument(
+        "--domains",
+        default=",".join(DOMAINS),
+        help=f"comma-separated subset of {','.join(STUDY_DOMAINS)}, or 'study' for all seven (default: the demo's 4)",
+    )
     p.add_argument("--tokenizer", help="count tokens exactly with this tokenizer (model folder or .gguf file)")
     p.add_argument(
         "--require-all", action="store_true", help="fail instead of skipping a domain whose source is absent"
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         max_doc_chars=args.max_doc_chars or preset["max_doc_chars"],
         val_fraction=args.val_fraction,
         seed=args.seed,
-        domains=[d.strip() for d in args.domains.split(",") if d.strip()],
+        domains=STUDY_DOMAINS if args.domains == "study" else [d.strip() for d in args.domains.split(",") if d.strip()],
         token_counter=load_token_counter(args.tokenizer) if args.tokenizer else None,
         require_all=args.require_all,
     )

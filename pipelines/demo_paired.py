@@ -35,6 +35,26 @@ def sequence_ce(model: torch.nn.Module, input_ids: np.ndarray) -> np.ndarray:
     return (-logp.gather(1, x[0, 1:, None])[:, 0]).numpy()
 
 
+@torch.inference_mode()
+def batch_ce(model: torch.nn.Module, input_ids: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """``sequence_ce`` for sequences of one length, ``batch_size`` at a time: [n, L] ids -> [n, L - 1] CE (nats).
+
+    Several times faster than one sequence at a time on a CPU (measured 3x on 2 shared cores, 4-layer student)."""
+    x = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    out = []
+    for i in range(0, len(x), batch_size):
+        ids = x[i : i + batch_size]
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        out.append(-logp.gather(2, ids[:, 1:, None])[..., 0])
+    return torch.cat(out).numpy() if out else np.zeros((0, max(0, x.shape[-1] - 1)), dtype=np.float32)
+
+
+def bootstrap_se(per_seq: np.ndarray, rng: np.random.Generator, draws: int = BOOTSTRAP) -> float:
+    """Bootstrap standard error of the mean of ``per_seq`` (one value per sequence), resampling sequences."""
+    idx = rng.integers(0, len(per_seq), (draws, len(per_seq)))
+    return float(per_seq[idx].mean(axis=1).std())
+
+
 def paired(demo: Path, *, seed: int = 0) -> dict:
     """Per domain and baseline: mean CE difference DDK - baseline, its bootstrap SE over sequences, counts."""
     from transformers import AutoModelForCausalLM
@@ -56,10 +76,9 @@ def paired(demo: Path, *, seed: int = 0) -> dict:
         for other in list(STUDENTS)[1:]:
             per_seq = np.array([(a - b).mean() for a, b in zip(ce["ddk"], ce[other], strict=True)])
             tokens = np.concatenate(ce["ddk"]) - np.concatenate(ce[other])
-            draws = rng.integers(0, len(per_seq), (BOOTSTRAP, len(per_seq)))
             out[domain][other] = {
                 "mean_diff_nats": float(tokens.mean()),
-                "bootstrap_se_nats": float(per_seq[draws].mean(axis=1).std()),
+                "bootstrap_se_nats": bootstrap_se(per_seq, rng),
                 "sequences": len(per_seq),
                 "positions": len(tokens),
             }

@@ -11,6 +11,7 @@ Provenance and licenses are summarised in ``DOMAIN_INFO`` and explained in docs/
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata as metadata
 import re
 import struct
@@ -20,6 +21,9 @@ from pathlib import Path
 
 COMMON_LICENSES = Path("/usr/share/common-licenses")
 LOCALE_DIR = Path("/usr/share/locale")
+INCLUDE_DIR = Path("/usr/include")
+PERL_DIR = Path("/usr/share/perl")
+MAN_DIR = Path("/usr/share/man")
 
 DOMAIN_INFO: dict[str, dict[str, str]] = {
     "code": {
@@ -39,6 +43,19 @@ DOMAIN_INFO: dict[str, dict[str, str]] = {
         "source": "translated messages of PostgreSQL's gettext catalogs (/usr/share/locale/*/LC_MESSAGES, "
         "Debian postgresql-client / libpq5)",
         "license": "PostgreSQL License (permissive, BSD/MIT-like)",
+    },
+    # The study's extra domains (STUDY_COLLECTORS): read locally, never redistributed by this project.
+    "c": {
+        "source": "C headers at the top of /usr/include (Debian libc6-dev and other -dev packages)",
+        "license": "each file under its package's terms (glibc: LGPL-2.1+); used unmodified, only chunked",
+    },
+    "perl": {
+        "source": "Perl core modules *.pm of one version under /usr/share/perl (Debian perl-modules)",
+        "license": "Perl's terms: GPL-1+ or the Artistic License; used unmodified, only chunked",
+    },
+    "manpages": {
+        "source": "English manual pages in roff, /usr/share/man/man[1-8]/*.gz of the installed packages",
+        "license": "each page under its package's terms (see /usr/share/doc/PACKAGE/copyright); used unmodified",
     },
 }
 
@@ -256,4 +273,51 @@ def collect_multilingual(locale_dir: Path = LOCALE_DIR) -> list[Doc]:
     return docs
 
 
+def collect_c(include_dir: Path = INCLUDE_DIR) -> list[Doc]:
+    """C headers at the top of ``/usr/include`` (mostly glibc's, Debian libc6-dev), one document per file."""
+    docs = []
+    for path in sorted(include_dir.glob("*.h")) if include_dir.is_dir() else []:
+        text = _read_utf8(path)
+        if text and text.strip():
+            docs.append(Doc(clean_text(text), "c", f"usr-include:{path.name}"))
+    if not docs:
+        raise SourceMissing(f"c: no *.h files in {include_dir} (install them with `apt-get install libc6-dev`)")
+    return docs
+
+
+def collect_perl(perl_dir: Path = PERL_DIR) -> list[Doc]:
+    """Perl core modules (``*.pm``, code with its POD documentation), Debian perl-modules, one per file."""
+    versions = sorted(p for p in perl_dir.iterdir() if p.is_dir() and not p.is_symlink()) if perl_dir.is_dir() else []
+    docs = []
+    for root in versions[-1:]:  # one version's tree: 5.36 and 5.36.0 are often the same files twice
+        for path in sorted(root.rglob("*.pm")):
+            text = _read_utf8(path)
+            if text and text.strip():
+                docs.append(Doc(clean_text(text), "perl", f"perl:{path.relative_to(perl_dir).as_posix()}"))
+    if not docs:
+        raise SourceMissing(f"perl: no *.pm modules under {perl_dir} (Debian perl-modules)")
+    return docs
+
+
+def collect_manpages(man_dir: Path = MAN_DIR) -> list[Doc]:
+    """English manual pages in roff source (``man1``-``man8``, gzip), one document per page."""
+    paths = sorted(p for p in man_dir.glob("man[1-8]/*.gz") if p.is_file() and not p.is_symlink())
+    docs = []
+    for path in paths:
+        try:
+            text = gzip.decompress(path.read_bytes()).decode("utf-8")
+        except (OSError, UnicodeDecodeError, EOFError):
+            continue
+        text = clean_text(text)
+        if len(text) >= 200 and not text.startswith(".so "):  # skip `.so` redirects to another page
+            docs.append(Doc(text, "manpages", f"man:{path.relative_to(man_dir).as_posix()}"))
+    if not docs:
+        raise SourceMissing(f"manpages: no gzip'd pages under {man_dir}/man[1-8]")
+    return docs
+
+
 COLLECTORS = {"code": collect_code, "docs": collect_docs, "legal": collect_legal, "multilingual": collect_multilingual}
+# Domains beyond the demo's four, for the DDK study (pipelines/study_ddk.py): more domains whose gaps differ, so
+# reweighting has room to matter. Kept out of COLLECTORS so the demo's corpus and outputs stay as they were.
+STUDY_COLLECTORS = {"c": collect_c, "perl": collect_perl, "manpages": collect_manpages}
+ALL_COLLECTORS = {**COLLECTORS, **STUDY_COLLECTORS}

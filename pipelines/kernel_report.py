@@ -43,9 +43,13 @@ GRIDS = {
     # backward takes ptxas ~30 s per configuration, so the baseline is not compiled over the full grid.
     "compare": dict(targets=["sm_90a"], V=[32000, 50257], K=[16, 64, 128, 256], dtype=["bf16"], mode=["renorm", "tail"],
                     temperature=[1.0, 2.0], id_dtype=["int64"]),
-    # CI: every kernel and mode at the largest K, bf16 and fp32, both temperatures (kernel_compile test).
-    "ci": dict(targets=["sm_90a"], V=[151936], K=[256], dtype=["bf16", "fp32"], mode=["renorm", "tail"],
+    # CI: every kernel and mode at the largest K, bf16 and fp32, both temperatures (kernel_compile test), at an
+    # aligned V and at GPT-2's 50257 (rows in every 16-byte phase: the head / aligned loop / tail split).
+    "ci": dict(targets=["sm_90a"], V=[50257, 151936], K=[256], dtype=["bf16", "fp32"], mode=["renorm", "tail"],
                temperature=[1.0, 2.0], id_dtype=["int64"]),
+    # A minute or two: the issue's target case (T = 1, bf16) at an aligned and an unaligned V, both modes.
+    "quick": dict(targets=["sm_90a"], V=[32000, 50257], K=[128], dtype=["bf16"], mode=["renorm", "tail"],
+                  temperature=[1.0], id_dtype=["int64"]),
 }  # fmt: skip
 TARGETS = {"sm_90a": 90, "sm_80": 80}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -64,6 +68,7 @@ REGS_PER_SM, MAX_THREADS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 2048, 32
 
 COLUMNS = ["kernel", "pass", "target", "V", "K", "dtype", "mode", "temperature", "id_dtype", "block_v", "num_warps",
            "registers", "spills_bytes", "shared_bytes", "blocks_per_sm", "loop_instr", "other_loops_instr",
+           "loop_load_bits", "loop_store_bits", "unroll",
            "instr_per_element", "mufu_per_element", "bytes_per_element", "predicted_floor_fraction_h100",
            "predicted_floor_fraction_h200", "bound_h100"]  # fmt: skip
 
@@ -124,6 +129,18 @@ def hot_loop(sass: str) -> tuple[list[str], int]:
     return found[0], sum(len(b) for b in found[1:])
 
 
+def access_bits(loop: list[str], prefix: str) -> tuple[int, int]:
+    """The narrowest global access of `prefix` (LDG / STG) in the loop, in bits (0 when none), and the bits all
+    of them move per thread and trip. 128 is a vectorised 16-byte access; 16 a bf16 element at a time."""
+    widths = []
+    for t in loop:
+        op = opcode(t)
+        if op.startswith(prefix):
+            m = re.search(r"\.(128|64|U16|S16|U8|S8)\b", op)
+            widths.append(({"128": 128, "64": 64, "U16": 16, "S16": 16}.get(m.group(1), 8)) if m else 32)
+    return (min(widths), sum(widths)) if widths else (0, 0)
+
+
 def opcode(text: str) -> str:
     parts = text.split()
     return parts[1] if parts[0].startswith("@") else parts[0]
@@ -153,7 +170,10 @@ def _signature(fn, cfg: dict, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"  # V, K, strides, ignore_index: the JIT passes Python ints below 2^31 as i32
-        if name.endswith("_ptr") or (div16 and (name == "V" or name.endswith("stride") and "logits" in name)):
+        # The JIT specialises pointers and integers divisible by 16: the launcher's aligned bases, a column offset
+        # of 0 (contiguous logits), V and the row strides of contiguous [N, V] logits and gradient when 16 | V.
+        row_stride = name.endswith("stride") and ("logits" in name or "grad" in name)
+        if name.endswith("_ptr") or name.endswith("col0") or (div16 and (name == "V" or row_stride)):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -208,19 +228,26 @@ def worker(configs: list[dict]) -> list[dict]:
                                       check=True).stdout  # fmt: skip
                 res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
                 loop, other = hot_loop(sass)
+                (load_bits, load_total), (store_bits, _) = access_bits(loop, "LDG"), access_bits(loop, "STG")
                 cache[key] = dict(registers=int(res["REG"]), spills_bytes=int(res["LOCAL"]) + int(res["STACK"]),
                                   shared_bytes=int(res["SHARED"]), loop_instr=len(loop), other_loops_instr=other,
-                                  loop_mufu=sum(opcode(t).startswith("MUFU") for t in loop))  # fmt: skip
+                                  loop_mufu=sum(opcode(t).startswith("MUFU") for t in loop), loop_load_bits=load_bits,
+                                  loop_store_bits=store_bits, load_total_bits=load_total)  # fmt: skip
             c = cache[key]
             block_v = constexprs.get("BLOCK_V", 0)
             per_thread = block_v / (32 * lc["num_warps"]) if block_v else 1.0
             kind = "forward" if "fwd" in kname else "backward" if "bwd" in kname else "other"
             b = DTYPE_BYTES[cfg["dtype"]]
+            # Loop trips per block of BLOCK_V elements: > 1 when the compiler unrolled the loop; the per-element
+            # counts divide by the elements one trip covers (the loads' bits over the element's).
+            unroll = max(1, round(c["load_total_bits"] / (8 * b * per_thread))) if block_v else 1
+            per_thread *= unroll
             row = dict(kernel=kname, **{"pass": kind}, target=cfg["target"], V=cfg["V"], K=cfg["K"], dtype=cfg["dtype"],
                        mode=cfg["mode"], temperature=cfg["temperature"], id_dtype=cfg["id_dtype"], block_v=block_v,
                        num_warps=lc["num_warps"], registers=c["registers"], spills_bytes=c["spills_bytes"],
                        shared_bytes=c["shared_bytes"], loop_instr=c["loop_instr"],
-                       other_loops_instr=c["other_loops_instr"],
+                       other_loops_instr=c["other_loops_instr"], loop_load_bits=c["loop_load_bits"],
+                       loop_store_bits=c["loop_store_bits"], unroll=unroll,
                        instr_per_element=round(c["loop_instr"] / per_thread, 2),
                        mufu_per_element=round(c["loop_mufu"] / per_thread, 3),
                        bytes_per_element=lc.get("bytes", {}).get(kind, b if kind == "forward" else 2 * b))  # fmt: skip
@@ -311,6 +338,8 @@ def summary(rows: list[dict]) -> list[dict]:
                         ipe=max(r["instr_per_element"] for r in g), mufu=max(r["mufu_per_element"] for r in g),
                         h100=min(r["predicted_floor_fraction_h100"] for r in g),
                         h200=min(r["predicted_floor_fraction_h200"] for r in g),
+                        ld=min(int(r.get("loop_load_bits", 0)) for r in g),
+                        st=min(int(r.get("loop_store_bits", 0)) for r in g),
                         bound=sorted({r["bound_h100"] for r in g})))  # fmt: skip
     return out
 
@@ -322,6 +351,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def _bits(s: dict) -> str:
+    """The hot loop's narrowest load (and store, when it stores) in bits: 128 = 16-byte vector accesses."""
+    return f"{s['ld']}/{s['st']}" if s["st"] else f"{s['ld']}"
+
+
 def markdown(rows: list[dict], base: list[dict] | None, base_rev: str | None, meta: dict) -> str:
     lines = ["# Fused KD kernels compiled for GPU targets on the CPU", "",
              f"Generated by `python pipelines/kernel_report.py{' --baseline ' + base_rev if base_rev else ''}` "
@@ -330,16 +364,16 @@ def markdown(rows: list[dict], base: list[dict] | None, base_rev: str | None, me
              "## Targets (sm_90a)", "", "| target | measured | met |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {w} | {m} | {'yes' if ok else '**no**'} |" for w, m, ok in target_check(rows)]
     lines += ["", "## Per kernel (worst over V and id dtype)", "",
-              "| target | kernel | mode | T | dtype | K | regs | spills B | instr/elem | MUFU/elem | H100 floor | "
-              "H200 floor | H100 bound |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| target | kernel | mode | T | dtype | K | regs | spills B | instr/elem | MUFU/elem | load/store bits | "
+              "H100 floor | H200 floor | H100 bound |", "|---" * 14 + "|"]  # fmt: skip
     for s in summary(rows):
         lines.append(f"| {s['target']} | {s['kernel']} | {s['mode']} | {s['T']:g} | {s['dtype']} | {s['K']} | "
-                     f"{s['regs']} | {s['spills']} | {s['ipe']:g} | {s['mufu']:g} | {s['h100']:.0%} | {s['h200']:.0%} "
-                     f"| {'/'.join(s['bound'])} |")  # fmt: skip
+                     f"{s['regs']} | {s['spills']} | {s['ipe']:g} | {s['mufu']:g} | {_bits(s)} | {s['h100']:.0%} | "
+                     f"{s['h200']:.0%} | {'/'.join(s['bound'])} |")  # fmt: skip
     if base:
         lines += ["", f"## Before (`{base_rev}`) and after, sm_90a bf16, worst over V and id dtype", "",
-                  "| pass | mode | T | K | regs before → after | spills B | instr/elem | MUFU/elem | H100 floor |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| pass | mode | T | K | regs before → after | spills B | instr/elem | MUFU/elem | load/store bits | "
+                  "H100 floor |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         kind = lambda s: "forward" if "fwd" in s["kernel"] else "backward" if "bwd" in s["kernel"] else "other"  # noqa: E731
         before = {(kind(s), s["mode"], s["T"], s["K"]): s for s in summary(base)
                   if s["target"] == "sm_90a" and s["dtype"] == "bf16"}  # fmt: skip
@@ -349,7 +383,7 @@ def markdown(rows: list[dict], base: list[dict] | None, base_rev: str | None, me
                 continue
             lines.append(f"| {kind(s)} | {s['mode']} | {s['T']:g} | {s['K']} | {b['regs']} → {s['regs']} | "
                          f"{b['spills']} → {s['spills']} | {b['ipe']:g} → {s['ipe']:g} | {b['mufu']:g} → {s['mufu']:g} "
-                         f"| {b['h100']:.0%} → {s['h100']:.0%} |")  # fmt: skip
+                         f"| {_bits(b)} → {_bits(s)} | {b['h100']:.0%} → {s['h100']:.0%} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The KD kernels' autotuner (GPU only) keeps its choices in-process: tests write nothing under ~/.cache.
+os.environ.setdefault("DDK_KD_AUTOTUNE_CACHE", "off")
 
 
 @pytest.fixture(autouse=True)

@@ -43,7 +43,7 @@ def test_without_the_flag_the_refusal_names_it(cli, dump, student, tmp_path):
     proc = cli("distill", "--dump", str(dump), "--out", str(tmp_path / "run"), "--student", str(student), *TRAIN,
                check=False)  # fmt: skip
     assert proc.returncode != 0
-    assert "--cross-tokenizer exact-map|uld" in proc.stderr + proc.stdout
+    assert "--cross-tokenizer exact-map|uld|dskd" in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()
 
 

@@ -21,7 +21,7 @@ _BAD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 def missing_sources() -> dict[str, str]:
     """domain -> why it is missing, for the domains whose source this machine lacks (checked once)."""
     missing = {}
-    for domain, collect in ds.COLLECTORS.items():
+    for domain, collect in ds.ALL_COLLECTORS.items():
         try:
             collect()
         except ds.SourceMissing as exc:
@@ -41,17 +41,26 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.split("\n") if line]
 
 
-@pytest.mark.parametrize("domain", dc.DOMAINS)
+@pytest.mark.parametrize("domain", dc.STUDY_DOMAINS)
 def test_each_source_gives_clean_documents(domain):
     if domain in missing_sources():
         pytest.skip(f"source absent on this machine: {missing_sources()[domain]}")
-    docs = ds.COLLECTORS[domain]()
+    docs = ds.ALL_COLLECTORS[domain]()
     assert len(docs) >= 5, f"{domain}: only {len(docs)} documents"
     assert {d.domain for d in docs} == {domain}
     assert len({d.source for d in docs}) == len(docs), "sources must name documents uniquely"
     for d in docs:
         assert d.text.strip() and not _BAD_CONTROL.search(d.text), d.source
-    assert [d.source for d in ds.COLLECTORS[domain]()] == [d.source for d in docs], "listing must be stable"
+    assert [d.source for d in ds.ALL_COLLECTORS[domain]()] == [d.source for d in docs], "listing must be stable"
+
+
+def test_the_demo_keeps_its_four_domains_and_the_study_adds_three(tmp_path):
+    assert dc.DOMAINS == ("code", "docs", "legal", "multilingual"), "the demo's corpus (and outputs) must not change"
+    assert dc.STUDY_DOMAINS[:4] == dc.DOMAINS and len(dc.STUDY_DOMAINS) >= 6
+    manifest = dc.build_demo_corpus(tmp_path, domains=dc.STUDY_DOMAINS, seed=1, verbose=False, **TINY)
+    assert set(manifest["domains"]) == set(dc.STUDY_DOMAINS) - set(missing_sources())
+    with pytest.raises(ValueError, match="unknown"):
+        dc.build_demo_corpus(tmp_path, domains=["nope"], verbose=False)
 
 
 def test_layout_schema_and_domains(tiny_corpus):

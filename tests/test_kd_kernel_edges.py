@@ -54,9 +54,46 @@ def test_strided_and_offset_logits(backend):
     loss = fused_kd_loss(base[:, 5 : 5 + V_ODD], labels, ids, tlog, tlse, backend=backend, **kw)
     (loss * 2.5).backward()
     loss_c, _, _, grad_c = run(backend, x, labels, ids, tlog, tlse, **kw)
-    assert torch.equal(loss.detach(), loss_c)
-    assert torch.equal(base.grad[:, 5 : 5 + V_ODD], grad_c)
+    if backend == "torch":
+        assert torch.equal(loss.detach(), loss_c)
+        assert torch.equal(base.grad[:, 5 : 5 + V_ODD], grad_c)
+    else:  # the row's 16-byte phase decides which lane sums which element: the same value up to rounding
+        assert_close(loss.detach(), loss_c, rtol=1e-6, atol=0.0, name="loss")
+        assert_close(base.grad[:, 5 : 5 + V_ODD], grad_c, rtol=1e-2, atol=1e-6, name="grad")
     assert (base.grad[:, :5] == 0).all() and (base.grad[:, 5 + V_ODD :] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("V, offset", [(5, 3), (13, 1), (2048 + 11, 3), (2 * 2048 + 7, 0)])
+def test_unaligned_heads_and_tails_match_oracle(dtype, V, offset):
+    # Rows of a wider buffer seen from column `offset`: each row starts in another 16-byte phase, so the kernels
+    # take a masked head (cut short when V is shorter than it), aligned full blocks and a masked tail.
+    logits, labels, ids, tlog, tlse = make_inputs(5, V, 4, dtype, 1.0, ignored=(2,))
+    wide = torch.zeros(5, V + 2 * offset + 5, device=DEVICE, dtype=dtype)
+    wide[:, offset : offset + V] = logits
+    leaf = wide.clone().requires_grad_(True)
+    loss = fused_kd_loss(leaf[:, offset : offset + V], labels, ids, tlog, tlse, mode="tail", backend="triton")
+    (loss * 2.5).backward()
+    loss_o, _, _, grad_o = run_oracle(logits, labels, ids, tlog, tlse, mode="tail")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close(loss.detach(), loss_o, rtol=tol, atol=0.0, name="loss")
+    assert_close(leaf.grad[:, offset : offset + V], grad_o, rtol=tol, atol=tol * grad_o.abs().max().item(),
+                 name="grad")  # fmt: skip
+    assert (leaf.grad[:, :offset] == 0).all() and (leaf.grad[:, offset + V :] == 0).all()
+
+
+def test_out_of_place_gradient_keeps_the_logits_phase():
+    # The backward's 128-bit stores need the gradient's rows in the logits' 16-byte phase (kd_triton.grad_like).
+    from ddk_kernels.kd_triton import _aligned, grad_like
+
+    wide = torch.zeros(4, 1000, dtype=torch.bfloat16, device=DEVICE)
+    for view in (wide[:, 3:990], wide[1:, :997], wide[:, :]):
+        grad = grad_like(view)
+        assert grad.shape == view.shape and grad.dtype == view.dtype
+        assert grad.stride() == view.stride() and grad.data_ptr() % 16 == view.data_ptr() % 16
+        # what the kernels are handed: a 16-byte-aligned base and the column of the view's first element from it
+        base, col0 = _aligned(view)
+        assert base.data_ptr() % 16 == 0 and base.data_ptr() + 2 * col0 == view.data_ptr()
 
 
 def test_fp16_small_gradients_are_not_flushed():

@@ -81,7 +81,9 @@ def register(app: typer.Typer) -> None:
         cross_tokenizer: Optional[str] = typer.Option(
             None,
             help="A student with its own tokenizer: the KD method, exact-map (teacher ids with the same bytes) | "
-            "uld (sorted-probability distance). The dump's rows are re-tokenised once and aligned byte for byte.",
+            "uld (sorted-probability distance) | dskd (dual-space KD with cross-model attention; needs the dump's "
+            "teacher matrices, and its hidden states for the t2s half). The dump's rows are re-tokenised once and "
+            "aligned byte for byte.",
         ),
         student_tokenizer: Optional[str] = typer.Option(
             None, help="With --cross-tokenizer: the student's tokenizer (folder or .gguf; default: --student's)."

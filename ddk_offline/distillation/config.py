@@ -32,7 +32,7 @@ RESUMABLE_CHANGES = frozenset(
     | {"loss_impl"}  # the same loss either way (to floating-point rounding)
 )
 #: ``--cross-tokenizer`` methods (distillation/crosstok/methods.py registers one class each).
-CROSS_METHODS = ("exact-map", "uld")
+CROSS_METHODS = ("exact-map", "uld", "dskd")
 #: ``--loss-impl`` choices (distillation/head.py decides what ``auto`` means for a student).
 LOSS_IMPLS = ("auto", "fused-linear", "logits")
 
@@ -77,8 +77,8 @@ class DistillConfig:
         data_workers: processes that decode the dump's rows for training and evaluation (None: the spare cores,
             see :func:`ddk_offline.format.workers.auto_workers`; 0: a thread of this process). The batches are
             bit-identical for every value, so a resume may change it.
-        cross_tokenizer: a student whose tokenizer differs from the dump's: the KD method (``exact-map``, ``uld``;
-            see :mod:`ddk_offline.distillation.crosstok`). None: the student must share the dump's vocabulary.
+        cross_tokenizer: a student whose tokenizer differs from the dump's: the KD method (``exact-map``, ``uld``,
+            ``dskd``; see :mod:`ddk_offline.distillation.crosstok`). None: the student must share the dump's vocabulary.
         student_tokenizer: the student's tokenizer (a folder, hub name or ``.gguf``; default: ``student``'s).
         student_rows: where the student's aligned rows are cached (default: ``<dump>/student_rows`` when the dump
             is a writable local folder, else ``<out>/student_rows``).

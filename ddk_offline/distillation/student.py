@@ -298,7 +298,7 @@ def check_vocab(
             f"Student vocabulary does not match the teacher dump {dump_path}: " + "; ".join(problems) + ". "
             f"Fix: derive the student from the teacher (a derive spec such as 'layers=8'), or pass a student "
             f"config with vocab_size={expected} (and train with the dump's tokenizer); a student with its own "
-            "tokenizer trains with --cross-tokenizer exact-map|uld."
+            "tokenizer trains with --cross-tokenizer exact-map|uld|dskd."
         )
 
 

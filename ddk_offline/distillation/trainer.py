@@ -125,6 +125,8 @@ class Trainer:
         self.gap = GapStats(self.domains)
         self.window = Window(self.domains)
         self.opt = setup.build_optimizer(self.module, cfg)
+        if self.cross is not None:  # dskd's projectors join the optimiser (own lr) before the schedule wraps it
+            self.cross.attach(self.module, self.opt, self.device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: setup.lr_factor(s, cfg.warmup_steps, cfg.max_steps)
         )
@@ -160,10 +162,13 @@ class Trainer:
             "rng": rng["json"],
         }
         tensors = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng["tensors"]}
+        tensors["cross"] = self.cross.state_dict() if self.cross is not None else {}
         save_checkpoint(self.out, self.step, model=self.module, tensors=tensors, state=state)
 
     def _restore(self, ckpt) -> None:
         ckpt.load_model(self.module)
+        if self.cross is not None:
+            self.cross.load_state_dict(ckpt.tensors.get("cross", {}))
         self.opt.load_state_dict(ckpt.tensors["optimizer"])
         self.sched.load_state_dict(ckpt.tensors["scheduler"])
         s = ckpt.state

@@ -19,7 +19,10 @@ Why v2 issues few instructions per element (pipelines/kernel_report.py counts th
 - everything about the top-k ids and the label (their gradient, duplicates as a scatter-add) happens once per
   row after the vocabulary loop, in O(K) work: the ids are sorted on the host so duplicates are adjacent runs,
   summed by a segmented scan (no K x K comparison, whose registers stayed live through the loop in v1).
-- the loop runs over full blocks unmasked; one masked block handles the remainder.
+- the loop runs over full blocks unmasked and 16-byte aligned, so every thread loads (and the backward stores) its
+  elements with 128-bit accesses whatever V, the row stride or the base offset: a masked head block reaches the
+  row's first aligned element, a masked tail block takes the remainder (the launcher passes a 16-byte-aligned base
+  pointer and the column of the tensor's first element from it; the out-of-place gradient gets the logits' phase).
 
 Numerics: every logsumexp is kept as (m, r) with lse = m + log2(1 + r), r the sum of 2^(x - m) over all elements
 but one maximum, so 1 - softmax(max) = r / (1 + r) never cancels (confident rows stay exact); the label gradient
@@ -31,43 +34,30 @@ removed exactly, and when the rest still cancels by more than 2^TAIL_AMP_BITS th
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ddk_kernels.kd_triton_math import _expm1, _log2_1p, _merge_lanes, _online, _online_pair, _seg_sum
+from ddk_kernels import kd_tune
+from ddk_kernels.kd_triton_math import (
+    _bwd_masked,
+    _complement_pass,
+    _expm1,
+    _fwd_masked,
+    _grad_block,
+    _log2_1p,
+    _merge_lanes,
+    _online,
+    _online_pair,
+    _seg_sum,
+    _teacher_probs,
+)
 from ddk_kernels.spec import KDSpec
 
 MAX_BLOCK_V = 2048  # 8 elements per thread at 8 warps: one 16-byte bf16 load; tests lower it to get several blocks
 TAIL_AMP_BITS = 4  # tail mode: a complement sum that cancels by more than 2^4 is recomputed by a masked pass
-# A jit function reads no Python globals: the constants below are repeated as literals in the kernels.
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-@triton.jit
-def _teacher_probs(ids_row_ptr, t_row_ptr, tlse_ptr, K, c_t, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
-    # ids_row_ptr: [K] int sorted ascending, t_row_ptr: [K] float, tlse_ptr: [] fp32 natural lse at T (tail only).
-    # Returns ids [BLOCK_K] int64, ok (valid slot), p, log2 p, P = Σp + p_tail, p_tail.
-    kk = tl.arange(0, BLOCK_K)
-    ids = tl.load(ids_row_ptr + kk, mask=kk < K, other=-1).to(tl.int64)
-    ok = (kk < K) & (ids >= 0)
-    u = tl.load(t_row_ptr + kk, mask=ok, other=0.0).to(tl.float32) * c_t
-    if MODE == 1:  # tail (spec.TAIL)
-        log2p = u - tl.load(tlse_ptr) * 1.4426950408889634
-        p = tl.where(ok, tl.exp2(log2p), 0.0)
-        p_tail = tl.maximum(1.0 - tl.sum(p, 0), 0.0)
-    else:
-        um = tl.where(ok, u, float("-inf"))
-        mx = tl.max(um, 0)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)  # every slot padded: p = 0, KL = 0
-        e = tl.where(ok, tl.exp2(um - mx), 0.0)
-        se = tl.sum(e, 0)
-        se_safe = tl.where(se > 0.0, se, 1.0)
-        log2p = (u - mx) - tl.log2(se_safe)
-        p = e / se_safe
-        p_tail = tl.sum(p, 0) * 0.0
-    return ids, ok, p, log2p, tl.sum(p, 0) + p_tail, p_tail
 
 
 @triton.jit
@@ -81,6 +71,7 @@ def _kd_fwd_kernel(
     kl_ptr,  # [N] fp32 out: KL per row (0 where ignored)
     stats_ptr,  # [N, 8] fp32 out, base 2: m1, l1, mT, lT, mC, lC (lse2 = m + l), 1/q_tail (tail), unused
     logits_stride,
+    logits_col0,  # column of logits[0, 0] from the 16-byte-aligned logits_ptr
     ids_stride,
     tlogits_stride,
     V,
@@ -91,32 +82,35 @@ def _kd_fwd_kernel(
     T_ONE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,  # elements per 16 bytes
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(labels_ptr + row)
     valid = y != ignore_index
-    row_ptr = logits_ptr + row * logits_stride
+    row_off = row * logits_stride + logits_col0
+    row_ptr = logits_ptr + row_off
     c_t = inv_t * 1.4426950408889634
     lanes = tl.arange(0, BLOCK_V)
     m1 = tl.full((BLOCK_V,), -1.0e30, tl.float32)
     r1 = tl.zeros((BLOCK_V,), tl.float32)
     r_t = tl.zeros((BLOCK_V,), tl.float32)  # Σ 2^(x/T) per lane, relative to 2^(m1/T) (T != 1)
     v_row = tl.where(valid, V, 0)  # ignored rows cost no vocabulary pass
-    n_full = v_row // BLOCK_V
+    head = tl.minimum(((VEC - row_off % VEC) % VEC).to(tl.int32), v_row)  # before the first aligned element
+    if head > 0:  # aligned rows (16 | stride, e.g. V = 32000) skip it
+        m1, r1, r_t = _fwd_masked(m1, r1, r_t, row_ptr, 0, head, inv_t, T_ONE, BLOCK_V)
+    n_full = (v_row - head) // BLOCK_V
+    start = tl.multiple_of(row_off + head, VEC)  # 16-byte aligned: 128-bit loads
     for b in range(0, n_full):  # unmasked: no predicate per element
-        z = tl.load(row_ptr + b * BLOCK_V + lanes).to(tl.float32)
+        z = tl.load(logits_ptr + start + b * BLOCK_V + lanes).to(tl.float32)
         if T_ONE:
             m1, r1 = _online(m1, r1, z * 1.4426950408889634)
         else:
             m1, r1, r_t = _online_pair(m1, r1, r_t, z * 1.4426950408889634, inv_t)
-    offs = n_full * BLOCK_V + lanes
-    z = tl.load(row_ptr + offs, mask=offs < v_row, other=float("-inf")).to(tl.float32)
+    m1, r1, r_t = _fwd_masked(m1, r1, r_t, row_ptr, head + n_full * BLOCK_V, v_row, inv_t, T_ONE, BLOCK_V)
     if T_ONE:
-        m1, r1 = _online(m1, r1, z * 1.4426950408889634)
         big1, rr1 = _merge_lanes(m1, r1, 1.0)
         big_t, rr_t = big1, rr1
     else:
-        m1, r1, r_t = _online_pair(m1, r1, r_t, z * 1.4426950408889634, inv_t)
         big1, rr1 = _merge_lanes(m1, r1, 1.0)
         big_t, rr_t = _merge_lanes(m1, r_t, inv_t)
     # Ignored rows skipped the pass: give them finite dummy states (their outputs are zeroed below).
@@ -149,20 +143,7 @@ def _kd_fwd_kernel(
         base = rr_t + (1.0 - n_max)  # the ids at the maximum leave exactly: no rounding, no cancellation
         comp = base - rest
         if valid & (comp <= base * 0.0625):  # cancelled by more than 2^TAIL_AMP_BITS: mask the ids, new pass
-            m_c = tl.full((BLOCK_V,), -1.0e30, tl.float32)
-            r_c = tl.zeros((BLOCK_V,), tl.float32)
-            j = tl.zeros((), tl.int32)
-            sid = tl.load(ids_row + j, mask=j < K, other=2147483647).to(tl.int64)
-            for b in range(0, tl.cdiv(V, BLOCK_V)):
-                offs = b * BLOCK_V + lanes
-                xt = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * c_t
-                while sid < (b + 1) * BLOCK_V:  # the sorted ids of this block, K steps per row in all
-                    xt = tl.where(offs == sid, float("-inf"), xt)
-                    j += 1
-                    sid = tl.load(ids_row + j, mask=j < K, other=2147483647).to(tl.int64)
-                m_c, r_c = _online(m_c, r_c, xt)
-            big_c, rr_c = _merge_lanes(m_c, r_c, 1.0)
-            l_c = _log2_1p(rr_c)
+            big_c, l_c = _complement_pass(row_ptr, ids_row, V, K, c_t, BLOCK_V)
         else:
             l_c = tl.log2(tl.where(comp > 0.0, comp, 1.0))
         log2_qtail = (big_c - big_t) + (l_c - l_t)
@@ -185,15 +166,6 @@ def _kd_fwd_kernel(
 
 
 @triton.jit
-def _grad_block(z, a1, lse1, a_t, lse_t, c_t, T_ONE: tl.constexpr):
-    # d loss / d z for the elements outside the label and the top-k ids: a1·q1 + a_t·q_T, one exp2 per q.
-    if T_ONE:
-        return a1 * tl.exp2(z * 1.4426950408889634 - lse1)
-    else:
-        return a1 * tl.exp2(z * 1.4426950408889634 - lse1) + a_t * tl.exp2(z * c_t - lse_t)
-
-
-@triton.jit
 def _kd_bwd_kernel(
     logits_ptr,  # [N, V] fp32/bf16/fp16 (read), row stride logits_stride
     grad_ptr,  # [N, V] same dtype (written); may be the logits buffer itself (in-place)
@@ -204,7 +176,9 @@ def _kd_bwd_kernel(
     stats_ptr,  # [N, 8] fp32 from the forward
     scale_ptr,  # [2] fp32: grad_output·α/n_valid, grad_output·γ·T/n_valid
     logits_stride,
+    logits_col0,  # column of logits[0, 0] from the 16-byte-aligned logits_ptr
     grad_stride,
+    grad_col0,  # the same for grad_ptr
     ids_stride,
     tlogits_stride,
     V,
@@ -215,12 +189,16 @@ def _kd_bwd_kernel(
     T_ONE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,  # elements per 16 bytes
+    GRAD_ALIGNED: tl.constexpr,  # grad's columns have the logits' 16-byte phase in every row: 128-bit stores
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(labels_ptr + row)
     valid = y != ignore_index
-    row_ptr = logits_ptr + row * logits_stride
-    grow_ptr = grad_ptr + row * grad_stride
+    row_off = row * logits_stride + logits_col0
+    grow_off = row * grad_stride + grad_col0
+    row_ptr = logits_ptr + row_off
+    grow_ptr = grad_ptr + grow_off
     c_t = inv_t * 1.4426950408889634
     c_ce = tl.load(scale_ptr)
     c_kl = tl.load(scale_ptr + 1)
@@ -253,16 +231,17 @@ def _kd_bwd_kernel(
     zk = tl.load(row_ptr + ids, mask=okv, other=0.0).to(tl.float32)
     tl.debug_barrier()
     lanes = tl.arange(0, BLOCK_V)
-    n_full = V // BLOCK_V
-    for b in range(0, n_full):  # unmasked
-        offs = b * BLOCK_V + lanes
-        z = tl.load(row_ptr + offs).to(tl.float32)
+    head = tl.minimum(((VEC - row_off % VEC) % VEC).to(tl.int32), V)  # as in the forward
+    if head > 0:
+        _bwd_masked(row_ptr, grow_ptr, 0, head, a1, lse1, a_t, lse_t, c_t, T_ONE, BLOCK_V)
+    n_full = (V - head) // BLOCK_V
+    start = tl.multiple_of(row_off + head, VEC)
+    gstart = tl.multiple_of(grow_off + head, VEC) if GRAD_ALIGNED else grow_off + head
+    for b in range(0, n_full):  # unmasked, aligned loads (and stores when GRAD_ALIGNED)
+        z = tl.load(logits_ptr + start + b * BLOCK_V + lanes).to(tl.float32)
         g = _grad_block(z, a1, lse1, a_t, lse_t, c_t, T_ONE)
-        tl.store(grow_ptr + offs, g.to(grad_ptr.dtype.element_ty))
-    offs = n_full * BLOCK_V + lanes
-    z = tl.load(row_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
-    g = _grad_block(z, a1, lse1, a_t, lse_t, c_t, T_ONE)
-    tl.store(grow_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < V)
+        tl.store(grad_ptr + gstart + b * BLOCK_V + lanes, g.to(grad_ptr.dtype.element_ty))
+    _bwd_masked(row_ptr, grow_ptr, head + n_full * BLOCK_V, V, a1, lse1, a_t, lse_t, c_t, T_ONE, BLOCK_V)
     # Rewrite the label and the top-k ids from fp32 (the -1 and -p added before rounding), O(K) per row: the ids
     # are sorted, so the p of duplicates (a scatter-add) is a segmented sum over each run, stored once per run.
     tl.debug_barrier()
@@ -286,16 +265,32 @@ def _kd_bwd_kernel(
     tl.store(grow_ptr + y, gy.to(grad_ptr.dtype.element_ty), mask=valid & (y_in_ids == 0))
 
 
-def launch_config(V: int, K: int, elem_bytes: int, mode: int, temperature: float) -> dict:
-    """Constexprs and warps of both kernels for one problem (pipelines/kernel_report.py compiles the same).
+def launch_config(V: int, K: int, elem_bytes: int, mode: int, temperature: float, config: dict | None = None) -> dict:
+    """``{"*": {"constexprs", "num_warps"}}`` of both kernels (kernel_report.py compiles the same); ``config``
+    ({"BLOCK_V", "num_warps"}) overrides the static default; GRAD_ALIGNED as for a gradient from :func:`grad_like`."""
+    cfg = {**kd_tune.static_config(V, min(MAX_BLOCK_V, triton.next_power_of_2(V))), **(config or {})}
+    constexprs = dict(MODE=mode, T_ONE=temperature == 1.0, BLOCK_V=cfg["BLOCK_V"],
+                      BLOCK_K=triton.next_power_of_2(max(K, 1)), VEC=16 // elem_bytes, GRAD_ALIGNED=True)  # fmt: skip
+    return {"*": dict(constexprs=constexprs, num_warps=cfg["num_warps"])}
 
-    Returns ``{"*": {"constexprs": {...}, "num_warps": int}}`` (``"*"``: every kernel).
-    """
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
-    block_k = triton.next_power_of_2(max(K, 1))
-    num_warps = 8 if block_v >= 2048 else 4
-    constexprs = dict(MODE=mode, T_ONE=temperature == 1.0, BLOCK_V=block_v, BLOCK_K=block_k)
-    return {"*": dict(constexprs=constexprs, num_warps=num_warps)}
+
+def _aligned(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`t` seen from the 16-byte-aligned address at or before its first element, and that element's column there."""
+    col0 = (t.data_ptr() % 16) // t.element_size()
+    if col0 == 0 or t.storage_offset() < col0:  # aligned already, or a storage that is not (no vector loads then)
+        return t, 0
+    return t.as_strided(t.shape, t.stride(), t.storage_offset() - col0), col0
+
+
+def grad_like(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient with the logits' row stride and 16-byte phase, so the backward stores 128 bits
+    (``empty_like`` of a ``logits[:, :V]`` view would be contiguous, its rows in another phase)."""
+    (N, V), stride = logits.shape, logits.stride(0)
+    if logits.is_contiguous() or N == 0 or stride > V + V // 8 + 64:  # a much wider buffer is not worth the memory
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    col0 = (logits.data_ptr() % 16) // logits.element_size()
+    buf = torch.empty((N - 1) * stride + V + col0, dtype=logits.dtype, device=logits.device)
+    return buf.as_strided((N, V), (stride, 1), col0)
 
 
 def sort_targets(topk_ids: torch.Tensor, topk_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,8 +300,21 @@ def sort_targets(topk_ids: torch.Tensor, topk_logits: torch.Tensor) -> tuple[tor
     return ids.contiguous(), topk_logits.gather(1, perm).contiguous()
 
 
-def kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec):
-    """Launch the forward kernel on sorted targets (:func:`sort_targets`). Returns (ce [N], kl [N], stats [N, 8])."""
+def _choose(pass_: str, logits, K: int, spec: KDSpec, config: dict | None) -> dict:
+    """`config`, else on CUDA the tuner's choice (kd_tune), else the static default: the launch's constexprs."""
+    V, eb = logits.shape[1], logits.element_size()
+    compiled = logits.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    if config is None and compiled and kd_tune.autotune_enabled():
+        default = kd_tune.static_config(V, min(MAX_BLOCK_V, triton.next_power_of_2(V)))
+        config = kd_tune.tuned(pass_, logits, K, spec, default, kd_forward, kd_backward)
+    return launch_config(V, K, eb, spec.mode, spec.temperature, config)["*"]
+
+
+def kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec, *, config=None, _out=None):
+    """Launch the forward kernel on sorted targets (:func:`sort_targets`). Returns (ce [N], kl [N], stats [N, 8]).
+
+    ``config`` ({"BLOCK_V", "num_warps"}) replaces the tuned / static launch configuration.
+    """
     N, V = logits.shape
     K = topk_ids.shape[1]
     dev = logits.device
@@ -317,27 +325,38 @@ def kd_forward(logits, labels, topk_ids, topk_logits, teacher_lse, spec: KDSpec)
         return ce, kl, stats
     if not spec.uses_lse:
         teacher_lse = ce  # never read (the branches that read it are compiled out)
-    cfg = launch_config(V, K, logits.element_size(), spec.mode, spec.temperature)["*"]
-    _kd_fwd_kernel[(N,)](
-        logits, labels, topk_ids, topk_logits, teacher_lse, ce, kl, stats,
-        logits.stride(0), topk_ids.stride(0), topk_logits.stride(0),
+    cfg = _choose("forward", logits, K, spec, config)
+    cfg["constexprs"].pop("GRAD_ALIGNED")
+    base, col0 = _aligned(logits)
+    kernel = _kd_fwd_kernel[(N,)](
+        base, labels, topk_ids, topk_logits, teacher_lse, ce, kl, stats,
+        logits.stride(0), col0, topk_ids.stride(0), topk_logits.stride(0),
         V, K, spec.ignore_index, spec.inv_t, **cfg["constexprs"], num_warps=cfg["num_warps"],
     )  # fmt: skip
+    if _out is not None:
+        _out.append(kernel)  # the tuner reads registers and spills from the compiled kernel
     return ce, kl, stats
 
 
-def kd_backward(logits, grad, labels, topk_ids, topk_logits, teacher_lse, stats, scale, spec: KDSpec):
-    """Launch the backward kernel, writing d loss / d logits into `grad` (which may be `logits`)."""
+def kd_backward(logits, grad, labels, topk_ids, topk_logits, teacher_lse, stats, scale, spec: KDSpec, *, config=None,
+                _out=None):  # fmt: skip
+    """Launch the backward kernel, writing d loss / d logits into `grad` (`logits` itself, or :func:`grad_like`)."""
     N, V = logits.shape
     if N == 0:
         return grad
     K = topk_ids.shape[1]
-    cfg = launch_config(V, K, logits.element_size(), spec.mode, spec.temperature)["*"]
-    _kd_bwd_kernel[(N,)](
-        logits, grad, labels, topk_ids, topk_logits, teacher_lse if spec.uses_lse else stats, stats, scale,
-        logits.stride(0), grad.stride(0), topk_ids.stride(0), topk_logits.stride(0),
+    cfg = _choose("backward", logits, K, spec, config)
+    base, col0 = _aligned(logits)
+    gbase, gcol0 = _aligned(grad)
+    vec = cfg["constexprs"]["VEC"]
+    cfg["constexprs"]["GRAD_ALIGNED"] = (grad.stride(0) - logits.stride(0)) % vec == 0 and (gcol0 - col0) % vec == 0
+    kernel = _kd_bwd_kernel[(N,)](
+        base, gbase, labels, topk_ids, topk_logits, teacher_lse if spec.uses_lse else stats, stats, scale,
+        logits.stride(0), col0, grad.stride(0), gcol0, topk_ids.stride(0), topk_logits.stride(0),
         V, K, spec.ignore_index, spec.inv_t, **cfg["constexprs"], num_warps=cfg["num_warps"],
     )  # fmt: skip
+    if _out is not None:
+        _out.append(kernel)
     return grad
 
 
@@ -372,7 +391,7 @@ class TritonKDLoss(torch.autograd.Function):
         spec = ctx.spec
         g = grad_loss.to(torch.float32) / n_valid
         scale = torch.stack([g * spec.alpha, g * (spec.gamma * spec.temperature)]).contiguous()
-        grad = logits if spec.inplace else torch.empty_like(logits)
+        grad = logits if spec.inplace else grad_like(logits)
         ctx.grad_written_in_place = spec.inplace
         kd_backward(logits, grad, labels, ids, tlog, tlse, stats, scale, spec)
         if spec.inplace:

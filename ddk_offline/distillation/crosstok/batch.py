@@ -26,6 +26,7 @@ class StudentBatch:
         scored_student: [B, Ls] bool, positions predicting the scored bytes.
         scored_teacher: [B, L] bool, the teacher's positions predicting the same bytes.
         nbytes: [B] int64 bytes of each row's scored span.
+        teacher_hidden: [B, L, D_t] float32 teacher hidden states of the rows (dskd with a dump that has them).
     """
 
     input_ids: torch.Tensor
@@ -35,17 +36,25 @@ class StudentBatch:
     scored_student: torch.Tensor
     scored_teacher: torch.Tensor
     nbytes: torch.Tensor
+    teacher_hidden: torch.Tensor | None = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> StudentBatch:
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+        moved = {
+            f.name: _apply(getattr(self, f.name), lambda t: t.to(device, non_blocking=non_blocking))
+            for f in fields(self)
+        }
         return StudentBatch(**moved)
 
     def pin_memory(self) -> StudentBatch:
-        return StudentBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return StudentBatch(**{f.name: _apply(getattr(self, f.name), lambda t: t.pin_memory()) for f in fields(self)})
 
     @property
     def labelled(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
+
+
+def _apply(t: torch.Tensor | None, fn) -> torch.Tensor | None:
+    return fn(t) if t is not None else None
 
 
 def student_batch(rows: Sequence[RowAlignment], *, teacher_len: int, pad_id: int, bos_id: int | None) -> StudentBatch:

@@ -53,6 +53,18 @@ class CrossMethod:
     def kd(self, flat: torch.Tensor, batch: Any, spec: Any) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
+    def bind(self, reader: Any, say: Any) -> None:
+        """Read what the method needs from the dump besides the rows (dskd: the teacher matrices)."""
+
+    def attach(self, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> None:
+        """Add the method's own trainable parameters to the optimiser (none here)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     def log_fields(self) -> dict[str, float]:
         """Extra numbers for the metrics row since the last call (e.g. the mapped teacher mass)."""
         return {}

