@@ -158,7 +158,8 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
         f"uniform KD, lr {cfg['warmup_lr']}); every arm starts from that checkpoint and trains {cfg['steps']} steps "
         f"x {cfg['batch']} x {cfg['seq_len']} = {tokens} tokens, lr {cfg['lr']}, K = {cfg['k']} "
         f"(K too small = {cfg['k_small']}, too large = {cfg['k_large']}), gamma 0.2, T 1.",
-        f"- Seeds: {seeds}. Report split: held-out documents, "
+        f"- Seeds requested: {seeds}; the seeds each arm has are in the tables' `seeds` column (a study cut short "
+        "reports what finished). Report split: held-out documents, "
         + ", ".join(f"{d} {n}" for d, n in summary["sequences"].items())
         + " sequences; nothing was tuned on it (the warm start was checked on the choices split).",
         "",
