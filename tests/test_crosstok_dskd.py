@@ -113,6 +113,7 @@ def dense_reference(m, model, flat, hidden, batch, mode, with_t2s=True):
                 continue
             w = torch.softmax(torch.stack([score[i, j] for i in is_]), 0)
             z = ((w @ torch.stack([P.s2t(hidden[b, i]) for i in is_])) @ m.head.T).double()
+            z = m.softcap * torch.tanh(z / m.softcap) if m.softcap else z
             log_q = torch.log_softmax(z / T, 0)
             ids, tl = batch.topk_ids[b, j], batch.topk_logits[b, j].double()
             if mode == "tail":
@@ -126,11 +127,15 @@ def dense_reference(m, model, flat, hidden, batch, mode, with_t2s=True):
     return total
 
 
-@pytest.mark.parametrize("mode", ["tail", "renorm"])
-@pytest.mark.parametrize("with_t2s", [True, False])
-def test_the_loss_and_its_gradients_match_the_dense_reference(mode, with_t2s):
+@pytest.mark.parametrize(
+    ("mode", "with_t2s", "softcap"),
+    [("tail", True, None), ("tail", False, None), ("renorm", True, None), ("renorm", False, None),
+     ("tail", False, 3.0), ("renorm", True, 3.0)],  # the soft-capped head takes its own chunked path
+)  # fmt: skip
+def test_the_loss_and_its_gradients_match_the_dense_reference(mode, with_t2s, softcap):
     model = tiny.make_model(Vs, hidden=8, layers=1, heads=2, max_pos=32)
     m = _method(model, with_t2s)
+    m.softcap = softcap
     batch = _micro(mode)
     flat = torch.randn(10, Vs, requires_grad=True)
     hidden = torch.randn(2, 5, 8, requires_grad=True)

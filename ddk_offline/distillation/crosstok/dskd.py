@@ -35,7 +35,7 @@ from ddk_offline.errors import UserError
 
 #: AdamW learning rate of the projectors (the reference scripts' ``--projector-lr``).
 PROJECTOR_LR = 1e-3
-#: Rows of teacher-space logits [CHUNK_ROWS, V_t] alive at once in the s2t KL.
+#: Rows of soft-capped teacher-space logits [CHUNK_ROWS, V_t] alive at once in the s2t KL (the soft-cap path).
 CHUNK_ROWS = 512
 _MASKED = -1e9  # an attention score that softmax turns into exactly 0 next to any unmasked score
 
@@ -139,7 +139,7 @@ class DSKD(CrossMethod):
         super().__init__(teacher, student)
         self.projectors: Projectors | None = None
         self.with_t2s = False
-        self.chunk_rows = CHUNK_ROWS
+        self.chunk_rows: int | None = None  # s2t tile rows (None: fused_linear_kd_loss's memory budget)
         self._sums = torch.zeros(6, dtype=torch.float64)  # t2s_ce, t2s_kl, t2s_acc, student n, s2t_kl, teacher n
 
     def bind(self, reader: Any, say) -> None:
@@ -177,10 +177,23 @@ class DSKD(CrossMethod):
         self.projectors.load_state_dict(state)
 
     def _s2t_kl(self, h, ids, t_logits, lse, spec) -> torch.Tensor:
-        """Σ of the s2t KL over rows of h [N, D_t]: at most ``chunk_rows`` rows of teacher-space logits at a time."""
-        return _S2TKL.apply(
-            h, ids, t_logits, lse, self.head, self.bias, self.softcap, spec.temperature, spec.mode, self.chunk_rows
-        )
+        """Σ of the s2t KL over rows of h [N, D_t], through the teacher head without the [N, V_t] logits.
+
+        :func:`ddk_kernels.fused_linear_kd_loss` (the trainer's loss: tiles of rows x vocabulary, Triton on CUDA)
+        with alpha = 0 and gamma = N / T², so its mean of T²·KL over rows is the sum of the KLs. A soft-capped
+        teacher head (Gemma-2's ``final_logit_softcapping``), which that loss does not take, goes through
+        :class:`_S2TKL`, ``chunk_rows`` rows of capped logits at a time."""
+        from ddk_kernels import fused_linear_kd_loss  # lazy, as the trainer's loss
+
+        T, n = spec.temperature, h.shape[0]
+        if self.softcap:
+            return _S2TKL.apply(h, ids, t_logits, lse, self.head, self.bias, self.softcap, T, spec.mode,
+                                self.chunk_rows or CHUNK_ROWS)  # fmt: skip
+        if n == 0:
+            return h.sum() * 0.0
+        labels = torch.zeros(n, dtype=torch.long, device=h.device)  # alpha = 0: the CE is not used; no row ignored
+        return fused_linear_kd_loss(h, self.head, labels, ids, t_logits, lse, bias=self.bias, temperature=T,
+                                    alpha=0.0, gamma=n / T**2, mode=spec.mode, chunk_rows=self.chunk_rows)  # fmt: skip
 
     def kd(self, flat, batch, spec, *, hidden=None, model=None):
         model = getattr(model, "module", model)
