@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import study_report
+from pipelines import study_ddk, study_report
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("kd", "ddk", "cpt-doremi")  # a subset keeps the test short; the arms share one code path
+ARMS = ("kd", "ddk")  # a subset keeps the test short; the arms share one code path (the rest: arm_args below)
 SEEDS = (0, 1)
 
 
@@ -49,7 +49,7 @@ def test_every_arm_starts_from_the_one_warm_start_and_trains_on_the_one_dump(stu
         assert cfg["seed"] == seed
     budgets = {(c["max_steps"], c["batch_size"]) for c in cfgs.values()}
     assert len(budgets) == 1, "every arm gets the same token budget"
-    assert {a: cfgs[(a, 0)]["kd_weight"] for a in ARMS} == {"kd": 0.2, "ddk": 0.2, "cpt-doremi": 0.0}
+    assert {a: cfgs[(a, 0)]["kd_weight"] for a in ARMS} == {"kd": 0.2, "ddk": 0.2}
     assert cfgs[("ddk", 0)]["ddk_signal"] == "ppl-ratio"
     report_dump = json.loads((study / "report_dump" / "manifest.json").read_text())
     assert report_dump["complete"]
@@ -87,6 +87,26 @@ def test_a_rerun_reuses_every_finished_arm(study, teacher_dir):
     proc = _study(study, teacher_dir)
     assert proc.stdout.count("reusing") == 4 + len(ARMS) * len(SEEDS)  # corpus, two dumps, warm start, the arms
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_every_arm_has_the_same_budget_and_its_own_sampler_and_weights():
+    cfg, warm = study_ddk.SIZES["smoke"], Path("w")
+    args = {name: study_ddk.arm_args(name, cfg, 3, warm) for name in study_ddk.ARMS}
+
+    def flag(a: list[str], name: str) -> str:
+        return a[a.index(name) + 1]
+
+    assert {
+        (flag(a, "--max-steps"), flag(a, "--lr"), flag(a, "--seed"), flag(a, "--student")) for a in args.values()
+    } == {(str(cfg["steps"]), str(cfg["lr"]), "3", "w")}
+    assert {n: flag(a, "--kd-weight") for n, a in args.items() if n.startswith("cpt")} == {
+        "cpt": "0",
+        "cpt-doremi": "0",
+    }
+    assert flag(args["cpt-doremi"], "--sampler") == "doremi" and flag(args["ddk"], "--ddk-signal") == "ppl-ratio"
+    assert flag(args["ddk-no-smoothing"], "--ddk-alpha") == "1.0"
+    K = {n: flag(a, "--ddk-interval") for n, a in args.items()}
+    assert (K["ddk-k-small"], K["ddk"], K["ddk-k-large"]) == (str(cfg["k_small"]), str(cfg["k"]), str(cfg["k_large"]))
 
 
 def test_ratios_and_combined_errors_by_hand():
