@@ -6,7 +6,7 @@
 #
 # Set-up, only for what is missing: the CPU torch wheel first (a plain `torch` requirement pulls several GB of
 # CUDA packages on a bare machine; a machine with torch keeps its own build), then `pip install -e ".[dev]"`.
-# Expected time on 2 CPU cores without a GPU: ~7 min for the suite, plus ~2 min of installs on a bare machine.
+# Expected time on 2 CPU cores without a GPU: ~13-16 min for the suite, plus ~2 min of installs on a bare machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
