@@ -263,6 +263,55 @@ def test_resolve_references_refuses_a_pointer_past_the_live_entries():
         resolve_references(ids, np.array([[0, -1, -1], [-1, -1, -1]]), refs, next_token, vocab_size=10)
 
 
+def _resolve_by_definition(ids, pointer, refs, next_token):
+    """resolve_references spelled out (docs/CODEC.md): row by row, pointer p names the p-th id of the row's
+    reference rows, concatenated, that is neither the next token nor listed earlier."""
+    out = ids.copy()
+    for n in range(len(out)):
+        live, seen = [], {int(next_token[n])}
+        for x in (int(x) for r in refs[n] if r >= 0 for x in out[r]):
+            if x not in seen:
+                seen.add(x)
+                live.append(x)
+        for j in np.flatnonzero(pointer[n] >= 0):
+            out[n, j] = live[pointer[n, j]]
+    return out
+
+
+def _random_pointer_rows(rng, L: int, K: int, vocab: int, text_vocab: int):
+    """Valid resolve_references input: random ids and text, each entry a pointer with probability 1/2 (a
+    uniform live index of its row, so chains of pointers through pointers run as deep as the text allows)."""
+    tokens = rng.integers(0, text_vocab, L)
+    refs = reference_rows(tokens)
+    next_token = np.append(tokens[1:], -1)
+    ids = rng.integers(0, vocab, (L, K))
+    pointer = np.full((L, K), -1)
+    decoded = ids.copy()
+    for n in range(L):
+        seen = {int(next_token[n])}
+        live = [x for x in (int(x) for r in refs[n] if r >= 0 for x in decoded[r]) if x not in seen and not seen.add(x)]
+        for j in range(K):
+            if live and rng.random() < 0.5:
+                pointer[n, j] = rng.integers(0, len(live))
+                decoded[n, j] = live[pointer[n, j]]
+    return ids, pointer, refs, next_token, decoded
+
+
+@pytest.mark.parametrize("L,K,text_vocab", [(1, 4, 3), (2, 1, 1), (40, 8, 3), (64, 5, 1), (30, 16, 50)])
+def test_resolve_references_matches_its_definition(L, K, text_vocab):
+    # text_vocab 1: every row's same-token chain runs through all earlier rows (the longest pointer chains).
+    rng = np.random.default_rng(L * 1000 + K)
+    for _ in range(3):
+        ids, pointer, refs, next_token, decoded = _random_pointer_rows(rng, L, K, 12, text_vocab)
+        assert np.array_equal(_resolve_by_definition(ids, pointer, refs, next_token), decoded)
+        assert np.array_equal(resolve_references(ids, pointer, refs, next_token, vocab_size=12), decoded)
+        if (pointer >= 0).any():  # one pointer past its row's live entries: refused, not wrapped around
+            bad = pointer.copy()
+            bad.reshape(-1)[np.flatnonzero(pointer >= 0)[-1]] += 10 * K
+            with pytest.raises(ValueError, match="missing reference"):
+                resolve_references(ids, bad, refs, next_token, vocab_size=12)
+
+
 # A layout-1 blob written by ddk-offline 0.1 (before layout 2 existed): L = 6, k = 4, vocab 50.
 V1_BLOB = bytes.fromhex(
     "444b544b011406000000040013000000170000000000000012000000000000000f000000020000000c0000000000000019000000"
