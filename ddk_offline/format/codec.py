@@ -288,9 +288,11 @@ class TopKCodec:
         counts += [(n, True) for n in n_cont] if version == 1 else [(n, False) for n in n_cont + n_cont]
         streams = read_int_streams(it, counts, h, self._dctx)
         n_rise = len(rise_slices)
-        rise = np.zeros((K, L), np.int64)
-        rise[1:][starts[1:]] = _joined(streams[:n_rise])
-        codes = np.cumsum(np.where(starts, rise + 1, 0), axis=0) - 1
+        codes = np.zeros((K, L), np.int64)  # the code steps (rise + 1 at a group start, else 0), summed in place
+        codes[0] = 1
+        codes[1:][starts[1:]] = _joined(streams[:n_rise]) + 1
+        np.cumsum(codes, axis=0, out=codes)
+        codes -= 1
         local = np.zeros((K, L), np.int64)
         local[starts] = _joined(streams[n_rise : n_rise + len(n_starts)])
         gaps = streams[n_rise + len(n_starts) :]
