@@ -53,6 +53,8 @@ def test_select_layers():
 
 def test_parse_derive_spec():
     assert parse_derive_spec(" layers=8, hidden=384 ,kv_heads=2") == {"layers": 8, "hidden": 384, "kv_heads": 2}
+    assert parse_derive_spec("drop=12-19") == {"drop": (12, 19)}
+    assert parse_derive_spec("drop=3,hidden=24") == {"drop": (3, 3), "hidden": 24}
 
 
 @pytest.mark.parametrize(
@@ -68,6 +70,11 @@ def test_parse_derive_spec():
         ("hidden=40", "not an integer; pass heads="),  # 4 * 40 / 48 heads
         ("heads=3", "not a multiple of the teacher's group size 2"),
         ("heads=3,kv_heads=2", "multiple of kv_heads"),
+        ("drop=3-1", "must be A-B with 0 <= A <= B"),
+        ("drop=a-2", "must be A-B"),
+        ("drop=1-2,layers=2", "not both"),
+        ("drop=1-5", "the teacher has layers 0..4"),
+        ("drop=0-4", "removes all 5 teacher layers"),
     ],
 )
 def test_bad_derive_spec(spec, match):
@@ -91,6 +98,24 @@ def test_derive_fewer_layers_copies_kept_layers_exactly():
     # The same layers kept in full width give the same network as the teacher with layers 1 and 3 removed.
     pruned = _llama(layers=5)
     pruned.model.layers = torch.nn.ModuleList([pruned.model.layers[i] for i in (0, 2, 4)])
+    for j, layer in enumerate(pruned.model.layers):
+        layer.self_attn.layer_idx = j
+    pruned.config.num_hidden_layers = 3
+    assert_close(_forward(student), _forward(pruned), rtol=1e-5, atol=1e-5, name="pruned logits")
+
+
+def test_derive_drop_block_copies_the_other_layers_in_order():
+    teacher = _llama(layers=5)
+    student = derive_student(teacher, "drop=1-2")
+    assert student.config.num_hidden_layers == 3 and student.config.ddk_derived["layers"] == [0, 3, 4]
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    for j, i in enumerate([0, 3, 4]):
+        assert torch.equal(
+            s_sd[f"model.layers.{j}.self_attn.o_proj.weight"], t_sd[f"model.layers.{i}.self_attn.o_proj.weight"]
+        )
+    # The same network as the teacher with layers 1 and 2 removed by hand.
+    pruned = _llama(layers=5)
+    pruned.model.layers = torch.nn.ModuleList([pruned.model.layers[i] for i in (0, 3, 4)])
     for j, layer in enumerate(pruned.model.layers):
         layer.self_attn.layer_idx = j
     pruned.config.num_hidden_layers = 3

@@ -31,7 +31,8 @@ def register(app: typer.Typer) -> None:
         student: Optional[str] = typer.Option(None, help="Student checkpoint: a save_pretrained folder or .gguf."),
         student_config: Optional[str] = typer.Option(None, help="Student config JSON (random init)."),
         derive_from_teacher: Optional[str] = typer.Option(
-            None, help="Derive the student from the teacher, e.g. 'layers=8,hidden=384' (teacher-initialised)."
+            None,
+            help="Derive the student from the teacher (its weights), e.g. 'layers=8,hidden=384' or 'drop=12-19'.",
         ),
         teacher: Optional[str] = typer.Option(None, help="Teacher path for derive (default: the dump's manifest)."),
         sampler: str = typer.Option(

@@ -45,7 +45,8 @@ class DistillConfig:
         dump: the teacher dump directory (phase one's output).
         out: the run's output directory.
         student / student_config / derive_from_teacher: exactly one student source: a checkpoint (folder or .gguf),
-            a transformers config JSON (random init), or a derive spec such as ``layers=8,hidden=384``.
+            a transformers config JSON (random init), or a derive spec such as ``layers=8,hidden=384`` or
+            ``drop=12-19``.
         teacher: the teacher for ``derive_from_teacher`` (default: the dump manifest's ``teacher`` entry).
         sampler: ``ddk``, ``uniform``, ``proportional``, ``fixed:NAME=W,...`` (any name in the sampler registry).
         ddk_interval: K, steps between sampler updates (default ``max(1, max_steps // 20)``: the paper's K = 1000
