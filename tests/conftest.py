@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny  # noqa: E402
+from synthdump import write_synth_dump  # noqa: E402
 
 # Nothing may come from a hub in tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,3 +74,15 @@ def run_cli(
 @pytest.fixture()
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny BPE tokenizer (128 ids) of the synthetic dumps; a module may define its own."""
+    return tiny.train_tokenizer(128)
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory, tokenizer):
+    """A synthetic dump in the real format (one temperature, T = 2), once per module; a module may define its own."""
+    return write_synth_dump(tmp_path_factory.mktemp("dump"), tokenizer, temps=(2.0,))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from tiny import make_corpus
+from tiny import make_corpus, make_model
 
 
 def sentencepiece_tokenizer(vocab_size: int = 320, *, dummy_prefix: bool = False, bos: bool = True):
@@ -45,3 +45,13 @@ def sentencepiece_tokenizer(vocab_size: int = 320, *, dummy_prefix: bool = False
         )
         special["bos_token"] = "<bos>"
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+def save_other_tokenizer_student(folder):
+    """Save a tiny random-init student that reads its own (SentencePiece-style) tokenizer into ``folder``."""
+    tok = sentencepiece_tokenizer()
+    model = make_model(len(tok), hidden=16, layers=1, heads=2, max_pos=256)
+    model.config.eos_token_id, model.config.bos_token_id = tok.eos_token_id, tok.bos_token_id
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder

@@ -9,7 +9,7 @@ import math
 import pytest
 import tiny
 from conftest import run_cli
-from crosstok_tiny import sentencepiece_tokenizer
+from crosstok_tiny import save_other_tokenizer_student
 
 TRAIN = ["--max-steps", "6", "--batch-size", "2", "--log-every", "2", "--device", "cpu", "--lr", "3e-3"]
 
@@ -25,14 +25,7 @@ def dump(tmp_path_factory, teacher_dir):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """A tiny random-init student that reads its own (SentencePiece-style) tokenizer."""
-    folder = tmp_path_factory.mktemp("student")
-    tok = sentencepiece_tokenizer()
-    model = tiny.make_model(len(tok), hidden=16, layers=1, heads=2, max_pos=256)
-    model.config.eos_token_id, model.config.bos_token_id = tok.eos_token_id, tok.bos_token_id
-    tok.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return folder
+    return save_other_tokenizer_student(tmp_path_factory.mktemp("student"))
 
 
 def _metrics(out):

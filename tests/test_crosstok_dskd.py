@@ -11,7 +11,7 @@ import pytest
 import tiny
 import torch
 from conftest import run_cli
-from crosstok_tiny import sentencepiece_tokenizer
+from crosstok_tiny import save_other_tokenizer_student
 
 from ddk_offline.distillation.config import DistillConfig
 from ddk_offline.distillation.crosstok.batch import StudentBatch
@@ -193,13 +193,7 @@ def dumps(tmp_path_factory, teacher_dir):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("student")
-    tok = sentencepiece_tokenizer()
-    model = tiny.make_model(len(tok), hidden=16, layers=1, heads=2, max_pos=256)
-    model.config.eos_token_id, model.config.bos_token_id = tok.eos_token_id, tok.bos_token_id
-    tok.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return folder
+    return save_other_tokenizer_student(tmp_path_factory.mktemp("student"))
 
 
 def _metrics(out):

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tiny
 from synthdump import write_synth_dump
 
 from ddk_offline.distillation.data import IGNORE_INDEX, UNIT_ROWS, BatchLoader, DomainStream
 from ddk_offline.format.reader import open_dump
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.train_tokenizer(128)
 
 
 @pytest.fixture(scope="module")

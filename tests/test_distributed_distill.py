@@ -18,11 +18,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.train_tokenizer(128)
-
-
-@pytest.fixture(scope="module")
 def dump(tmp_path_factory, tokenizer):
     return write_synth_dump(tmp_path_factory.mktemp("dump"), tokenizer)
 

@@ -8,7 +8,6 @@ import json
 import pytest
 import tiny
 import torch
-from synthdump import write_synth_dump
 
 from ddk_offline.distillation.config import DistillConfig
 from ddk_offline.distillation.data import IGNORE_INDEX, Batch
@@ -18,16 +17,6 @@ from ddk_offline.distillation.trainer import distill
 from ddk_offline.errors import UserError
 
 V = 96
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.train_tokenizer(128)
-
-
-@pytest.fixture(scope="module")
-def dump(tmp_path_factory, tokenizer):
-    return write_synth_dump(tmp_path_factory.mktemp("dump"), tokenizer, temps=(2.0,))
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,6 @@ from ddk_offline.format.reader import open_dump
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.train_tokenizer(128)
-
-
-@pytest.fixture(scope="module")
 def dump(tmp_path_factory, tokenizer):
     return write_synth_dump(tmp_path_factory.mktemp("dump"), tokenizer)
 

@@ -43,6 +43,16 @@ def _forward(model, vocab=VOCAB, batch=2, length=7):
         return model.eval()(input_ids=ids).logits
 
 
+def _pruned_by_hand(layers: int, keep: list[int]):
+    """The tiny Llama with only the ``keep`` layers left in its module list (what a layers-only derive must equal)."""
+    pruned = _llama(layers=layers)
+    pruned.model.layers = torch.nn.ModuleList([pruned.model.layers[i] for i in keep])
+    for j, layer in enumerate(pruned.model.layers):
+        layer.self_attn.layer_idx = j
+    pruned.config.num_hidden_layers = len(keep)
+    return pruned
+
+
 def test_select_layers():
     assert select_layers(5, 3) == [0, 2, 4]
     assert select_layers(30, 8) == [0, 4, 8, 12, 17, 21, 25, 29]
@@ -96,12 +106,7 @@ def test_derive_fewer_layers_copies_kept_layers_exactly():
     assert _forward(student).shape == (2, 7, VOCAB)
 
     # The same layers kept in full width give the same network as the teacher with layers 1 and 3 removed.
-    pruned = _llama(layers=5)
-    pruned.model.layers = torch.nn.ModuleList([pruned.model.layers[i] for i in (0, 2, 4)])
-    for j, layer in enumerate(pruned.model.layers):
-        layer.self_attn.layer_idx = j
-    pruned.config.num_hidden_layers = 3
-    assert_close(_forward(student), _forward(pruned), rtol=1e-5, atol=1e-5, name="pruned logits")
+    assert_close(_forward(student), _forward(_pruned_by_hand(5, [0, 2, 4])), rtol=1e-5, atol=1e-5, name="logits")
 
 
 def test_derive_drop_block_copies_the_other_layers_in_order():
@@ -114,12 +119,7 @@ def test_derive_drop_block_copies_the_other_layers_in_order():
             s_sd[f"model.layers.{j}.self_attn.o_proj.weight"], t_sd[f"model.layers.{i}.self_attn.o_proj.weight"]
         )
     # The same network as the teacher with layers 1 and 2 removed by hand.
-    pruned = _llama(layers=5)
-    pruned.model.layers = torch.nn.ModuleList([pruned.model.layers[i] for i in (0, 3, 4)])
-    for j, layer in enumerate(pruned.model.layers):
-        layer.self_attn.layer_idx = j
-    pruned.config.num_hidden_layers = 3
-    assert_close(_forward(student), _forward(pruned), rtol=1e-5, atol=1e-5, name="pruned logits")
+    assert_close(_forward(student), _forward(_pruned_by_hand(5, [0, 3, 4])), rtol=1e-5, atol=1e-5, name="logits")
 
 
 def test_derive_from_teacher_dir_and_save_round_trip(teacher_dir, tmp_path):

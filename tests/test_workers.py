@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from synthdump import write_synth_dump
 
 from ddk_offline.distillation.config import DistillConfig
 from ddk_offline.distillation.data import BatchLoader
@@ -23,16 +22,6 @@ from ddk_offline.dump.teachers import open_teacher
 from ddk_offline.dump.verify import verify_dump
 from ddk_offline.format.reader import open_dump
 from ddk_offline.format.workers import WorkerDiedError, auto_workers
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.train_tokenizer(128)
-
-
-@pytest.fixture(scope="module")
-def dump(tmp_path_factory, tokenizer):
-    return write_synth_dump(tmp_path_factory.mktemp("dump"), tokenizer, temps=(2.0,))
 
 
 def _children() -> list[int]:
