@@ -131,3 +131,19 @@ def test_ratios_and_combined_errors_by_hand():
     assert s["versus"]["ddk"]["beats"] is False
     # The paired CE difference: (sum over seeds of arm - kd) / seeds / positions, per domain.
     assert s["versus"]["ddk"]["paired_ce"]["a"]["mean_diff_nats"] == pytest.approx(-0.5 / 4)
+
+
+def test_derive_scan_rates_untrained_students_on_the_choices_split(study, teacher_dir, tmp_path):
+    """pipelines/derive_scan.py on the study's dump: the teacher itself scores ratio 1 (its stored loss), each spec
+    keeps the layers it names, and the report lists every row."""
+    from pipelines import derive_scan
+
+    rows = derive_scan.scan(str(study / "dump"), str(teacher_dir), ["layers=1", "drop=1-1"])
+    assert [r["spec"] for r in rows] == ["teacher", "layers=1", "drop=1-1"]
+    assert rows[0]["mean"] == pytest.approx(1.0, rel=1e-3) and rows[0]["worst"] == pytest.approx(1.0, rel=1e-3)
+    assert rows[1]["kept"] == [0] and rows[2]["kept"] == [0]
+    for r in rows[1:]:  # an untrained cut of a 2-layer random teacher is not the teacher
+        assert r["mean"] != pytest.approx(1.0, rel=1e-3) and r["worst"] >= max(r["ratio"].values()) - 1e-9
+    derive_scan.write(rows, tmp_path, "runs/x/dump", str(teacher_dir))
+    table = (tmp_path / "derive_scan.md").read_text(encoding="utf-8")
+    assert "| drop=1-1 | 1 |" in table and json.loads((tmp_path / "derive_scan.json").read_text())["rows"] == rows
