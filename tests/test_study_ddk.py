@@ -50,6 +50,9 @@ def test_every_arm_starts_from_the_one_warm_start_and_trains_on_the_one_dump(stu
     budgets = {(c["max_steps"], c["batch_size"]) for c in cfgs.values()}
     assert len(budgets) == 1, "every arm gets the same token budget"
     assert {a: cfgs[(a, 0)]["kd_weight"] for a in ARMS} == {"kd": 0.2, "ddk": 0.2}
+    # Finished runs keep their final model and drop the checkpoint they no longer need.
+    assert not any((study / "arms" / a / f"seed{s}" / "checkpoints").exists() for a in ARMS for s in SEEDS)
+    assert not (study / "warmup" / "checkpoints").exists() and (study / "warmup" / "final" / "config.json").is_file()
     assert cfgs[("ddk", 0)]["ddk_signal"] == "ppl-ratio"
     report_dump = json.loads((study / "report_dump" / "manifest.json").read_text())
     assert report_dump["complete"]
