@@ -31,8 +31,8 @@ except ImportError:
     from demo_paired import BOOTSTRAP, bootstrap_se
 
 PAPER_ROWS = ("cpt", "cpt-doremi", "kd", "ddk")  # the paper's Table 1 methods we can run
-ABLATION_ROWS = ("ddk", "ddk-no-smoothing", "ddk-k-small", "ddk-k-large", "kd")  # its Table 3/4 ablations
-WEIGHT_ARMS = ("ddk", "ddk-no-smoothing", "ddk-k-small", "ddk-k-large", "cpt-doremi")
+ABLATION_ROWS = ("ddk", "ddk-no-smoothing", "ddk-k-small", "ddk-k-large", "ddk-val", "kd")  # Table 3/4, + held-out gaps
+WEIGHT_ARMS = ("ddk", "ddk-no-smoothing", "ddk-k-small", "ddk-k-large", "ddk-val", "cpt-doremi")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
