@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -58,7 +57,9 @@ def scan(dump: str, teacher: str, specs: list[str]) -> list[dict]:
 
 def write(rows: list[dict], out: Path, dump: str, teacher: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores", "dump": dump,
+    from ddk_offline.format.workers import usable_cores
+
+    meta = {"machine": f"{platform.machine()}, {usable_cores()} cores", "dump": dump,
             "teacher": Path(teacher).name, "split": "val (the dump's choices split)"}  # fmt: skip
     (out / "derive_scan.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     domains = list(rows[0]["ratio"])
