@@ -6,9 +6,12 @@
 
 Sections (each skipped when its output exists, so a rerun resumes and reuses finished arms):
   1. corpus: the demo's sources plus three more domains (``demo_corpus --domains study``). Its held-out
-     documents are the *report* split; the table is computed on them only.
-  2. two teacher dumps from ONE teacher: ``dump`` (training rows, and a validation split = the *choices* split,
-     where the warm-up is checked) and ``report_dump`` (the held-out documents; never trained on, never tuned on).
+     documents are the *report* split; the table is computed on them only. The training documents are split
+     once more, by source file, into the warm-up's and the arms' (``split_warmup``): the arms train on text the
+     warm start never saw, so the gaps DDK reads off their batches are not those of memorised text.
+  2. three teacher dumps from ONE teacher: ``dump`` (the arms' rows, and a validation split = the *choices*
+     split, where the warm-up is checked), ``warmup_dump`` (the warm-up's rows) and ``report_dump`` (the
+     held-out documents; never trained on, never tuned on).
   3. ONE warm start: a student derived from the teacher, trained once with uniform KD; every arm starts from it.
      Its per-domain PPL ratio on the choices split is recorded (the goal is <= ~3 on every domain).
   4. the arms (``ARMS``), each for every seed, the same steps x batch x seq_len tokens.
@@ -20,6 +23,7 @@ Sections (each skipped when its output exists, so a rerun resumes and reuses fin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -66,7 +70,8 @@ BASELINE = "kd"
 # Sizes. Times are for 2 quiet x86_64 CPU cores unless marked GPU; measured numbers are in docs/results.
 SIZES: dict[str, dict] = {
     "smoke": {  # the test suite's size, with a tiny teacher (tests/test_study_ddk.py)
-        "tokens_per_domain": 900, "max_doc_chars": 600, "report_fraction": 0.3, "seq_len": 64, "top_k": 8,
+        "tokens_per_domain": 1200, "max_doc_chars": 600, "report_fraction": 0.25, "warmup_fraction": 0.5,
+        "seq_len": 64, "top_k": 8,
         "dump_batch": 4, "choices_fraction": 0.2, "student": "layers=1", "warmup_steps": 4, "warmup_lr": 1e-3,
         "steps": 6, "batch": 2, "lr": 1e-3, "k": 2, "k_small": 1, "k_large": 6, "seeds": "0",
     },
@@ -75,17 +80,51 @@ SIZES: dict[str, dict] = {
         # paper's regime (docs/results/derive_scan.md says why this block and not evenly spaced layers). The arms'
         # lr was chosen on the choices split (KD arm, seed 0, mean ratio from the warm start's 1.684): 3e-4 -> 1.938,
         # 1e-4 -> 1.733, 3e-5 -> 1.669; a fresh Adam at 3e-4 undoes a near-teacher student (docs/results/README.md)
-        "tokens_per_domain": 6000, "max_doc_chars": 2000, "report_fraction": 0.3, "seq_len": 128, "top_k": 64,
+        # The corpus: 1,800 report tokens per domain, the rest split in half between the warm-up and the arms.
+        "tokens_per_domain": 9000, "max_doc_chars": 2000, "report_fraction": 0.2, "warmup_fraction": 0.5,
+        "seq_len": 128, "top_k": 64,
         "dump_batch": 8, "choices_fraction": 0.1, "student": "drop=12-19", "warmup_steps": 30, "warmup_lr": 3e-4,
         "steps": 24, "batch": 2, "lr": 3e-5, "k": 2, "k_small": 1, "k_large": 8, "seeds": "0,1,2",
     },
     "full": {  # a GPU: documented, not run here
-        "tokens_per_domain": 100_000, "max_doc_chars": 6000, "report_fraction": 0.1, "seq_len": 1024, "top_k": 64,
+        "tokens_per_domain": 100_000, "max_doc_chars": 6000, "report_fraction": 0.1, "warmup_fraction": 0.5,
+        "seq_len": 1024, "top_k": 64,
         "dump_batch": 16, "choices_fraction": 0.05, "student": "drop=12-19", "warmup_steps": 200,
         "warmup_lr": 3e-4, "steps": 2000, "batch": 16, "lr": 2e-4, "k": 100, "k_small": 5, "k_large": 400,
         "seeds": "0,1,2",
     },
 }  # fmt: skip
+
+
+WARMUP_SEED = 1000  # no arm uses it (an arm's seed s, with the warm-up's sampler, would replay its batches)
+
+
+def split_warmup(train: Path, warm: Path, arms: Path, fraction: float) -> None:
+    """Split each ``train/<domain>.jsonl`` by source file into ``warm/`` (about ``fraction`` of its characters) and
+    ``arms/`` (the rest), so no file feeds both. The order is a hash of the file's name: the same corpus gives the
+    same split on every machine.
+
+    Raises:
+        SystemExit: a domain with fewer than two source files, which cannot feed both sides.
+    """
+    for path in sorted(train.glob("*.jsonl")):
+        docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        groups: dict[str, list[dict]] = {}
+        for doc in docs:
+            groups.setdefault(doc["source"].split("#", 1)[0], []).append(doc)
+        if len(groups) < 2:
+            raise SystemExit(f"study_ddk: {path} has {len(groups)} source file(s); the warm-up and the arms need "
+                             "two or more: raise the size's tokens_per_domain")  # fmt: skip
+        order = sorted(groups, key=lambda g: hashlib.sha256(g.encode("utf-8")).hexdigest())
+        total, taken, side = sum(len(d["text"]) for d in docs), 0, {}
+        for i, g in enumerate(order):  # the first file always goes to the warm-up, the last always to the arms
+            goes_warm = i == 0 or (i < len(order) - 1 and taken < fraction * total)
+            side[g] = goes_warm
+            taken += sum(len(d["text"]) for d in groups[g]) if goes_warm else 0
+        for folder, want in ((warm, True), (arms, False)):
+            folder.mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps(d, ensure_ascii=False) + "\n" for d in docs if side[d["source"].split("#", 1)[0]] == want]
+            (folder / path.name).write_text("".join(lines), encoding="utf-8")
 
 
 def _env() -> dict:
@@ -183,20 +222,31 @@ def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: lis
     cfg = SIZES[size]
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "corpus"
+    if (out / "dump").exists() and not (corpus / "arms").is_dir():
+        raise SystemExit(f"study_ddk: {out} was made by an older version of this study (its warm-up and arms shared "
+                         "their documents); pass a new --out")  # fmt: skip
     _log(start, "1. corpus")
-    if not (out / "corpus" / "manifest.json").is_file():
-        build_demo_corpus(out / "corpus", domains=STUDY_DOMAINS, tokens_per_domain=cfg["tokens_per_domain"],
+    if not (corpus / "manifest.json").is_file():
+        build_demo_corpus(corpus, domains=STUDY_DOMAINS, tokens_per_domain=cfg["tokens_per_domain"],
                           val_fraction=cfg["report_fraction"], max_doc_chars=cfg["max_doc_chars"])  # fmt: skip
     else:
-        print(f"reusing {out / 'corpus'}")
-    _log(start, "2. teacher dumps (training + choices split; report split)")
-    dump(teacher, out / "corpus" / "train", out / "dump", cfg, cfg["choices_fraction"], device)
-    dump(teacher, out / "corpus" / "val", out / "report_dump", cfg, 0.0, device)
+        print(f"reusing {corpus}")
+    if not (corpus / "arms").is_dir():
+        for leftover in ("warmup.tmp", "arms.tmp", "warmup"):  # a split cut short
+            shutil.rmtree(corpus / leftover, ignore_errors=True)
+        split_warmup(corpus / "train", corpus / "warmup.tmp", corpus / "arms.tmp", cfg["warmup_fraction"])
+        (corpus / "warmup.tmp").rename(corpus / "warmup")
+        (corpus / "arms.tmp").rename(corpus / "arms")  # last: its presence marks the split done
+    _log(start, "2. teacher dumps (arms + choices split; warm-up; report split)")
+    dump(teacher, corpus / "arms", out / "dump", cfg, cfg["choices_fraction"], device)
+    dump(teacher, corpus / "warmup", out / "warmup_dump", cfg, 0.0, device)
+    dump(teacher, corpus / "val", out / "report_dump", cfg, 0.0, device)
     _log(start, f"3. warm start ({cfg['student']}, {cfg['warmup_steps']} steps of uniform KD)")
     warm = out / "warmup"
-    train(warm, out / "dump", cfg, device, "--derive-from-teacher", cfg["student"], "--teacher", teacher,
+    train(warm, out / "warmup_dump", cfg, device, "--derive-from-teacher", cfg["student"], "--teacher", teacher,
           "--max-steps", str(cfg["warmup_steps"]), "--lr", str(cfg["warmup_lr"]), "--sampler", "uniform",
-          "--kd-weight", KD, "--seed", "0", "--save-every", str(cfg["warmup_steps"]))  # fmt: skip
+          "--kd-weight", KD, "--seed", str(WARMUP_SEED), "--save-every", str(cfg["warmup_steps"]))  # fmt: skip
     if not (warm / "choices_eval.json").is_file():  # the warm start's ratios on the choices split
         with open(warm / "choices_eval.json.tmp", "w", encoding="utf-8") as f:
             _cli("eval", "--dump", str(out / "dump"), "--model", str(warm / "final"), "--device", device, "--json",

@@ -155,7 +155,9 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
         "",
         f"- Machine: {platform.machine()}, {_cpu_count()} CPU cores, Python {platform.python_version()}.",
         f"- Student: `--derive-from-teacher {cfg['student']}`, warmed up once ({cfg['warmup_steps']} steps of "
-        f"uniform KD, lr {cfg['warmup_lr']}); every arm starts from that checkpoint and trains {cfg['steps']} steps "
+        f"uniform KD, lr {cfg['warmup_lr']}, on its own documents: about {cfg.get('warmup_fraction', 0):.0%} of the "
+        "training text by source file, which no arm trains on); every arm starts from that checkpoint and trains "
+        f"{cfg['steps']} steps "
         f"x {cfg['batch']} x {cfg['seq_len']} = {tokens} tokens, lr {cfg['lr']}, K = {cfg['k']} "
         f"(K too small = {cfg['k_small']}, too large = {cfg['k_large']}), gamma 0.2, T 1.",
         f"- Seeds requested: {seeds}; the seeds each arm has are in the tables' `seeds` column (a study cut short "

@@ -54,6 +54,14 @@ def test_every_arm_starts_from_the_one_warm_start_and_trains_on_the_one_dump(stu
     assert not any((study / "arms" / a / f"seed{s}" / "checkpoints").exists() for a in ARMS for s in SEEDS)
     assert not (study / "warmup" / "checkpoints").exists() and (study / "warmup" / "final" / "config.json").is_file()
     assert cfgs[("ddk", 0)]["ddk_signal"] == "ppl-ratio"
+    # The warm start trained on its own dump, of source files no arm trains on, with a seed no arm uses.
+    warm = json.loads((study / "warmup" / "config.json").read_text())
+    assert Path(warm["dump"]).resolve() == (study / "warmup_dump").resolve() and warm["seed"] not in SEEDS
+    sources = {}
+    for side in ("warmup", "arms"):
+        lines = (study / "corpus" / side).glob("*.jsonl")
+        sources[side] = {json.loads(x)["source"].split("#")[0] for p in lines for x in p.read_text().splitlines()}
+    assert sources["warmup"] and sources["arms"] and not sources["warmup"] & sources["arms"]
     report_dump = json.loads((study / "report_dump" / "manifest.json").read_text())
     assert report_dump["complete"]
 
@@ -88,8 +96,25 @@ def test_a_rerun_reuses_every_finished_arm(study, teacher_dir):
     before = {p: p.stat().st_mtime_ns for p in study.glob("**/final/*.safetensors")}
     assert len(before) == 1 + len(ARMS) * len(SEEDS)
     proc = _study(study, teacher_dir)
-    assert proc.stdout.count("reusing") == 4 + len(ARMS) * len(SEEDS)  # corpus, two dumps, warm start, the arms
+    assert proc.stdout.count("reusing") == 5 + len(ARMS) * len(SEEDS)  # corpus, three dumps, warm start, the arms
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_split_warmup_keeps_each_source_file_on_one_side(tmp_path):
+    train = tmp_path / "train"
+    train.mkdir()
+    docs = [{"text": "x" * n, "domain": "a", "source": f"f{i // 2}#{i % 2}"} for i, n in enumerate([10, 30, 20, 20, 5, 15])]
+    (train / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    study_ddk.split_warmup(train, tmp_path / "w", tmp_path / "r", 0.5)
+    sides = [[json.loads(x) for x in (tmp_path / s / "a.jsonl").read_text().splitlines()] for s in ("w", "r")]
+    assert sorted(map(json.dumps, sides[0] + sides[1])) == sorted(map(json.dumps, docs)), "nothing lost or doubled"
+    files = [{d["source"].split("#")[0] for d in side} for side in sides]
+    assert files[0] and files[1] and not files[0] & files[1]
+    study_ddk.split_warmup(train, tmp_path / "w2", tmp_path / "r2", 0.5)
+    assert (tmp_path / "w2" / "a.jsonl").read_text() == (tmp_path / "w" / "a.jsonl").read_text(), "deterministic"
+    (train / "a.jsonl").write_text(json.dumps(docs[0]) + "\n")
+    with pytest.raises(SystemExit, match="1 source file"):
+        study_ddk.split_warmup(train, tmp_path / "w3", tmp_path / "r3", 0.5)
 
 
 def test_every_arm_has_the_same_budget_and_its_own_sampler_and_weights():
