@@ -123,7 +123,9 @@ def split_warmup(train: Path, warm: Path, arms: Path, fraction: float) -> None:
             taken += sum(len(d["text"]) for d in groups[g]) if goes_warm else 0
         for folder, want in ((warm, True), (arms, False)):
             folder.mkdir(parents=True, exist_ok=True)
-            lines = [json.dumps(d, ensure_ascii=False) + "\n" for d in docs if side[d["source"].split("#", 1)[0]] == want]
+            lines = [
+                json.dumps(d, ensure_ascii=False) + "\n" for d in docs if side[d["source"].split("#", 1)[0]] == want
+            ]
             (folder / path.name).write_text("".join(lines), encoding="utf-8")
 
 

@@ -103,7 +103,9 @@ def test_a_rerun_reuses_every_finished_arm(study, teacher_dir):
 def test_split_warmup_keeps_each_source_file_on_one_side(tmp_path):
     train = tmp_path / "train"
     train.mkdir()
-    docs = [{"text": "x" * n, "domain": "a", "source": f"f{i // 2}#{i % 2}"} for i, n in enumerate([10, 30, 20, 20, 5, 15])]
+    docs = [
+        {"text": "x" * n, "domain": "a", "source": f"f{i // 2}#{i % 2}"} for i, n in enumerate([10, 30, 20, 20, 5, 15])
+    ]
     (train / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     study_ddk.split_warmup(train, tmp_path / "w", tmp_path / "r", 0.5)
     sides = [[json.loads(x) for x in (tmp_path / s / "a.jsonl").read_text().splitlines()] for s in ("w", "r")]
