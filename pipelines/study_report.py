@@ -147,25 +147,24 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
            warm_choices: dict, seconds: dict, finals: dict) -> str:  # fmt: skip
     """The report's README.md."""
     tokens = cfg["steps"] * cfg["batch"] * cfg["seq_len"]
+    cross = cfg.get("regime") == "cross"
     lines = [
         f"# Does DDK beat uniform KD? Study results ({size} size)",
         "",
-        f"Produced by `python pipelines/study_ddk.py --size {size} --seeds {','.join(map(str, seeds))}`; every number "
+        f"Produced by `python pipelines/study_ddk.py --size {size}{' --regime cross' if cross else ''} --seeds "
+        f"{','.join(map(str, seeds))}`; every number "
         "is read from that run's files by `pipelines/study_report.py`.",
         "",
         f"- Machine: {platform.machine()}, {_cpu_count()} CPU cores, Python {platform.python_version()}.",
-        f"- Student: `--derive-from-teacher {cfg['student']}`, warmed up once ({cfg['warmup_steps']} steps of "
-        f"uniform KD, lr {cfg['warmup_lr']}, on its own documents: about {cfg.get('warmup_fraction', 0):.0%} of the "
-        "training text by source file, which no arm trains on); every arm starts from that checkpoint and trains "
-        f"{cfg['steps']} steps "
-        f"x {cfg['batch']} x {cfg['seq_len']} = {tokens} tokens, lr {cfg['lr']}, K = {cfg['k']} "
-        f"(K too small = {cfg['k_small']}, too large = {cfg['k_large']}), gamma 0.2, T 1.",
+        *_protocol(cfg, tokens),
         f"- Seeds requested: {seeds}; the seeds each arm has are in the tables' `seeds` column (a study cut short "
         "reports what finished). Report split: held-out documents, "
         + ", ".join(f"{d} {n}" for d, n in summary["sequences"].items())
         + " sequences; nothing was tuned on it (the warm start was checked on the choices split).",
         "",
-        "## The warm start (shared by every arm)",
+        "## The start (shared by every arm)"
+        if cfg.get("regime") == "cross"
+        else "## The warm start (shared by every arm)",
         "",
         "| split | " + " | ".join(summary["domains"]) + " |",
         "|---|" + "---:|" * len(summary["domains"]),
@@ -176,7 +175,8 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
         + " | ".join(f"{summary['warmup_report'].get(d, float('nan')):.3f}" for d in summary["domains"])
         + " |",
         "",
-        "## Per-domain PPL ratio PPL_S / PPL_T on the report split (mean ± sd over seeds; lower is better)",
+        f"## Per-domain PPL ratio PPL_S / PPL_T{' per byte' if cross else ''} on the report "
+        "split (mean ± sd over seeds; lower is better)",
         "",
         "Shaped like the paper's Table 1 (methods) and its ablation (arXiv 2407.16154).",
         "",
@@ -205,7 +205,8 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
         )
     lines += [
         "",
-        f"## Paired per-position CE difference arm - {arms[baseline]} (nats, seed mean ± bootstrap SE over "
+        f"## Paired per-{'byte' if cross else 'position'} CE difference arm - {arms[baseline]} (nats, seed mean ± "
+        "bootstrap SE over "
         f"sequences, {BOOTSTRAP} resamples; negative = arm better)",
         "",  # fmt: skip
         "| arm | " + " | ".join(summary["domains"]) + " |",
@@ -226,6 +227,28 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
               "![per-domain ratios](ratios.png)", "", "![weights over steps](weights.png)", "",
               "![train ratios over steps](train_ratios.png)", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _protocol(cfg: dict, tokens: int) -> list[str]:
+    """The report's lines on the student, its start and the arms' budget (regime (a) or (b))."""
+    budget = (
+        f"{cfg['steps']} steps x {cfg['batch']} x {cfg['seq_len']} = {tokens} teacher tokens, lr {cfg['lr']}, "
+        f"K = {cfg['k']} (K too small = {cfg['k_small']}, too large = {cfg['k_large']}), gamma 0.2, T 1"
+    )
+    if cfg.get("regime") == "cross":
+        return [
+            f"- Regime (b), across tokenizers: the student `{Path(cfg['student']).name}` is pretrained and is every "
+            f"arm's start as it is (no warm-up); KD through `--cross-tokenizer uld`. Every ratio is per byte, "
+            "exp((CE_S - NLL_T) / bytes) over the bytes both tokenisations score (docs/CROSSTOK.md), so `positions` "
+            "below are bytes.",
+            f"- Every arm trains {budget}.",
+        ]
+    return [
+        f"- Student: `--derive-from-teacher {cfg['student']}`, warmed up once ({cfg['warmup_steps']} steps of "
+        f"uniform KD, lr {cfg['warmup_lr']}, on its own documents: about {cfg.get('warmup_fraction', 0):.0%} of the "
+        "training text by source file, which no arm trains on); every arm starts from that checkpoint and trains "
+        f"{budget}."
+    ]
 
 
 def _cpu_count() -> int:
@@ -327,7 +350,7 @@ def write_report(study: Path, *, size: str, cfg: dict, arms: dict[str, str], see
     files += [out / "README.md", out / "results.json"]
     print(text)
     if results:
-        dest = results / f"study_ddk_{size}"
+        dest = results / f"study_ddk_{size}{'_cross' if cfg.get('regime') == 'cross' else ''}"
         dest.mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copy2(f, dest / f.name)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crosstok_tiny import save_other_tokenizer_student
 
 from pipelines import study_ddk, study_report
 
@@ -98,6 +99,48 @@ def test_a_rerun_reuses_every_finished_arm(study, teacher_dir):
     proc = _study(study, teacher_dir)
     assert proc.stdout.count("reusing") == 5 + len(ARMS) * len(SEEDS)  # corpus, three dumps, warm start, the arms
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+@pytest.fixture(scope="module")
+def cross_study(tmp_path_factory, teacher_dir) -> tuple[Path, Path]:
+    """Regime (b) at the smoke size: a pretrained-style student with its own tokenizer, KD and DDK, one seed."""
+    root = tmp_path_factory.mktemp("cross_study")
+    student = save_other_tokenizer_student(root / "student")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])
+    )
+    cmd = [sys.executable, str(ROOT / "pipelines" / "study_ddk.py"), "--size", "smoke", "--regime", "cross",
+           "--teacher", str(teacher_dir), "--student", str(student), "--out", str(root / "run"), "--seeds", "0",
+           "--arms", "kd,ddk", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"study_ddk failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return root / "run", student
+
+
+@pytest.mark.slow
+def test_cross_regime_starts_every_arm_from_the_pretrained_student_and_scores_per_byte(cross_study):
+    from ddk_offline.distillation.evaluation import evaluate
+
+    study, student = cross_study
+    for arm in ("kd", "ddk"):
+        cfg = json.loads((study / "arms" / arm / "seed0" / "config.json").read_text())
+        assert Path(cfg["student"]).resolve() == student.resolve() and cfg["cross_tokenizer"] == "uld"
+        assert Path(cfg["dump"]).resolve() == (study / "dump").resolve()
+    assert not (study / "warmup_dump").exists(), "no warm-up: the pretrained student is the start"
+    res = json.loads((study / "report" / "results.json").read_text())
+    assert res["config"]["regime"] == "cross" and "--regime cross" in (study / "report" / "README.md").read_text()
+    # The study's per-sequence scores of the start, summed, equal the library's per-byte evaluation of the same
+    # model on the same rows: ratio exp((CE_S - NLL_T) / bytes) over the bytes both tokenisations score.
+    (lib,) = evaluate(study / "report_dump", [str(student)], split="train", device="cpu", data_workers=0)
+    teacher = json.loads((study / "report_teacher.json").read_text())
+    start = json.loads((study / "warmup" / "report_scores.json").read_text())
+    mine = study_report.ratios(start, teacher)
+    assert {d.domain: d.ratio for d in lib.domains} == pytest.approx({d: float(r) for d, r in mine.items()}, rel=1e-4)
+    for d in lib.domains:  # positions are bytes here
+        nbytes = sum(start[d.domain]["positions"])
+        assert nbytes > 0 and len(start[d.domain]["positions"]) == d.sequences
+        assert d.student_bpb == pytest.approx(sum(start[d.domain]["ce_sum"]) / nbytes / math.log(2), rel=1e-4)
+        assert d.teacher_bpb == pytest.approx(sum(teacher[d.domain]["nll_sum"]) / nbytes / math.log(2), rel=1e-4)
 
 
 def test_split_warmup_keeps_each_source_file_on_one_side(tmp_path):
