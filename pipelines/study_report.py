@@ -144,7 +144,7 @@ def _table(summary: dict, rows: tuple[str, ...], labels: dict[str, str]) -> list
 
 
 def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: list[int], baseline: str,
-           warm_choices: dict, seconds: dict, finals: dict) -> str:  # fmt: skip
+           warm_choices: dict, seconds: dict, finals: dict, train_gap: dict) -> str:  # fmt: skip
     """The report's README.md."""
     tokens = cfg["steps"] * cfg["batch"] * cfg["seq_len"]
     cross = cfg.get("regime") == "cross"
@@ -162,9 +162,7 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
         + ", ".join(f"{d} {n}" for d, n in summary["sequences"].items())
         + " sequences; nothing was tuned on it (the warm start was checked on the choices split).",
         "",
-        "## The start (shared by every arm)"
-        if cfg.get("regime") == "cross"
-        else "## The warm start (shared by every arm)",
+        f"## The {'start' if cross else 'warm start'} (shared by every arm)",
         "",
         "| split | " + " | ".join(summary["domains"]) + " |",
         "|---|" + "---:|" * len(summary["domains"]),
@@ -174,6 +172,12 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
         "| report | "
         + " | ".join(f"{summary['warmup_report'].get(d, float('nan')):.3f}" for d in summary["domains"])
         + " |",
+        f"| train batches ({arms[baseline]}, steps 0-{TRAIN_GAP_STEPS - 1}, every seed) | "
+        + " | ".join(f"{train_gap.get(d, float('nan')):.3f}" for d in summary["domains"])
+        + " |",
+        "",
+        "The last row is the gap the `ddk` arms read (`--gap-source train`): exp of the mean over batches of "
+        "CE_S - NLL_T as logged by the baseline's first steps, where the student is still near its start.",
         "",
         f"## Per-domain PPL ratio PPL_S / PPL_T{' per byte' if cross else ''} on the report "
         "split (mean ± sd over seeds; lower is better)",
@@ -249,6 +253,24 @@ def _protocol(cfg: dict, tokens: int) -> list[str]:
         "training text by source file, which no arm trains on); every arm starts from that checkpoint and trains "
         f"{budget}."
     ]
+
+
+TRAIN_GAP_STEPS = 8  # the first steps of a run, where the student is still near the shared start
+
+
+def train_gap(rows_per_seed: list[list[dict]], steps: int = TRAIN_GAP_STEPS) -> dict[str, float]:
+    """Per domain exp(mean of CE_S - NLL_T over the logged batches of the first ``steps`` steps of every seed's
+    metrics rows): the train-batch gap a ``ddk`` arm reads, in the report's ratio units."""
+    diffs: dict[str, list[float]] = {}
+    for rows in rows_per_seed:
+        for row in rows:
+            if row.get("step", steps) >= steps:
+                continue
+            for d, st in (row.get("student_loss") or {}).items():
+                te = (row.get("teacher_loss") or {}).get(d)
+                if st is not None and te is not None:
+                    diffs.setdefault(d, []).append(st - te)
+    return {d: math.exp(float(np.mean(v))) for d, v in diffs.items()}
 
 
 def _cpu_count() -> int:
@@ -340,11 +362,12 @@ def write_report(study: Path, *, size: str, cfg: dict, arms: dict[str, str], see
     out = study / "report"
     out.mkdir(parents=True, exist_ok=True)
     files = write_plots(out, summary, arms, metrics)
+    gap = train_gap([_read_jsonl(study / "arms" / baseline / f"seed{s}" / "metrics.jsonl") for s in seeds])
     text = render(summary, size=size, cfg=cfg, arms=arms, seeds=seeds, baseline=baseline, warm_choices=warm_choices,
-                  seconds=seconds, finals=finals)  # fmt: skip
+                  seconds=seconds, finals=finals, train_gap=gap)  # fmt: skip
     (out / "README.md").write_text(text, encoding="utf-8")
     payload = {"size": size, "config": cfg, "seeds": seeds, "arms": arms, "baseline": baseline,
-               "machine": platform.machine(), "warmup_choices": warm_choices, "final_weights": finals,
+               "machine": platform.machine(), "warmup_choices": warm_choices, "train_gap": gap, "final_weights": finals,
                "train_seconds": seconds, **summary}  # fmt: skip
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     files += [out / "README.md", out / "results.json"]

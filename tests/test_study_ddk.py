@@ -143,6 +143,17 @@ def test_cross_regime_starts_every_arm_from_the_pretrained_student_and_scores_pe
         assert d.teacher_bpb == pytest.approx(sum(teacher[d.domain]["nll_sum"]) / nbytes / math.log(2), rel=1e-4)
 
 
+def test_train_gap_by_hand():
+    rows = [
+        [{"step": 0, "student_loss": {"a": 2.0, "b": None}, "teacher_loss": {"a": 1.0, "b": 3.0}},
+         {"step": 1, "student_loss": {"a": 1.0, "b": 4.0}, "teacher_loss": {"a": 1.0, "b": 3.5}}],
+        [{"step": 0, "student_loss": {"a": 3.0}, "teacher_loss": {"a": 1.0}},
+         {"step": 2, "student_loss": {"a": 9.0}, "teacher_loss": {"a": 1.0}}],  # past the first 2 steps: left out
+    ]  # fmt: skip
+    gap = study_report.train_gap(rows, steps=2)
+    assert gap == pytest.approx({"a": math.exp((1.0 + 0.0 + 2.0) / 3), "b": math.exp(0.5)})
+
+
 def test_split_warmup_keeps_each_source_file_on_one_side(tmp_path):
     train = tmp_path / "train"
     train.mkdir()
