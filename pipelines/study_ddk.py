@@ -76,10 +76,11 @@ SIZES: dict[str, dict] = {
         "steps": 6, "batch": 2, "lr": 1e-3, "k": 2, "k_small": 1, "k_large": 6, "seeds": "0",
     },
     "quick": {  # 2 CPU cores (docs/results/study_ddk_quick): ~50 min there. The student is the teacher without its
-        # layers 12-19 (22 of 30): PPL ratio 2.9-5.2 untrained, 1.0-2.2 after the warm-up on the choices split, the
+        # layers 12-19 (22 of 30): PPL ratio 2.9-5.2 untrained, 1.0-2.8 after the warm-up on the choices split, the
         # paper's regime (docs/results/derive_scan.md says why this block and not evenly spaced layers). The arms'
-        # lr was chosen on the choices split (KD arm, seed 0, mean ratio from the warm start's 1.684): 3e-4 -> 1.938,
-        # 1e-4 -> 1.733, 3e-5 -> 1.669; a fresh Adam at 3e-4 undoes a near-teacher student (docs/results/README.md)
+        # lr was chosen on the choices split, in the run before the warm-up had its own documents (KD arm, seed 0,
+        # mean ratio from the warm start's 1.684): 3e-4 -> 1.938, 1e-4 -> 1.733, 3e-5 -> 1.669; a fresh Adam at
+        # 3e-4 undoes a near-teacher student (docs/results/README.md). Regime (b) (--regime cross) keeps it.
         # The corpus: 1,800 report tokens per domain, the rest split in half between the warm-up and the arms.
         "tokens_per_domain": 9000, "max_doc_chars": 2000, "report_fraction": 0.2, "warmup_fraction": 0.5,
         "seq_len": 128, "top_k": 64,
