@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shutil
 import sys
 from pathlib import Path
+
+from ddk_offline.format.workers import usable_cores
 
 STUDENTS = {  # folder under students/ -> (label, what it is)
     "ddk": ("DDK", "KD (CE + 0.2 KL), DDK domain sampler"),
@@ -151,7 +152,7 @@ def render_markdown(data: dict, summary: dict, *, size: str, seconds: float | No
         + (f" --size {size}" if size != "quick" else "")
         + "`; every number below is read from that run's files by `pipelines/demo_report.py`.",
         "",
-        f"- Machine: {platform.machine()}, {_cpu_count()} CPU cores, Python {platform.python_version()}"
+        f"- Machine: {platform.machine()}, {usable_cores()} CPU cores, Python {platform.python_version()}"
         + (f"; the whole demo took {seconds / 60:.1f} min" if seconds else "")
         + ".",
         f"- Teacher: `{Path(str(m['teacher'].get('name', m['teacher']))).name}`; dump: seq_len {m['seq_len']}, "
@@ -221,10 +222,6 @@ def render_markdown(data: dict, summary: dict, *, size: str, seconds: float | No
         "",
     ]
     return "\n".join(lines)
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
 
 def write_plots(data: dict, summary: dict, out: Path) -> list[Path]:

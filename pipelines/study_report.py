@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from ddk_offline.format.workers import usable_cores
 
 try:
     from .demo_paired import BOOTSTRAP, bootstrap_se
@@ -155,7 +156,7 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
         f"{','.join(map(str, seeds))}`; every number "
         "is read from that run's files by `pipelines/study_report.py`.",
         "",
-        f"- Machine: {platform.machine()}, {_cpu_count()} CPU cores, Python {platform.python_version()}.",
+        f"- Machine: {platform.machine()}, {usable_cores()} CPU cores, Python {platform.python_version()}.",
         *_protocol(cfg, tokens),
         f"- Seeds requested: {seeds}; the seeds each arm has are in the tables' `seeds` column (a study cut short "
         "reports what finished). Report split: held-out documents, "
@@ -271,10 +272,6 @@ def train_gap(rows_per_seed: list[list[dict]], steps: int = TRAIN_GAP_STEPS) -> 
                 if st is not None and te is not None:
                     diffs.setdefault(d, []).append(st - te)
     return {d: math.exp(float(np.mean(v))) for d, v in diffs.items()}
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
 
 def _weights(rows: list[dict]) -> list[tuple[int, dict]]:
