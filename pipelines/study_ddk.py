@@ -196,8 +196,9 @@ def arm_args(name: str, cfg: dict, seed: int, warm: Path | str, cross: bool = Fa
             "--ddk-interval", str(k), "--save-every", str(cfg["steps"]), *method, *ARMS[name][1]]  # fmt: skip
 
 
-def score(model_dir: Path, report_dump: Path, out: Path) -> dict:
-    """Per-sequence sums of the model's CE on the report split, per domain; cached in ``out`` (JSON)."""
+def score(model_dir: Path, report_dump: Path, out: Path, split: str = "train") -> dict:
+    """Per-sequence sums of the model's CE on a dump's ``split`` (the report dump holds only held-out documents, in
+    its ``train`` split), per domain; cached in ``out`` (JSON)."""
     if out.is_file():
         return json.loads(out.read_text(encoding="utf-8"))
     import torch
@@ -209,7 +210,7 @@ def score(model_dir: Path, report_dump: Path, out: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     result = {}
     for domain in reader.domains:
-        seqs = list(reader.sequences(domain, "train"))  # the report dump holds only held-out documents
+        seqs = list(reader.sequences(domain, split))
         mask = np.stack([np.isfinite(q["teacher_nll"][:-1]) for q in seqs])  # positions with a target
         ce = np.where(mask, batch_ce(model, np.stack([q["input_ids"] for q in seqs])).astype(np.float64), 0.0)
         result[domain] = {"ce_sum": ce.sum(1).tolist(), "positions": mask.sum(1).tolist()}
@@ -238,14 +239,14 @@ def score_cross(model_path: Path | str, cross, out: Path, teacher_out: Path) -> 
     return result
 
 
-def teacher_sums(report_dump: Path) -> dict:
-    """Per-sequence sums of the teacher's stored NLL on the report split (the same positions as ``score``)."""
+def teacher_sums(report_dump: Path, split: str = "train") -> dict:
+    """Per-sequence sums of the teacher's stored NLL on a dump's ``split`` (the same positions as ``score``)."""
     from ddk_offline import open_dump
 
     reader = open_dump(report_dump)
     result = {}
     for domain in reader.domains:
-        nll = [s["teacher_nll"][:-1].astype(np.float64) for s in reader.sequences(domain, "train")]
+        nll = [s["teacher_nll"][:-1].astype(np.float64) for s in reader.sequences(domain, split)]
         result[domain] = {"nll_sum": [float(x[np.isfinite(x)].sum()) for x in nll]}
     return result
 

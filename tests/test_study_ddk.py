@@ -231,3 +231,33 @@ def test_derive_scan_rates_untrained_students_on_the_choices_split(study, teache
     derive_scan.write(rows, tmp_path, "runs/x/dump", str(teacher_dir))
     table = (tmp_path / "derive_scan.md").read_text(encoding="utf-8")
     assert "| drop=1-1 | 1 |" in table and json.loads((tmp_path / "derive_scan.json").read_text())["rows"] == rows
+
+
+def test_study_returns_recovers_known_slopes(tmp_path):
+    """A study folder whose arms gain exactly slope_d nats per unit of share on domain d (plus a constant)."""
+    from pipelines import study_returns
+
+    slopes, n = {"a": -0.5, "b": -0.1, "c": 0.05}, 10.0
+
+    def write(arm, seed, share):
+        run = tmp_path / "arms" / arm / f"seed{seed}"
+        (run / "final").mkdir(parents=True)
+        ce = {d: 2.0 + (0.0 if arm == "kd" else slopes[d] * share[d] + 0.02) for d in slopes}
+        (run / "report_scores.json").write_text(
+            json.dumps({d: {"ce_sum": [ce[d] * n / 2] * 2, "positions": [n / 2] * 2} for d in slopes})
+        )
+        rows = [{"step": i, "weights": share, "student_loss": {"a": 2.0}, "teacher_loss": {"a": 1.0}} for i in range(3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    uniform = dict.fromkeys(slopes, 1 / 3)
+    for seed in (0, 1):
+        write("kd", seed, uniform)
+        write("ddk", seed, {"a": 0.2, "b": 0.5, "c": 0.3} if seed else {"a": 0.6, "b": 0.1, "c": 0.3})
+        write("ddk-val", seed, {"a": 0.1, "b": 0.2, "c": 0.7})
+    res = study_returns.returns(tmp_path, "report")
+    assert {d: res["slopes"][d]["slope"] for d in slopes} == pytest.approx(slopes, abs=1e-9)
+    assert res["steepest_first"] == ["a", "b", "c"] and res["slopes"]["a"]["runs"] == 4
+    assert res["shares"]["ddk"] == pytest.approx({"a": 0.4, "b": 0.3, "c": 0.3})
+    assert res["train_gap"] == pytest.approx({"a": math.e})
+    text = study_returns.markdown(res, tmp_path)
+    assert "| a | -0.5000 |" in text and "share: ddk-val" in text
