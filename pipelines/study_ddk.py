@@ -3,6 +3,7 @@
     python pipelines/study_ddk.py --size quick --seeds 0,1,2        # 2 CPU cores; see SIZES for the time
     python pipelines/study_ddk.py --size full --device cuda          # a GPU
     python pipelines/study_ddk.py --size smoke --teacher TINY_DIR    # seconds; the test suite's size
+    python pipelines/study_ddk.py --size quick --regime cross        # regime (b): Gemma-3-270M -> SmolLM2-135M
 
 Sections (each skipped when its output exists, so a rerun resumes and reuses finished arms):
   1. corpus: the demo's sources plus three more domains (``demo_corpus --domains study``). Its held-out
@@ -14,6 +15,8 @@ Sections (each skipped when its output exists, so a rerun resumes and reuses fin
      held-out documents; never trained on, never tuned on).
   3. ONE warm start: a student derived from the teacher, trained once with uniform KD; every arm starts from it.
      Its per-domain PPL ratio on the choices split is recorded (the goal is <= ~3 on every domain).
+     ``--regime cross``: no warm-up dump and no warm-up; the pretrained ``--student`` (another tokenizer) is the
+     start, KD goes through ``--cross-tokenizer uld`` and every score is per byte (``score_cross``).
   4. the arms (``ARMS``), each for every seed, the same steps x batch x seq_len tokens.
   5. scoring, right after each run: per-position CE of its final model on the report split
      (``demo_paired.batch_ce``), cached in the run's ``report_scores.json``.
