@@ -126,6 +126,15 @@ def _paired_ce(arm: dict, base: dict, seeds: list[int], domains: list[str], rng:
     return out
 
 
+def _verdict(mean: dict, worst: dict) -> str:
+    """One arm against the baseline, from the > 2 SE flags of its mean and worst-domain differences."""
+    if mean["better"] and worst["better"]:
+        return "**better on both by > 2 SE**"
+    parts = [f"{'better' if x['better'] else 'worse'} on the {name} by > 2 SE"
+             for name, x in (("mean", mean), ("worst domain", worst)) if x["better"] or x["worse"]]  # fmt: skip
+    return "; ".join(parts) if parts else "no difference beyond 2 SE"
+
+
 def _cell(x: dict, bold: bool = False) -> str:
     text = f"{x['mean']:.3f}" + (f" ± {x['sd']:.3f}" if len(x["values"]) > 1 else "")
     return f"**{text}**" if bold else text
@@ -199,13 +208,12 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
     ]
     for arm, v in summary["versus"].items():
         m, w = v["mean"], v["worst"]
-        verdict = ("**better on both by > 2 SE**" if v["beats"] else
-                   "worse by > 2 SE" if m["worse"] or w["worse"] else "no difference beyond 2 SE")  # fmt: skip
+        verdict = _verdict(m, w)
         lines.append(
-            f"| {arms[arm]} | {','.join(map(str, v['seeds']))} | {m['diff']:+.3f} | "
-            f"{m['se']:.3f} ({m['se_boot']:.3f}, {m['se_seed']:.3f}) | "
-            f"{w['diff']:+.3f} | {w['se']:.3f} ({w['se_boot']:.3f}, {w['se_seed']:.3f}) | "
-            + ", ".join(f"{x:+.3f}" for x in m["per_seed"])
+            f"| {arms[arm]} | {','.join(map(str, v['seeds']))} | {m['diff']:+.4f} | "
+            f"{m['se']:.4f} ({m['se_boot']:.4f}, {m['se_seed']:.4f}) | "
+            f"{w['diff']:+.4f} | {w['se']:.4f} ({w['se_boot']:.4f}, {w['se_seed']:.4f}) | "
+            + ", ".join(f"{x:+.4f}" for x in m["per_seed"])
             + f" | {verdict} |"
         )
     lines += [

@@ -261,3 +261,15 @@ def test_study_returns_recovers_known_slopes(tmp_path):
     assert res["train_gap"] == pytest.approx({"a": math.e})
     text = study_returns.markdown(res, tmp_path)
     assert "| a | -0.5000 |" in text and "share: ddk-val" in text
+
+
+def test_verdict_names_which_difference_is_beyond_two_se():
+    def flags(better=False, worse=False):
+        return {"better": better, "worse": worse}
+
+    assert study_report._verdict(flags(True), flags(True)) == "**better on both by > 2 SE**"
+    assert study_report._verdict(flags(), flags(True)) == "better on the worst domain by > 2 SE"
+    assert study_report._verdict(flags(worse=True), flags(True)) == (
+        "worse on the mean by > 2 SE; better on the worst domain by > 2 SE"
+    )
+    assert study_report._verdict(flags(), flags()) == "no difference beyond 2 SE"
