@@ -285,20 +285,57 @@ def _choices_eval(out: Path, model: Path | str, dest: Path, device: str) -> None
     dest.with_suffix(".json.tmp").rename(dest)
 
 
+def study_name(size: str, regime: str = "same", steps: int | None = None) -> str:
+    """The study's name: ``study-SIZE`` plus ``-cross`` (regime (b)) and ``-stepsN`` when the arms' budget is not the
+    size's. Its default ``--out`` is ``runs/NAME``; ``--results`` copies the report to ``RESULTS/study_ddk_...`` with
+    the same suffixes (:func:`results_name`)."""
+    name = f"study-{size}{'-cross' if regime == 'cross' else ''}"
+    return name + (f"-steps{steps}" if steps is not None and steps != SIZES[size]["steps"] else "")
+
+
+def results_name(size: str, regime: str = "same", steps: int | None = None) -> str:
+    """The report's folder under ``--results``: ``study_ddk_SIZE[_cross][_stepsN]``."""
+    return "study_ddk_" + study_name(size, regime, steps).removeprefix("study-").replace("-", "_")
+
+
+PINNED = ("size", "regime", "steps")  # what a rerun into the same --out must repeat
+
+
+def pin_study(out: Path, pinned: dict) -> None:
+    """Record in ``out/study.json`` the options that decide what a finished arm means, or, on a rerun, refuse ones
+    that differ: a finished arm is reused as is, so a rerun with another size, regime or budget would mix them."""
+    path = out / "study.json"
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        for key in PINNED:
+            if key in before and before[key] != pinned[key]:
+                raise SystemExit(f"study_ddk: {path} records {key} = {before[key]!r} but this run asks for "
+                                 f"{pinned[key]!r}; rerun with the recorded options, or pass a new --out")  # fmt: skip
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json.tmp").write_text(json.dumps(pinned, indent=2) + "\n", encoding="utf-8")
+    path.with_suffix(".json.tmp").rename(path)
+
+
 def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: list[str], device: str = "cpu",
               results: Path | None = None, report_only: bool = False, regime: str = "same",
-              student: str | None = None) -> dict:  # fmt: skip
+              student: str | None = None, steps: int | None = None) -> dict:  # fmt: skip
     """Run (or resume) the whole study into ``out`` and write its report; returns the report's JSON payload.
 
     ``regime``: ``same`` (a student derived from the teacher, warmed up once) or ``cross`` (``student``, a pretrained
-    model with another tokenizer, is every arm's start; ratios per byte).
+    model with another tokenizer, is every arm's start; ratios per byte). ``steps``: the arms' steps (default: the
+    size's), the one knob of the budget study; the warm start does not change with it. ``results``: a folder the
+    report is also copied to, as ``RESULTS/`` + :func:`results_name`.
     """
     cross_regime = regime == "cross"
     if cross_regime and student is None:
         raise SystemExit("study_ddk: --regime cross needs --student (a pretrained model with its own tokenizer)")
+    if steps is not None and steps < 1:
+        raise SystemExit(f"study_ddk: --steps {steps}: the arms need at least 1 step")
     cfg = {**SIZES[size], "regime": regime}
+    cfg["steps"] = steps or cfg["steps"]
     start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    pin_study(out, {"size": size, "regime": regime, "steps": cfg["steps"]})
     corpus = _corpus(out, cfg, start)
     _log(start, "2. teacher dumps (arms + choices split; warm-up; report split)")
     dump(teacher, corpus / "arms", out / "dump", cfg, cfg["choices_fraction"], device)
@@ -342,7 +379,9 @@ def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: lis
             scores.setdefault(name, {})[seed] = scorer(run / "final", run / "report_scores.json")
     _log(start, "5-6. report")
     payload = study_report.write_report(out, size=size, cfg=cfg, arms={a: ARMS[a][0] for a in arms}, seeds=seeds,
-                                        scores=scores, baseline=BASELINE, results=results)  # fmt: skip
+                                        scores=scores, baseline=BASELINE,
+                                        results=results / results_name(size, regime, cfg["steps"])
+                                        if results else None)  # fmt: skip
     _log(start, f"done: {out / 'report' / 'README.md'}")
     return payload
 
@@ -365,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--report-only", action="store_true", help="train nothing: report the finished arms x seeds (a study cut short)"
     )
-    ap.add_argument("--results", type=Path, help="also copy the report to RESULTS/study_ddk_SIZE (e.g. docs/results)")
+    ap.add_argument("--steps", type=int, help="the arms' steps (default: the size's): a budget study, into its own "
+                    "--out (default runs/study-SIZE-stepsN), with the same corpus, dumps and warm-up")  # fmt: skip
+    ap.add_argument("--results", type=Path, help="also copy the report to RESULTS/study_ddk_SIZE[_cross][_stepsN] "
+                    "(e.g. docs/results)")  # fmt: skip
     args = ap.parse_args(argv)
     cross = args.regime == "cross"
     arms = [a.strip() for a in (args.arms or ",".join(CROSS_ARMS if cross else ARMS)).split(",") if a.strip()]
@@ -383,9 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     teacher = args.teacher or str(gemma3_gguf() if cross else smollm2_gguf())
     student = (args.student or str(smollm2_gguf())) if cross else None
     seeds = [int(s) for s in (args.seeds or SIZES[args.size]["seeds"]).split(",")]
-    default_out = ROOT / "runs" / f"study-{args.size}{'-cross' if cross else ''}"
+    default_out = ROOT / "runs" / study_name(args.size, args.regime, args.steps)
     run_study(args.out or default_out, size=args.size, teacher=teacher, seeds=seeds, arms=arms, device=args.device,
-              results=args.results, report_only=args.report_only, regime=args.regime, student=student)  # fmt: skip
+              results=args.results, report_only=args.report_only, regime=args.regime, student=student,
+              steps=args.steps)  # fmt: skip
     return 0
 
 

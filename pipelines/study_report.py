@@ -349,7 +349,8 @@ def write_plots(out: Path, summary: dict, arms: dict[str, str], metrics: dict[st
 
 def write_report(study: Path, *, size: str, cfg: dict, arms: dict[str, str], seeds: list[int], scores: dict,
                  baseline: str, results: Path | None = None) -> dict:  # fmt: skip
-    """Summarise, render and write README.md, results.json and the plots under STUDY/report (and RESULTS)."""
+    """Summarise, render and write README.md, results.json and the plots under STUDY/report (and copy them to the
+    folder ``results``)."""
     teacher = json.loads((study / "report_teacher.json").read_text(encoding="utf-8"))
     summary = summarise(scores, teacher, seeds, baseline)
     choices = json.loads((study / "warmup" / "choices_eval.json").read_text(encoding="utf-8"))
@@ -378,7 +379,7 @@ def write_report(study: Path, *, size: str, cfg: dict, arms: dict[str, str], see
     files += [out / "README.md", out / "results.json"]
     print(text)
     if results:
-        dest = results / f"study_ddk_{size}{'_cross' if cfg.get('regime') == 'cross' else ''}"
+        dest = results
         dest.mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copy2(f, dest / f.name)

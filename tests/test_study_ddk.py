@@ -101,6 +101,26 @@ def test_a_rerun_reuses_every_finished_arm(study, teacher_dir):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+@pytest.mark.slow
+def test_a_rerun_with_another_budget_is_refused_before_anything_is_touched(study, teacher_dir):
+    assert json.loads((study / "study.json").read_text()) == {"size": "smoke", "regime": "same", "steps": 6}
+    before = {p: p.stat().st_mtime_ns for p in study.rglob("*") if p.is_file()}
+    argv = ["--size", "smoke", "--teacher", str(teacher_dir), "--out", str(study), "--arms", "kd", "--steps", "3"]
+    with pytest.raises(SystemExit, match=r"study\.json records steps = 6 but this run asks for 3.*new --out"):
+        study_ddk.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in study.rglob("*") if p.is_file()} == before
+
+
+def test_a_budget_study_has_its_own_name_and_results_folder():
+    assert study_ddk.study_name("quick") == "study-quick"
+    assert study_ddk.study_name("quick", "same", study_ddk.SIZES["quick"]["steps"]) == "study-quick"
+    assert study_ddk.study_name("quick", "cross", 96) == "study-quick-cross-steps96"
+    assert study_ddk.results_name("quick", "cross") == "study_ddk_quick_cross"
+    assert study_ddk.results_name("quick", "same", 96) == "study_ddk_quick_steps96"
+    with pytest.raises(SystemExit, match="at least 1 step"):
+        study_ddk.run_study(Path("unused"), size="smoke", teacher="t", seeds=[0], arms=["kd"], steps=0)
+
+
 @pytest.fixture(scope="module")
 def cross_study(tmp_path_factory, teacher_dir) -> tuple[Path, Path]:
     """Regime (b) at the smoke size: a pretrained-style student with its own tokenizer, KD and DDK, one seed."""
