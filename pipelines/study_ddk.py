@@ -298,6 +298,16 @@ def results_name(size: str, regime: str = "same", steps: int | None = None) -> s
     return "study_ddk_" + study_name(size, regime, steps).removeprefix("study-").replace("-", "_")
 
 
+def study_command(size: str, regime: str, steps: int, arms: list[str], seeds: list[int]) -> str:
+    """The command line that reproduces a study (the options left at their defaults are left out)."""
+    default_arms = list(CROSS_ARMS if regime == "cross" else ARMS)
+    return " ".join([
+        f"python pipelines/study_ddk.py --size {size}", *(["--regime cross"] if regime == "cross" else []),
+        *([f"--steps {steps}"] if steps != SIZES[size]["steps"] else []),
+        *([f"--arms {','.join(arms)}"] if list(arms) != default_arms else []), f"--seeds {','.join(map(str, seeds))}",
+    ])  # fmt: skip
+
+
 PINNED = ("size", "regime", "steps")  # what a rerun into the same --out must repeat
 
 
@@ -334,6 +344,7 @@ def run_study(out: Path, *, size: str, teacher: str, seeds: list[int], arms: lis
         raise SystemExit(f"study_ddk: --steps {steps}: the arms need at least 1 step")
     cfg = {**SIZES[size], "regime": regime}
     cfg["steps"] = steps or cfg["steps"]
+    cfg["command"] = study_command(size, regime, cfg["steps"], arms, seeds)
     start = time.time()
     pin_study(out, {"size": size, "regime": regime, "steps": cfg["steps"]})
     corpus = _corpus(out, cfg, start)

@@ -161,9 +161,7 @@ def render(summary: dict, *, size: str, cfg: dict, arms: dict[str, str], seeds: 
     lines = [
         f"# Does DDK beat uniform KD? Study results ({size} size)",
         "",
-        f"Produced by `python pipelines/study_ddk.py --size {size}{' --regime cross' if cross else ''} --seeds "
-        f"{','.join(map(str, seeds))}`; every number "
-        "is read from that run's files by `pipelines/study_report.py`.",
+        f"Produced by `{cfg['command']}`; every number is read from that run's files by `pipelines/study_report.py`.",
         "",
         f"- Machine: {platform.machine()}, {usable_cores()} CPU cores, Python {platform.python_version()}.",
         *_protocol(cfg, tokens),

@@ -117,6 +117,10 @@ def test_a_budget_study_has_its_own_name_and_results_folder():
     assert study_ddk.study_name("quick", "cross", 96) == "study-quick-cross-steps96"
     assert study_ddk.results_name("quick", "cross") == "study_ddk_quick_cross"
     assert study_ddk.results_name("quick", "same", 96) == "study_ddk_quick_steps96"
+    cmd = study_ddk.study_command("quick", "same", 96, ["kd", "ddk"], [0, 1, 2])
+    assert cmd == "python pipelines/study_ddk.py --size quick --steps 96 --arms kd,ddk --seeds 0,1,2"
+    cross = study_ddk.study_command("quick", "cross", 24, list(study_ddk.CROSS_ARMS), [0])
+    assert cross == "python pipelines/study_ddk.py --size quick --regime cross --seeds 0"
     with pytest.raises(SystemExit, match="at least 1 step"):
         study_ddk.run_study(Path("unused"), size="smoke", teacher="t", seeds=[0], arms=["kd"], steps=0)
 
