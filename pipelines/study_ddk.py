@@ -257,9 +257,6 @@ def teacher_sums(report_dump: Path, split: str = "train") -> dict:
 def _corpus(out: Path, cfg: dict, start: float) -> Path:
     """Section 1: the corpus and its warm-up / arms split (each reused when present). Returns its folder."""
     corpus = out / "corpus"
-    if (out / "dump").exists() and not (corpus / "arms").is_dir():
-        raise SystemExit(f"study_ddk: {out} was made by an older version of this study (its warm-up and arms shared "
-                         "their documents); pass a new --out")  # fmt: skip
     _log(start, "1. corpus")
     if not (corpus / "manifest.json").is_file():
         build_demo_corpus(corpus, domains=STUDY_DOMAINS, tokens_per_domain=cfg["tokens_per_domain"],
@@ -313,8 +310,12 @@ PINNED = ("size", "regime", "steps")  # what a rerun into the same --out must re
 
 def pin_study(out: Path, pinned: dict) -> None:
     """Record in ``out/study.json`` the options that decide what a finished arm means, or, on a rerun, refuse ones
-    that differ: a finished arm is reused as is, so a rerun with another size, regime or budget would mix them."""
+    that differ: a finished arm is reused as is, so a rerun with another size, regime or budget would mix them. A
+    folder of the older layout (warm-up and arms on one dump) is refused too. A refusal writes nothing."""
     path = out / "study.json"
+    if (out / "dump").exists() and not (out / "corpus" / "arms").is_dir():
+        raise SystemExit(f"study_ddk: {out} was made by an older version of this study (its warm-up and arms shared "
+                         "their documents); pass a new --out")  # fmt: skip
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
         for key in PINNED:

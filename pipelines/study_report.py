@@ -377,9 +377,8 @@ def write_report(study: Path, *, size: str, cfg: dict, arms: dict[str, str], see
     files += [out / "README.md", out / "results.json"]
     print(text)
     if results:
-        dest = results
-        dest.mkdir(parents=True, exist_ok=True)
+        results.mkdir(parents=True, exist_ok=True)
         for f in files:
-            shutil.copy2(f, dest / f.name)
-        print(f"copied {len(files)} files to {dest}")
+            shutil.copy2(f, results / f.name)
+        print(f"copied {len(files)} files to {results}")
     return payload

@@ -111,6 +111,13 @@ def test_a_rerun_with_another_budget_is_refused_before_anything_is_touched(study
     assert {p: p.stat().st_mtime_ns for p in study.rglob("*") if p.is_file()} == before
 
 
+def test_a_folder_of_the_older_layout_is_refused_and_left_as_it_was(tmp_path):
+    (tmp_path / "dump").mkdir()  # warm-up and arms on one dump: no corpus/arms split
+    with pytest.raises(SystemExit, match="older version of this study.*new --out"):
+        study_ddk.pin_study(tmp_path, {"size": "quick", "regime": "same", "steps": 24})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump"]
+
+
 def test_a_budget_study_has_its_own_name_and_results_folder():
     assert study_ddk.study_name("quick") == "study-quick"
     assert study_ddk.study_name("quick", "same", study_ddk.SIZES["quick"]["steps"]) == "study-quick"
