@@ -30,7 +30,7 @@ except ImportError:
     import study_ddk
     from study_report import train_gap
 
-BASELINE = "kd"
+BASELINE = study_ddk.BASELINE  # uniform KD, the arm every other is paired with
 
 
 def _rows(path: Path) -> list[dict]:
